@@ -1,0 +1,212 @@
+"""Input files: expand paths/globs/URIs, hash their content and cut them into chunks; read one chunk.
+
+Planning runs on the driver in one streaming pass per file: it hashes the bytes (for the prepared
+data's fingerprint) and cuts JSONL files into chunks of whole lines, remembering each chunk's first line
+number so that a bad record is reported as ``file:line`` by whichever Ray task reads it. ``.jsonl.gz``
+is one chunk per file (gzip cannot be entered mid-stream), Parquet one chunk per row group, a
+Hugging Face dataset one chunk per row range. Local paths and any URI pyarrow reads (``s3://``,
+``gs://``, ``file://``) go through `pyarrow.fs`. This module does not import ray.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional
+
+import pyarrow.fs as pafs
+
+from raysft.data.records import RecordError, drop_nulls, parse_line
+from raysft.errors import UserError, format_error
+
+FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".parquet": "parquet"}
+READ_BLOCK = 8 << 20
+HF_ROWS_PER_CHUNK = 20_000
+
+
+@dataclass(frozen=True)
+class Chunk:
+    source: str  # path or URI (or HF dataset id / folder)
+    fmt: str  # jsonl | jsonl.gz | parquet | hf
+    start: int  # byte offset (jsonl), row group (parquet), row (hf)
+    end: int
+    first_line: int  # line (jsonl) or row (parquet, hf) number of the chunk's first record, 1-based
+    index: int = 0  # position in the plan: names the chunk's stats and rejects files
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+def _fs(path: str):
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def file_format(path: str) -> Optional[str]:
+    return next((fmt for ext, fmt in FORMATS.items() if path.endswith(ext)), None)
+
+
+def expand(specs: list[str], key: str) -> list[str]:
+    """Paths, globs and URIs -> the sorted files they name; a spec that names nothing is an error."""
+    out: list[str] = []
+    problems = []
+    for spec in specs:
+        if "://" in spec:
+            fs, path = pafs.FileSystem.from_uri(spec)
+            scheme = spec.split("://", 1)[0]
+            if any(c in path for c in "*?["):
+                base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+                infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                found = sorted(f"{scheme}://{i.path}" for i in infos
+                               if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+            else:
+                found = [spec] if fs.get_file_info(path).type == pafs.FileType.File else []
+        elif any(c in spec for c in "*?["):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        else:
+            found = [spec] if os.path.isfile(spec) else []
+        if not found:
+            problems.append(format_error(key, "no file matches", spec, "check the path or glob (relative paths are "
+                                                                       "taken from the current directory)"))
+        for p in found:
+            if file_format(p) is None:
+                problems.append(format_error(key, "unsupported file type", p,
+                                             f"use one of {', '.join(FORMATS)}"))
+            elif p not in out:
+                out.append(p)
+    if problems:
+        raise UserError("\n".join(problems))
+    return out
+
+
+def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> list[Chunk]:
+    """Hash the file and cut it at line ends roughly every `chunk_bytes`."""
+    chunks = []
+    chunk_start, chunk_line = 0, 1
+    pos = newlines = 0
+    with fs.open_input_stream(path, compression=None) as f:
+        while block := f.read(READ_BLOCK):
+            h.update(block)
+            search_from = 0
+            while chunk_start + chunk_bytes < pos + len(block):
+                nl = block.find(b"\n", max(chunk_start + chunk_bytes - pos, search_from))
+                if nl < 0:
+                    break
+                cut = pos + nl + 1
+                chunks.append(Chunk(source, "jsonl", chunk_start, cut, chunk_line))
+                chunk_start, chunk_line = cut, newlines + block.count(b"\n", 0, nl + 1) + 1
+                search_from = nl + 1
+            newlines += block.count(b"\n")
+            pos += len(block)
+    if pos > chunk_start:
+        chunks.append(Chunk(source, "jsonl", chunk_start, pos, chunk_line))
+    return chunks
+
+
+def _hash_file(fs, path: str, h) -> int:
+    size = 0
+    with fs.open_input_stream(path, compression=None) as f:
+        while block := f.read(READ_BLOCK):
+            h.update(block)
+            size += len(block)
+    return size
+
+
+def plan(files: list[str], chunk_bytes: int) -> tuple[list[Chunk], list[dict]]:
+    """Chunks to read, and each file's {path, bytes, sha256} for the fingerprint."""
+    import pyarrow.parquet as pq
+
+    chunks: list[Chunk] = []
+    inputs = []
+    for source in files:
+        fs, path = _fs(source)
+        fmt = file_format(source)
+        h = hashlib.sha256()
+        if fmt == "jsonl":
+            chunks += _plan_jsonl(fs, path, source, chunk_bytes, h)
+            size = fs.get_file_info(path).size
+        else:
+            size = _hash_file(fs, path, h)
+            if fmt == "jsonl.gz":
+                chunks.append(Chunk(source, fmt, 0, size, 1))
+            else:
+                with fs.open_input_file(path) as f:
+                    meta = pq.ParquetFile(f).metadata
+                row = 1
+                for g in range(meta.num_row_groups):
+                    chunks.append(Chunk(source, fmt, g, g + 1, row))
+                    row += meta.row_group(g).num_rows
+        inputs.append({"path": source, "bytes": size, "sha256": h.hexdigest()})
+    return [Chunk(**{**c.as_row(), "index": i}) for i, c in enumerate(chunks)], inputs
+
+
+def load_hf(name: str, split: str):
+    """A `datasets.Dataset` from a folder saved with `save_to_disk` or a hub id (cached by `datasets`)."""
+    import datasets
+
+    if os.path.isdir(name):
+        ds = datasets.load_from_disk(name)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise UserError(format_error("data.hf_split", f"split not in {name}", split,
+                                             f"use one of {', '.join(ds)}"))
+            ds = ds[split]
+        return ds
+    return datasets.load_dataset(name, split=split)
+
+
+def plan_hf(name: str, split: str) -> tuple[list[Chunk], list[dict]]:
+    ds = load_hf(name, split)
+    n = len(ds)
+    chunks = [Chunk(name, "hf", s, min(s + HF_ROWS_PER_CHUNK, n), s + 1, i)
+              for i, s in enumerate(range(0, n, HF_ROWS_PER_CHUNK))]
+    return chunks, [{"path": f"{name}[{split}]", "rows": n, "sha256": ds._fingerprint}]
+
+
+def _lines(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
+    for i, line in enumerate(data.split(b"\n")):
+        if line.strip():  # blank lines (and a final newline) are not records
+            yield first_line + i, line
+
+
+def _parsed(numbered, source: str):
+    for n, line in numbered:
+        where = f"{source}:{n}"
+        raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
+        try:
+            yield where, raw, parse_line(line)
+        except RecordError as exc:
+            yield where, raw, exc.at(where)
+
+
+def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, object]]:
+    """(where, raw text, record dict or RecordError) for every record of the chunk, in file order."""
+    if chunk.fmt == "jsonl":
+        fs, path = _fs(chunk.source)
+        with fs.open_input_file(path) as f:
+            f.seek(chunk.start)
+            data = f.read(chunk.end - chunk.start)
+        yield from _parsed(_lines(data, chunk.first_line), chunk.source)
+        return
+    if chunk.fmt == "jsonl.gz":  # streamed: memory stays flat whatever the file's size
+        fs, path = _fs(chunk.source)
+        with fs.open_input_stream(path, compression=None) as raw, gzip.GzipFile(fileobj=raw) as lines:
+            yield from _parsed(((n, line) for n, line in enumerate(lines, 1) if line.strip()), chunk.source)
+        return
+    if chunk.fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        fs, path = _fs(chunk.source)
+        with fs.open_input_file(path) as f:
+            rows = pq.ParquetFile(f).read_row_group(chunk.start).to_pylist()
+    else:
+        rows = load_hf(chunk.source, hf_split).select(range(chunk.start, chunk.end)).to_list()
+    for i, row in enumerate(rows):
+        row = drop_nulls(row)
+        yield f"{chunk.source}:row {chunk.first_line + i}", json.dumps(row, ensure_ascii=False, default=str), row
