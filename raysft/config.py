@@ -254,7 +254,7 @@ def _build(cls, raw: Any, prefix: str, where, problems: list[str]):
             kwargs[key] = _coerce(value, tp)
         except ValueError as exc:
             problems.append(format_error(where(dotted), str(exc), value,
-                                         f"{fields[key].metadata.get('doc', '')}; expected {_type_name(tp)}"))
+                                         f"give {_type_name(tp)} ({dotted}: {fields[key].metadata.get('doc', '')})"))
     return cls(**kwargs)
 
 
@@ -346,7 +346,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         override_keys.add(key)
 
     def where(key: str) -> str:
-        if key in override_keys:
+        if key in override_keys or any(k.startswith(key + ".") for k in override_keys):
             return f"command line: {key}"
         if key in lines:
             return f"{path}:{lines[key]}: {key}"

@@ -78,27 +78,27 @@ def chunk_to_examples(chunk: Chunk, s: dict) -> tuple[list[tuple[list, list]], d
     by_reason: Counter = Counter()
     rejects: list[dict] = []
 
-    def bad(err: RecordError, raw: str) -> None:
+    def bad(err: RecordError, line: int, raw: str) -> None:
         if s["on_bad_record"] == "error":
             raise err
         by_reason[err.reason] += 1
-        rejects.append({"where": err.where, "reason": err.reason, "error": err.message, "raw": raw})
+        rejects.append({"where": err.where, "line": line, "reason": err.reason, "error": err.message, "raw": raw})
 
-    pending = []  # (where, raw, rendered)
-    for where, raw, record in read_chunk(chunk, s["hf_split"]):
+    pending = []  # (where, line, raw, rendered)
+    for where, line, raw, record in read_chunk(chunk, s["hf_split"]):
         counts["records_read"] += 1
         try:
             if isinstance(record, RecordError):
                 raise record
-            pending.append((where, raw, render_example(split_record(record), s["system_message"])))
+            pending.append((where, line, raw, render_example(split_record(record), s["system_message"])))
         except RecordError as exc:
-            bad(exc if exc.where else exc.at(where), raw)
+            bad(exc if exc.where else exc.at(where), line, raw)
     tokenizer = _tokenizer(s["tokenizer_dir"])
     examples = []
     for i in range(0, len(pending), TOKENIZE_BATCH):
         batch = pending[i: i + TOKENIZE_BATCH]
-        for (where, raw, _), (ids, labels) in zip(batch, tokenize_rendered([b[2] for b in batch], tokenizer,
-                                                                            s["loss_on"])):
+        for (where, line, raw, _), (ids, labels) in zip(batch, tokenize_rendered([b[3] for b in batch], tokenizer,
+                                                                                  s["loss_on"])):
             fitted = fit_length(ids, labels, s["max_seq_len"], s["on_overlong"])
             if fitted is None:
                 counts["examples_dropped"] += 1
@@ -108,11 +108,12 @@ def chunk_to_examples(chunk: Chunk, s: dict) -> tuple[list[tuple[list, list]], d
             if count_trained(fitted[1]) == 0:
                 bad(RecordError("no_trained_tokens", "no token to train on" + (
                     f" within max_seq_len={s['max_seq_len']}" if len(fitted[0]) < len(ids) else "")
-                    + "; fix: give the record an assistant answer, or raise data.max_seq_len", where), raw)
+                    + "; fix: give the record an assistant answer, or raise data.max_seq_len", where), line, raw)
                 continue
             counts["records_kept"] += 1
             examples.append(fitted)
     counts["records_rejected"] = sum(by_reason.values())
+    rejects.sort(key=lambda r: r["line"])  # file order (token-level rejects are found after parse errors)
     return examples, {**counts, "rejected_by_reason": dict(by_reason)}, rejects
 
 
@@ -176,6 +177,7 @@ def _run_split(split: str, chunks: list[Chunk], settings: dict, out_dir: str) ->
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input, same row order: the schedule relies on it
+    ctx.raise_original_map_exception = True  # a RecordError reaches the driver as itself, not as text
     ds = ray.data.from_items([c.as_row() for c in chunks], override_num_blocks=len(chunks))
     ds = ds.map_batches(_process_chunks, batch_size=1, batch_format="numpy",
                         fn_kwargs={"s": {**settings, "split": split}})

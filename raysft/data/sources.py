@@ -180,13 +180,13 @@ def _parsed(numbered, source: str):
         where = f"{source}:{n}"
         raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
         try:
-            yield where, raw, parse_line(line)
+            yield where, n, raw, parse_line(line)
         except RecordError as exc:
-            yield where, raw, exc.at(where)
+            yield where, n, raw, exc.at(where)
 
 
 def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, object]]:
-    """(where, raw text, record dict or RecordError) for every record of the chunk, in file order."""
+    """(where, line or row number, raw text, record dict or RecordError) for each record of the chunk, in order."""
     if chunk.fmt == "jsonl":
         fs, path = _fs(chunk.source)
         with fs.open_input_file(path) as f:
@@ -209,4 +209,5 @@ def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, obj
         rows = load_hf(chunk.source, hf_split).select(range(chunk.start, chunk.end)).to_list()
     for i, row in enumerate(rows):
         row = drop_nulls(row)
-        yield f"{chunk.source}:row {chunk.first_line + i}", json.dumps(row, ensure_ascii=False, default=str), row
+        n = chunk.first_line + i
+        yield f"{chunk.source}:row {n}", n, json.dumps(row, ensure_ascii=False, default=str), row

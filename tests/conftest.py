@@ -1,0 +1,41 @@
+"""Shared fixtures: the byte-level ChatML tokenizer, tiny model folders, and one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from helpers import ROOT
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYSFT_DASHBOARD", "0")  # tests do not need the dashboard; it costs a CPU on 2 cores
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from make_assets import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny-ChatML model folder (config + tokenizer), like examples/tiny-chatml."""
+    from make_assets import make_model_folder
+
+    path = str(tmp_path_factory.mktemp("tiny-model"))
+    make_model_folder(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs it (starting Ray is the slow part)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,114 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from raysft.cli import main
+from raysft.config import Config, ConfigError, describe, load_config
+
+from helpers import ROOT
+
+GOOD = """\
+output_dir: runs/x
+data:
+  train_files: data/a.jsonl
+model:
+  name_or_path: Qwen/Qwen2.5-0.5B
+"""
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config) and cfg.output_dir and os.path.isabs(cfg.output_dir)
+
+
+def test_defaults_overrides_and_path_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(GOOD)
+    cfg = load_config("c.yaml", ["train.lr=2e-5", "data.packing=false", "data.train_files=[a.jsonl, b.jsonl]",
+                                 "cluster.num_workers=4", "train.deepspeed_config={zero_optimization: {stage: 3}}"])
+    assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.data.packing is False
+    assert cfg.data.train_files == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert cfg.train.deepspeed_config == {"zero_optimization": {"stage": 3}}
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B"  # a hub id stays a hub id
+    assert cfg.run_name == "x"
+    assert cfg.checkpoint.storage_path == str(tmp_path / "runs" / "x" / "ray")
+    assert cfg.data.loss_on == "completion" and cfg.data.on_bad_record == "error"
+
+
+def test_all_errors_reported_together_with_file_line_key_value_and_fix(tmp_path):
+    (tmp_path / "c.yaml").write_text(GOOD + "trian:\n  lr: 1\ndata_:\n  x: 1\n"
+                                     "cluster:\n  num_workers: two\n")
+    path = str(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["data.loss_on=everything", "data.max_seq_len=abc"])
+    assert info.value.problems == [  # in the config's order
+        "command line: data.loss_on: must be one of completion, all (got 'everything'). fix: give completion | all "
+        "(data.loss_on: train on the completion's assistant turns, or on every token)",
+        "command line: data.max_seq_len: must be an integer (got 'abc'). fix: give int (data.max_seq_len: tokens per "
+        "training row)",
+        f"{path}:6: trian: unknown key. fix: did you mean train?",
+        f"{path}:8: data_: unknown key. fix: did you mean data?",
+        f"{path}:11: cluster.num_workers: must be an integer (got 'two'). fix: give int (cluster.num_workers: "
+        "Ray Train workers)",
+    ]
+
+
+def test_batch_arithmetic_and_cross_field_errors(tmp_path):
+    (tmp_path / "c.yaml").write_text(GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "c.yaml"), ["train.global_batch_size=6", "train.micro_batch_size=2",
+                                               "cluster.num_workers=2", "train.offload_params=true", "train.lr=0"])
+    assert info.value.problems == [
+        "command line: train.lr: must be > 0 (got 0.0). fix: use e.g. 2e-5",
+        "command line: train.offload_params: needs ZeRO stage 3 (got 2). fix: set train.zero_stage=3 or "
+        "offload_params=false",
+        "command line: train.global_batch_size: must be a multiple of micro_batch_size x num_workers = 2 x 2 = 4 "
+        "(got 6). fix: use 4 or change train.micro_batch_size",
+    ]
+
+
+def test_missing_required_keys(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  max_seq_len: 128\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "c.yaml"))
+    assert [p.split(":")[1].strip() for p in info.value.problems] == ["output_dir", "data.train_files",
+                                                                      "model.name_or_path"]
+
+
+def test_bad_yaml_and_bad_override(tmp_path):
+    (tmp_path / "c.yaml").write_text("output_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:2: not valid YAML"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text(GOOD)
+    with pytest.raises(ConfigError, match=r"override 'train.lr': expected key=value. fix: write e.g. train.lr=2e-5"):
+        load_config(str(tmp_path / "d.yaml"), ["train.lr"])
+
+
+def test_config_show_prints_resolved_yaml(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(GOOD)
+    assert main(["config", "show", "c.yaml", "train.seed=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["train"]["seed"] == 7 and shown["data"]["max_seq_len"] == 2048
+    assert shown["data"]["train_files"] == [str(tmp_path / "data" / "a.jsonl")]
+
+
+def test_cli_error_is_one_line_per_problem_and_exit_2(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(GOOD + "trian: {}\n")
+    assert main(["config", "show", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"raysft: error: {tmp_path / 'c.yaml'}:6: trian: unknown key. fix: did you mean train?"]
+
+
+def test_every_key_is_documented():
+    rows = describe()
+    assert all(doc for _, _, doc in rows)
+    assert {"output_dir", "data.train_files", "data.eval_files", "data.max_seq_len", "data.packing", "data.loss_on",
+            "data.system_message", "data.on_bad_record", "model.name_or_path", "tokenizer.name_or_path",
+            "train.backend", "train.seed", "cluster.address", "cluster.num_workers",
+            "cluster.use_gpu"} <= {k for k, _, _ in rows}

@@ -1,0 +1,161 @@
+"""`raysft prepare` on Ray Data: manifest, exact rows, reuse, bad-record policies, inputs beyond JSONL."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from raysft.cli import main
+from raysft.config import load_config
+from raysft.data.chatml import render_example
+from raysft.data.pipeline import prepare
+from raysft.data.records import RecordError, split_record
+from raysft.data.tokenize import tokenize_rendered
+
+from helpers import base_config, config_file, write_jsonl
+
+pytestmark = pytest.mark.ray
+
+
+def msgs(q, a):
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+RECORDS = [
+    {"chosen": msgs("2+2?", "4"), "rejected": msgs("2+2?", "5")},
+    {"messages": msgs("Hi", "Hello there")},
+    {"prompt": [{"role": "user", "content": "Name a color"}], "completion": [{"role": "assistant", "content": "Red"}]},
+    {"conversations": [{"from": "human", "value": "ping"}, {"from": "gpt", "value": "pong"}]},
+    {"text": "plain text, trained in full"},
+] * 8
+
+
+def rows_of(prepared, split="train"):
+    files = sorted(f for f in os.listdir(os.path.join(prepared, split)) if f.endswith(".parquet"))
+    out = []
+    for f in files:
+        out += pq.read_table(os.path.join(prepared, split, f)).to_pylist()
+    return out
+
+
+def load(tmp_path, cfg, overrides=()):
+    return load_config(config_file(tmp_path, cfg), list(overrides))
+
+
+def test_prepare_writes_rows_and_manifest_and_reuses(tmp_path, tiny_model_dir, tokenizer, ray_session):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, data, data={"max_seq_len": 128,
+                                                                          "eval_files": data}))
+    logs = []
+    path, manifest = prepare(cfg, log=logs.append)
+    assert path == os.path.join(cfg.output_dir, "prepared", manifest["fingerprint"][:16])
+    assert sorted(os.listdir(path)) == ["eval", "manifest.json", "tokenizer", "train"]
+    # the rows hold exactly the examples' tokens, each example whole, position_ids restarting
+    expected = tokenize_rendered([render_example(split_record(r)) for r in RECORDS], tokenizer)
+    rows = rows_of(path)
+    examples = []
+    for row in rows:
+        start = 0
+        assert row["position_ids"] == [p for n in row["seq_lengths"] for p in range(n)]
+        assert row["num_tokens"] == len(row["input_ids"]) <= 128
+        for n in row["seq_lengths"]:
+            examples.append((row["input_ids"][start:start + n], row["labels"][start:start + n]))
+            start += n
+    assert sorted(map(str, examples)) == sorted(map(str, expected))
+    tokens = sum(len(e[0]) for e in expected)
+    assert {k: manifest[k] for k in ("records_read", "records_kept", "records_rejected", "rejected_by_reason",
+                                     "examples_truncated", "examples_dropped", "tokens")} == {
+        "records_read": 40, "records_kept": 40, "records_rejected": 0, "rejected_by_reason": {},
+        "examples_truncated": 0, "examples_dropped": 0, "tokens": tokens}
+    assert manifest["rows"] == len(rows)
+    assert manifest["trained_tokens"] == sum(sum(1 for x in e[1] if x != -100) for e in expected)
+    assert manifest["padding_fraction"] == round(1 - tokens / (len(rows) * 128), 6)
+    assert manifest["eval"]["records_kept"] == 40
+    # same fingerprint: reused, nothing recomputed; another data setting: another fingerprint
+    again_path, again = prepare(cfg, log=logs.append)
+    assert (again_path, again) == (path, manifest)
+    assert logs[-1].startswith(f"prepare: reusing {path}")
+    other, other_manifest = prepare(load(tmp_path, base_config(tmp_path, tiny_model_dir, data,
+                                                               data={"max_seq_len": 128, "packing": False})))
+    assert other != path and other_manifest["rows"] == 40
+
+
+def test_same_input_gives_the_same_rows_in_the_same_order(tmp_path, tiny_model_dir, ray_session):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS * 10)
+    a = load(tmp_path, base_config(tmp_path / "a", tiny_model_dir, data, data={"max_seq_len": 64}))
+    b = load(tmp_path, base_config(tmp_path / "b", tiny_model_dir, data, data={"max_seq_len": 64}))
+    pa_, _ = prepare(a)
+    pb, _ = prepare(b)
+    assert [r["input_ids"] for r in rows_of(pa_)] == [r["input_ids"] for r in rows_of(pb)]
+
+
+BAD_LINES = ['{"messages": [', '[1]', '{"messages": [{"role": "bot", "content": "x"}]}',
+             '{"messages": [{"role": "user", "content": "only a question"}]}']
+
+
+def test_on_bad_record_error_stops_with_file_and_line(tmp_path, tiny_model_dir, ray_session):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:3], raw_lines=BAD_LINES[:1])
+    cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, data))
+    with pytest.raises(RecordError) as info:
+        prepare(cfg)
+    assert str(info.value) == f"{data}:4: invalid JSON: Expecting value at column 15; fix: one JSON object per line"
+    assert os.listdir(os.path.join(cfg.output_dir, "prepared")) == []  # nothing half-written left behind
+
+
+def test_on_bad_record_skip_counts_by_reason_and_writes_rejects(tmp_path, tiny_model_dir, ray_session):
+    long_answer, long_question = {"messages": msgs("q", "a" * 400)}, {"messages": msgs("q" * 100, "a")}
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:5] + [long_answer, long_question],
+                       raw_lines=BAD_LINES + [""])
+    cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, data, data={"on_bad_record": "skip",
+                                                                          "max_seq_len": 40}))
+    path, m = prepare(cfg)
+    assert m["rejected_by_reason"] == {"invalid_json": 1, "no_assistant": 1, "no_trained_tokens": 1,
+                                       "not_an_object": 1, "unknown_role": 1}
+    assert (m["records_read"], m["records_kept"], m["records_rejected"]) == (11, 6, 5)
+    assert (m["examples_truncated"], m["examples_dropped"]) == (2, 0)
+    with open(os.path.join(path, m["rejects_file"]), encoding="utf-8") as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["where"], r["line"], r["reason"], r["raw"]) for r in rejects] == [
+        (f"{data}:7", 7, "no_trained_tokens", json.dumps(long_question)),
+        (f"{data}:8", 8, "invalid_json", BAD_LINES[0]),
+        (f"{data}:9", 9, "not_an_object", BAD_LINES[1]),
+        (f"{data}:10", 10, "unknown_role", BAD_LINES[2]),
+        (f"{data}:11", 11, "no_assistant", BAD_LINES[3]),
+    ]
+    assert rejects[0]["error"] == ("no token to train on within max_seq_len=40; fix: give the record an assistant "
+                                   "answer, or raise data.max_seq_len")
+    drop = load(tmp_path, base_config(tmp_path / "d", tiny_model_dir, data,
+                                      data={"on_bad_record": "skip", "max_seq_len": 40, "on_overlong": "drop"}))
+    _, m = prepare(drop)
+    assert (m["examples_dropped"], m["examples_truncated"], m["records_kept"], m["records_rejected"]) == (2, 0, 5, 4)
+
+
+def test_parquet_gzip_and_saved_hf_dataset_inputs(tmp_path, tiny_model_dir, ray_session):
+    import gzip
+
+    import datasets
+
+    pq_path = tmp_path / "t.parquet"
+    datasets.Dataset.from_list([{"messages": msgs("a", "b")}] * 3).to_parquet(str(pq_path))
+    gz = tmp_path / "t.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.write(json.dumps({"messages": msgs("c", "d")}) + "\n")
+    hf_dir = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"chosen": msgs("e", "f"),
+                                                                "rejected": msgs("e", "g")}] * 2)}).save_to_disk(hf_dir)
+    cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, [str(pq_path), str(gz)],
+                                     data={"hf_dataset": str(hf_dir), "hf_split": "train"}))
+    _, m = prepare(cfg)
+    assert (m["records_read"], m["records_kept"]) == (6, 6)
+    assert [i["path"] for i in m["inputs"]["train"]] == [str(pq_path), str(gz), f"{hf_dir}[train]"]
+
+
+def test_cli_prepare_prints_summary(tmp_path, tiny_model_dir, ray_session, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:5])
+    path = config_file(tmp_path, base_config(tmp_path, tiny_model_dir, data))
+    assert main(["prepare", path]) == 0
+    out = capsys.readouterr().out
+    assert "records: 5 read, 5 kept, 0 rejected" in out and "prepared: " in out
+    assert main(["prepare", path, "data.train_files=missing.jsonl"]) == 2
+    assert "raysft: error: data.train_files: no file matches" in capsys.readouterr().err
