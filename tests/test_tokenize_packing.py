@@ -91,3 +91,25 @@ def test_bfd_packs_as_tightly_as_trl(tokenizer):
     table = pa.table({"input_ids": [[1] * n for n in lengths]})
     theirs = len(_pack_bfd(table, 512))
     assert ours <= theirs
+
+
+def test_fast_path_equals_transformers_call_with_split_special_tokens():
+    """encode_texts calls the Rust tokenizer directly; it must give what transformers' own call gives."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from raysft.data.tokenize import add_chatml_tokens, encode_texts
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["hello world, the assistant says hi", "user asks: what is 2 + 2?", "Zürich 東京"] * 50
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=[S, E],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    add_chatml_tokens(fast)
+    texts = corpus[:3] + [f"x{E}y{S}", "\n", "assistant\n", "\n", ""]
+    expected = fast(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert encode_texts(fast, texts) == expected
+    assert encode_texts(fast, texts) == expected  # second time from the memo
+    assert fast(f"x{E}", add_special_tokens=False)["input_ids"][-1] == fast.convert_tokens_to_ids(E)  # state restored

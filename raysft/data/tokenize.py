@@ -37,6 +37,38 @@ def _merged(segments: Sequence[Segment]) -> list[Segment]:
     return out
 
 
+_MEMO_MAX_CHARS = 24
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, special-token syntax kept as plain text (`split_special_tokens=True`).
+
+    Fast (Rust) tokenizers are called directly: `encode_batch_fast` with `encode_special_tokens` on is
+    what `tokenizer(texts, split_special_tokens=True)` does, without transformers' per-encoding Python
+    conversion (half the time of the whole prepare step, measured by bench/prepare.py).
+    """
+    # short strings repeat in every example ("\n", "assistant\n"): tokenize them once per tokenizer
+    memo = tokenizer.__dict__.setdefault("_raysft_memo", {})
+    todo = list(dict.fromkeys(t for t in texts if t not in memo))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not todo:
+        fresh = []
+    elif backend is not None and hasattr(backend, "encode_batch_fast"):
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            fresh = [e.ids for e in backend.encode_batch_fast(todo, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
+    else:
+        fresh = tokenizer(todo, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    found = dict(zip(todo, fresh))
+    for text, ids in found.items():
+        if len(text) <= _MEMO_MAX_CHARS and len(memo) < 100_000:
+            memo[text] = ids
+    return [memo[t] if t in memo else found[t] for t in texts]
+
+
 def tokenize_rendered(rendered: Sequence[Rendered], tokenizer, loss_on: str = "completion"):
     """Token ids and labels for each rendered example, all text segments tokenized in one batch call.
 
@@ -45,8 +77,7 @@ def tokenize_rendered(rendered: Sequence[Rendered], tokenizer, loss_on: str = "c
     """
     control_ids = dict(zip(CONTROL_TOKENS, tokenizer.convert_tokens_to_ids(list(CONTROL_TOKENS))))
     merged = [_merged(r.segments) for r in rendered]
-    texts = [s.text for segs in merged for s in segs if not s.control]
-    encoded = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if texts else iter(())
+    encoded = iter(encode_texts(tokenizer, [s.text for segs in merged for s in segs if not s.control]))
     out = []
     for segs in merged:
         ids: list[int] = []

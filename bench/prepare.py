@@ -1,0 +1,205 @@
+"""Benchmark `raysft prepare` against the original scripts' preprocessing, on the same generated data.
+
+    python bench/prepare.py                       # 200k records at 1x and 4x (about 10 minutes on 2 cores)
+    python bench/prepare.py --records 20000 --scales 1
+
+Peer (the original scripts' way): `datasets.load_dataset("json")` -> `map(trl.extract_prompt)` ->
+chosen becomes the completion -> ChatML -> prompt + completion joined into `text` -> batched tokenization,
+with `num_proc=1` and `num_proc=2`. raysft: the whole `prepare` (parse, validate, render, tokenize with the
+loss mask, pack, write Parquet) on Ray Data, Ray started once beforehand (its start-up is printed apart).
+
+Both use the same fast (Rust) byte-level BPE tokenizer, trained here on the data. The check: the peer's
+`text` equals raysft's `to_chatml(record)["text"]` for every record. Peak memory is the largest sum of
+PSS (proportional set size: shared pages split between the processes sharing them) over the process and
+all its children (Ray's workers and object store; the peer's `num_proc` workers), sampled every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYSFT_DASHBOARD", "0")
+
+
+class PeakMemory:
+    """Peak PSS of this process tree, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def _sample(self) -> int:
+        total = 0
+        me = psutil.Process()
+        for p in [me] + me.children(recursive=True):
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.Error, AttributeError):
+                pass
+        return total
+
+    def __enter__(self):
+        self.base = self._sample()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def make_data(path: str, n: int, seed: int = 7) -> None:
+    from make_assets import preference_record
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            f.write(json.dumps(preference_record(rng)) + "\n")
+
+
+def train_tokenizer(data: str, out_dir: str) -> str:
+    """A byte-level BPE tokenizer (Rust `tokenizers`) trained on the data, with the ChatML tokens special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        with open(data, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= 20000:
+                    return
+                for m in json.loads(line)["chosen"]:
+                    yield m["content"]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts(), trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------ the peer: the original scripts' way
+
+def _chatml(example: dict) -> dict:
+    def render(messages):
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+    first, *rest = example["chosen"]  # after extract_prompt: the completion
+    prompt = render(example["prompt"]) + "<|im_start|>assistant\n"
+    return {"text": prompt + first["content"] + "<|im_end|>\n" + render(rest)}
+
+
+def peer(data: str, tokenizer_dir: str, num_proc: int, cache: str):
+    import datasets
+    from transformers import AutoTokenizer
+    from trl.data_utils import extract_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    nproc = None if num_proc == 1 else num_proc
+    ds = datasets.load_dataset("json", data_files=data, split="train", cache_dir=cache)
+    ds = ds.map(extract_prompt, num_proc=nproc)
+    ds = ds.map(_chatml, remove_columns=["chosen", "rejected", "prompt"], num_proc=nproc)
+    ds = ds.map(lambda b: tokenizer(b["text"]), batched=True, num_proc=nproc)
+    return ds, sum(len(x) for x in ds["input_ids"])
+
+
+# ------------------------------------------------------------------ raysft
+
+def raysft_prepare(data: str, tokenizer_dir: str, out: str):
+    from raysft.config import load_config
+    from raysft.data.pipeline import prepare
+
+    cfg = load_config(None, [f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=2048",
+                             f"model.name_or_path={tokenizer_dir}", "cluster.num_workers=1",
+                             "train.global_batch_size=1"])
+    _, manifest = prepare(cfg, log=lambda s: None)
+    return manifest
+
+
+def check_text(data: str, ds) -> int:
+    from raysft.data import to_chatml
+
+    mismatches = 0
+    with open(data, encoding="utf-8") as f:
+        for line, text in zip(f, ds["text"]):
+            mismatches += to_chatml(json.loads(line))["text"] != text
+    return mismatches
+
+
+def run(records: int, scales: list[int], work: str) -> None:
+    import datasets
+    import ray
+
+    datasets.disable_progress_bars()
+    base = os.path.join(work, "data-1x.jsonl")
+    make_data(base, records)
+    tok_dir = train_tokenizer(base, os.path.join(work, "tokenizer"))
+    t = time.time()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"ray start-up: {time.time() - t:.1f}s (not counted below)")
+    print(f"{'scale':>5} {'path':<22} {'records/s':>10} {'tokens/s':>11} {'seconds':>8} {'peak MB':>8}")
+    results = {}
+    for scale in scales:
+        data = os.path.join(work, f"data-{scale}x.jsonl")
+        if scale != 1:
+            with open(data, "w") as out, open(base) as src:
+                body = src.read()
+                for _ in range(scale):
+                    out.write(body)
+        n = records * scale
+        for name in ("raysft", "peer num_proc=1", "peer num_proc=2"):
+            with PeakMemory() as mem:
+                t = time.time()
+                if name == "raysft":
+                    m = raysft_prepare(data, tok_dir, os.path.join(work, f"out-{scale}"))
+                    tokens, extra = m["tokens"], f"rows={m['rows']} padding={m['padding_fraction']:.3f}"
+                else:
+                    ds, tokens = peer(data, tok_dir, int(name[-1]), os.path.join(work, f"cache-{scale}-{name[-1]}"))
+                    extra = ""
+                dt = time.time() - t
+            results[(scale, name)] = (n / dt, tokens / dt, dt, mem.peak / 2**20)
+            print(f"{scale:>4}x {name:<22} {n / dt:>10.0f} {tokens / dt:>11.0f} {dt:>8.1f} {mem.peak / 2**20:>8.0f} {extra}",
+                  flush=True)
+            if name == "peer num_proc=1" and scale == scales[0]:
+                bad = check_text(data, ds)
+                print(f"      text check: {n - bad}/{n} records give the same text (mismatches: {bad})")
+                assert bad == 0
+    for scale in scales:
+        r, p1, p2 = (results[(scale, k)] for k in ("raysft", "peer num_proc=1", "peer num_proc=2"))
+        print(f"ratio {scale}x: raysft records/s vs num_proc=1: {r[0] / p1[0]:.2f}x, vs num_proc=2: {r[0] / p2[0]:.2f}x; "
+              f"peak memory raysft/num_proc=1: {r[3] / p1[3]:.2f}")
+    if len(scales) > 1:
+        lo, hi = scales[0], scales[-1]
+        for name in ("raysft", "peer num_proc=1", "peer num_proc=2"):
+            print(f"peak memory {hi}x/{lo}x input, {name}: {results[(hi, name)][3] / results[(lo, name)][3]:.2f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=200_000)
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
+        run(args.records, args.scales, work)
