@@ -393,3 +393,12 @@ def describe() -> list[tuple[str, str, str]]:
 
     walk(Config, "")
     return rows
+
+
+def from_dict(raw: dict) -> Config:
+    """A resolved config back from `to_dict` (in Ray workers, and from a checkpoint's config.yaml)."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", lambda key: key, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -98,6 +98,17 @@ def render_example(example: Example, system_message: Optional[str] = None) -> Re
     return Rendered(prompt, completion, tuple(segments))
 
 
+def render_prompt(messages: list[Mapping], system_message: Optional[str] = None) -> Rendered:
+    """A conversation so far, ending with the assistant header: what a model is asked to continue.
+
+    >>> render_prompt([{"role": "user", "content": "Hi"}]).text
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    full = render_example(Example("chat", list(messages), [{"role": "assistant", "content": ""}]), system_message)
+    head = full.segments[: len(full.segments) - 3]  # drop the empty answer, its <|im_end|> and newline
+    return Rendered(full.prompt, "", tuple(head))
+
+
 def to_chatml(record: Mapping, system_message: Optional[str] = None) -> dict:
     """A record (any supported format) -> ``{"prompt", "completion", "text"}``; raises RecordError.
 

@@ -1,0 +1,1 @@
+"""Training: the driver (`launch`), the schedule, and one worker function per backend."""

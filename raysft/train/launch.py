@@ -1,0 +1,118 @@
+"""`raysft train`: the driver. Preflight, prepare if needed, TorchTrainer.fit(), export.
+
+Everything a user can get wrong is checked here, on the driver, before any Train worker or GPU is
+allocated: the config, the input files and tokenizer (`prepare` checks those first), the model's config,
+storage that can be written, batch sizes against the prepared rows, and a resumed run's data fingerprint.
+The run name is stable (from the config), so running the same command again resumes from the latest
+good checkpoint, and a finished run is not trained again.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Callable, Optional
+
+from raysft import checkpoint as ckpt
+from raysft.config import Config, load_config, to_dict
+from raysft.errors import UserError, format_error
+
+FAIL_AFTER_STEP = "RAYSFT_FAIL_AFTER_STEP"  # tests: a worker raises after this step, on the first attempt only
+FAIL_RANK = "RAYSFT_FAIL_RANK"
+
+
+def _worker(backend: str):
+    """The worker function of a backend (imported lazily: each imports its framework)."""
+    if backend == "deepspeed":
+        from raysft.train.deepspeed_worker import train_loop
+    else:
+        from raysft.train.hf_worker import train_loop
+    return train_loop
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need no Ray: model config loadable, storage writable."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as exc:
+        raise UserError(format_error("model.name_or_path", "cannot load the model's config", cfg.model.name_or_path,
+                                     f"give a local model folder or a hub id you can reach "
+                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")) from exc
+    for key, path in (("output_dir", cfg.output_dir), ("checkpoint.storage_path", cfg.checkpoint.storage_path)):
+        if "://" in path:
+            continue
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".raysft-write-test-{uuid.uuid4().hex[:8]}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as exc:
+            raise UserError(format_error(key, "storage is not writable", path,
+                                         f"choose a folder you can write ({exc.strerror})")) from exc
+
+
+def train(config_path: Optional[str], overrides: list[str], log: Callable[[str], None] = print,
+          cfg: Optional[Config] = None) -> dict:
+    """Run (or resume, or recognise as finished) the training run; returns a summary dict."""
+    from raysft.cluster import ensure_ray, logical_cpus
+    from raysft.data.pipeline import prepare, summary
+    from raysft.train.schedule import Schedule
+
+    cfg = cfg or load_config(config_path, overrides)
+    preflight(cfg)
+    prepared, manifest = prepare(cfg, log=log, start_ray=lambda: ensure_ray(cfg), cpus=logical_cpus(cfg))
+    log(summary(manifest))
+    t = cfg.train
+    schedule = Schedule(manifest["rows"], t.global_batch_size, t.seed, t.epochs, t.max_steps)
+    if schedule.steps_per_epoch < 1:
+        raise UserError(format_error("train.global_batch_size", f"larger than the {manifest['rows']} prepared rows",
+                                     t.global_batch_size, "lower it, or add data"))
+    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
+    final_dir = os.path.join(cfg.output_dir, "final")
+    good = ckpt.latest_good(run_dir, warn=log)
+    if good is not None:
+        state = ckpt.read_state(good)
+        if state["fingerprint"] != manifest["fingerprint"] and not cfg.checkpoint.allow_data_change:
+            raise UserError(format_error("checkpoint", f"{good} was trained on other data or data settings",
+                                         manifest["fingerprint"][:16],
+                                         f"it has fingerprint {state['fingerprint'][:16]}; use another output_dir or "
+                                         "run_name, or set checkpoint.allow_data_change=true to continue anyway"))
+        if state["step"] >= schedule.total_steps:
+            log(f"train: run {cfg.run_name!r} already finished at step {state['step']} ({good}); nothing to train")
+            if not os.path.exists(os.path.join(final_dir, "config.json")):
+                from raysft.export import export
+                export(good, final_dir, log=log)
+            return {"checkpoint": good, "final": final_dir, "trained": False, "step": state["step"]}
+    ensure_ray(cfg)
+    result = fit(cfg, prepared, manifest["fingerprint"])
+    good = ckpt.latest_good(run_dir, warn=log)
+    if good is None or ckpt.read_state(good)["step"] < schedule.total_steps:
+        raise RuntimeError(f"training ended without a final checkpoint in {run_dir} ({result.error})")
+    from raysft.export import export
+    from raysft.train.metrics import plot_loss
+
+    export(good, final_dir, log=log)
+    log(f"train: loss curve {plot_loss(cfg.output_dir)}")
+    return {"checkpoint": good, "final": final_dir, "trained": True, "step": schedule.total_steps}
+
+
+def fit(cfg: Config, prepared: str, fingerprint: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    c = cfg.cluster
+    resources = dict(c.resources_per_worker) or None
+    trainer = TorchTrainer(
+        _worker(cfg.train.backend),
+        train_loop_config={"config": to_dict(cfg), "prepared": prepared, "fingerprint": fingerprint,
+                           "fail_after_step": int(os.environ.get(FAIL_AFTER_STEP, "0")),
+                           "fail_rank": int(os.environ.get(FAIL_RANK, "0"))},
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
+                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+    )
+    return trainer.fit()
