@@ -49,6 +49,7 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
         cfg = from_dict(yaml.safe_load(f))
     model_dir = os.path.join(checkpoint_path, "model")
     config = AutoConfig.from_pretrained(model_dir)
+    config.use_cache = True  # off in training (see modeling.build_model), on for generation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     weights = consolidated_state_dict(model_dir, state["zero_stage"])

@@ -38,7 +38,7 @@ from raysft.errors import UserError
 
 PREPARED_FORMAT = 1  # bump when the rows' meaning changes: it is part of the fingerprint
 TOKENIZE_BATCH = 512
-MAX_CHUNK_BYTES = 16 << 20
+MAX_CHUNK_BYTES = 4 << 20  # fixed beyond small inputs: per-task memory must not grow with the input
 MIN_CHUNK_BYTES = 256 << 10
 LIST_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
 ROW_SCHEMA = pa.schema([(c, pa.list_(pa.int32())) for c in LIST_COLUMNS]

@@ -154,7 +154,7 @@ def train_loop(job: dict) -> None:
             probe = torch.tensor([rows.get([0])["input_ids"][0][:64]], device=device)
             engine.module.eval()
             with torch.no_grad():
-                logits = engine(input_ids=probe).logits.float().cpu()
+                logits = engine(input_ids=probe, use_cache=False).logits.float().cpu()
             engine.module.train()
             if rank == 0:
                 torch.save({"input_ids": probe.cpu(), "logits": logits}, os.path.join(local, "probe.pt"))
@@ -193,7 +193,7 @@ def train_loop(job: dict) -> None:
             td = time.time()
             batch = collate(rows.get(micro), tokenizer.pad_token_id, device)
             data_time += time.time() - td
-            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
             loss = token_loss_sum(logits, batch["labels"]) / n_trained
             engine.backward(loss * world, scale_wrt_gas=False)
             engine.step()
