@@ -229,7 +229,10 @@ def train_loop(job: dict) -> None:
             save_checkpoint(step, metrics, final)
         elif step % t.log_every_steps == 0:
             ray.train.report(metrics)
-        if fail_after and step == fail_after and start_step < fail_after and rank == job.get("fail_rank", 0):
-            raise RuntimeError(f"raysft test: injected failure after step {step}")
+        if fail_after == step and rank == job.get("fail_rank", 0):
+            marker = os.path.join(cfg.output_dir, f".injected-failure-step{step}")
+            if not os.path.exists(marker):  # once per run: the resumed attempt goes through
+                open(marker, "w").close()
+                raise RuntimeError(f"raysft test: injected failure after step {step}")
     if writer:
         writer.close()
