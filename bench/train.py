@@ -1,0 +1,204 @@
+"""Benchmark raysft training: overhead against a bare DeepSpeed loop, padding waste, and GPU throughput/MFU.
+
+    python bench/train.py overhead     # CPU: raysft worker vs bare DeepSpeed over torch.distributed (no Ray)
+    python bench/train.py padding      # real tokens / processed tokens, packed vs padded, on the sample data
+    python bench/train.py gpu          # GPU: ~0.5B Qwen2-shaped model, bf16, 2048-token packed rows, ZeRO-2
+
+overhead: the same model (Llama, hidden 256, 4 layers), the same prepared rows in the same order, the same
+batch (2 workers x micro-batch 2 x accumulation 2), ZeRO-2, fp32, one thread per worker. The peer is the loop
+a user writes by hand: `torch.multiprocessing` + gloo + `deepspeed.initialize`, model(...).loss, backward, step.
+Both report the median step time over the steps after warm-up; the ratio is raysft / bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAYSFT_DASHBOARD", "0")
+SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
+WARMUP = 5
+
+
+def bench_model_dir(work: str, **overrides) -> str:
+    from make_assets import make_tokenizer, tiny_llama_config
+
+    path = os.path.join(work, "model")
+    tok = make_tokenizer()
+    tok.save_pretrained(path)
+    tiny_llama_config(len(tok), **overrides).save_pretrained(path)
+    return path
+
+
+def overrides(work: str, model_dir: str, steps: int, name: str, log_every: int = 1) -> list[str]:
+    return [f"output_dir={os.path.join(work, name)}", f"data.train_files={SAMPLE}", "data.max_seq_len=512",
+            f"model.name_or_path={model_dir}", "model.from_scratch=true", "train.micro_batch_size=2",
+            "train.global_batch_size=8", f"train.max_steps={steps}", "train.dtype=fp32", "train.zero_stage=2",
+            "train.lr=1e-3", "cluster.num_workers=2", "checkpoint.every_steps=0", f"train.log_every_steps={log_every}"]
+
+
+def _bare_worker(rank: int, world: int, port: int, prepared: str, model_dir: str, steps: int, out: str) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from raysft.modeling import build_model, collate
+    from raysft.train.rows import PreparedRows
+    from raysft.train.schedule import Schedule
+
+    torch.set_num_threads(1)  # as Ray gives each 1-CPU worker
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = PreparedRows(prepared)
+    schedule = Schedule(len(rows), 8, 42, 1, steps)
+    model = build_model(model_dir, 386, from_scratch=True, seed=42)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), dist_init_required=False,
+                                      config={"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
+                                              "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
+                                              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+                                              "zero_force_ds_cpu_optimizer": False, "gradient_clipping": 1.0,
+                                              "steps_per_print": 2**31 - 1})
+    times = []
+    for step in range(steps):
+        t0 = time.time()
+        for micro in schedule.rank_micro_batches(step, rank, world, 2):
+            batch = collate(rows.get(micro), 0)
+            loss = engine(**batch, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+        dist.barrier()
+        times.append(time.time() - t0)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(times, f)
+    dist.destroy_process_group()
+
+
+def overhead(steps: int, log_every: int) -> None:
+    import socket
+
+    import ray
+    import torch.multiprocessing as mp
+
+    from raysft.config import load_config
+    from raysft.train.launch import train
+    from raysft.train.metrics import read_metrics
+
+    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
+        model_dir = bench_model_dir(work, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                    num_attention_heads=8, num_key_value_heads=4)
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        cfg = load_config(None, overrides(work, model_dir, steps, "raysft", log_every))
+        t = time.time()
+        train(None, [], cfg=cfg, log=lambda s: None)
+        wall_raysft = time.time() - t
+        ours = [m["step_time"] for m in read_metrics(cfg.output_dir) if m["step"] > WARMUP]
+        prepared_root = os.path.join(cfg.output_dir, "prepared")
+        prepared = os.path.join(prepared_root, os.listdir(prepared_root)[0])
+        ray.shutdown()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = os.path.join(work, "bare.json")
+        t = time.time()
+        mp.spawn(_bare_worker, args=(2, port, prepared, model_dir, steps, out), nprocs=2, join=True)
+        wall_bare = time.time() - t
+        with open(out) as f:  # the same steps as raysft logged (1-based step k is index k-1)
+            bare = [t for k, t in enumerate(json.load(f), 1) if k > WARMUP and k % log_every == 0]
+    m_ours, m_bare = statistics.median(ours), statistics.median(bare)
+    print(f"logging/reporting every {log_every} steps; median step time over {len(ours)} steps: raysft {m_ours * 1000:.1f} ms, bare DeepSpeed {m_bare * 1000:.1f} ms")
+    print(f"ratio raysft/bare: {m_ours / m_bare:.3f} (goal <= 1.05)")
+    print(f"whole command: raysft {wall_raysft:.1f}s (Ray workers, prepare reuse, checkpoint, export), "
+          f"bare {wall_bare:.1f}s (training only)")
+
+
+def padding() -> None:
+    import ray
+
+    from raysft.config import load_config
+    from raysft.data.pipeline import prepare
+    from raysft.train.rows import PreparedRows
+    from raysft.train.schedule import Schedule
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
+        model_dir = bench_model_dir(work)
+        for packing in (True, False):
+            cfg = load_config(None, overrides(work, model_dir, 1, f"p{packing}") + [f"data.packing={packing}"])
+            path, m = prepare(cfg, log=lambda s: None)
+            rows = PreparedRows(path)
+            s = Schedule(len(rows), 8, 42, epochs=1)
+            real = processed = 0
+            for step in range(s.total_steps):  # exactly what collate processes: each micro-batch padded to its longest
+                for rank in range(2):
+                    for micro in s.rank_micro_batches(step, rank, 2, 2):
+                        lengths = rows.num_tokens[micro]
+                        real += int(lengths.sum())
+                        processed += int(lengths.max()) * len(micro)
+            print(f"packing={str(packing).lower():<5} rows={m['rows']:>5} real/processed tokens = {real / processed:.3f}"
+                  f" (stored rows vs max_seq_len: {1 - m['padding_fraction']:.3f})")
+    ray.shutdown()
+
+
+def gpu(steps: int) -> None:
+    """~0.5B Qwen2-shaped model (random init), bf16, 2048-token packed rows, ZeRO-2, one GPU."""
+    import json as _json
+
+    import ray
+
+    from raysft.config import load_config
+    from raysft.train.launch import train
+    from raysft.train.metrics import read_metrics
+
+    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
+        from transformers import Qwen2Config
+
+        from make_assets import make_tokenizer
+
+        model_dir = os.path.join(work, "qwen2-0.5b-shape")
+        make_tokenizer().save_pretrained(model_dir)
+        Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                    tie_word_embeddings=True).save_pretrained(model_dir)
+        data = os.path.join(work, "long.jsonl")  # long synthetic chats so that rows fill 2048 tokens
+        from make_assets import preference_record
+        import random
+
+        rng = random.Random(0)
+        with open(data, "w") as f:
+            for _ in range(6000):
+                r = preference_record(rng)
+                r["chosen"][-1]["content"] = (r["chosen"][-1]["content"] + " ") * 20
+                f.write(_json.dumps(r) + "\n")
+        ray.init(include_dashboard=False, logging_level="ERROR")
+        cfg = load_config(None, [f"output_dir={work}/run", f"data.train_files={data}", "data.max_seq_len=2048",
+                                 f"model.name_or_path={model_dir}", "model.from_scratch=true",
+                                 "model.attn_implementation=sdpa", "train.micro_batch_size=4",
+                                 "train.global_batch_size=16", f"train.max_steps={steps}", "train.dtype=bf16",
+                                 "train.zero_stage=2", "train.gradient_checkpointing=false", "cluster.num_workers=1",
+                                 "cluster.use_gpu=true", "checkpoint.every_steps=0", "train.log_every_steps=1"])
+        train(None, [], cfg=cfg)
+        ms = read_metrics(cfg.output_dir)[WARMUP:]
+        import torch
+
+        print(f"GPU {torch.cuda.get_device_name()}: median tokens/s {statistics.median(m['tokens_per_s'] for m in ms):.0f},"
+              f" median MFU {statistics.median(m.get('mfu', 0) for m in ms):.1%}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["overhead", "padding", "gpu"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--log-every", type=int, default=1, help="overhead: raysft's train.log_every_steps")
+    args = ap.parse_args()
+    {"overhead": lambda: overhead(args.steps, args.log_every), "padding": padding, "gpu": lambda: gpu(args.steps)}[args.what]()
