@@ -33,7 +33,8 @@ class DataConfig:
         metadata=doc("training data: a path, a glob or a URI (s3://, gs://), or a list of them; "
                      ".jsonl, .jsonl.gz or .parquet"),
     )
-    eval_files: list[str] = field(default_factory=list, metadata=doc("evaluation data, same forms"))
+    eval_files: list[str] = field(default_factory=list, metadata=doc("evaluation data, same forms (prepared; "
+                                                                     "eval during training is not built yet)"))
     hf_dataset: str = field(default="", metadata=doc("a Hugging Face dataset: a folder saved by `datasets` or a hub id"))
     hf_split: str = field(default="train", metadata=doc("split of `hf_dataset` to train on"))
     max_seq_len: int = field(default=2048, metadata=doc("tokens per training row"))
@@ -65,7 +66,7 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    backend: Literal["deepspeed", "hf"] = field(default="deepspeed", metadata=doc("worker: DeepSpeed loop or TRL SFTTrainer"))
+    backend: Literal["deepspeed", "hf"] = field(default="deepspeed", metadata=doc("worker: deepspeed (the hf/TRL worker is not built yet)"))
     seed: int = field(default=42, metadata=doc("seed for weights, data order and dropout"))
     micro_batch_size: int = field(default=1, metadata=doc("rows per forward pass on one worker"))
     global_batch_size: int = field(default=8, metadata=doc("rows per optimizer step over all workers"))
@@ -88,7 +89,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = field(default=0, metadata=doc("checkpoint every N steps; 0 = only at the end"))
-    keep: int = field(default=2, metadata=doc("checkpoints kept; the last good one is never deleted"))
+    keep: int = field(default=2, metadata=doc("newest checkpoints Ray Train keeps (num_to_keep)"))
     storage_path: str = field(default="", metadata=doc("Ray Train storage; empty = {output_dir}/ray"))
     allow_data_change: bool = field(default=False, metadata=doc("resume even if the prepared data changed"))
 
@@ -297,6 +298,8 @@ def _check(cfg: Config, where, problems: list[str]) -> None:
         bad("train.offload_params", "needs ZeRO stage 3", t.zero_stage, "set train.zero_stage=3 or offload_params=false")
     if t.offload_optimizer and t.zero_stage == 0:
         bad("train.offload_optimizer", "needs ZeRO stage 1-3", t.zero_stage, "set train.zero_stage=2")
+    if t.backend == "hf":
+        bad("train.backend", "the hf (TRL SFTTrainer) worker is not built yet", t.backend, "use train.backend=deepspeed")
     c = cfg.cluster
     if c.num_workers < 1:
         bad("cluster.num_workers", "must be at least 1", c.num_workers, "use 1 or more")

@@ -155,3 +155,14 @@ def test_accumulation_equals_more_workers_across_zero_stages_with_a_saved_model(
     assert len(l1) == len(l2) == 4 and l1[-1] < l1[0]
     for a, b in zip(l1, l2):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (l1, l2)
+
+
+def test_offload_gradient_checkpointing_and_bf16_train(tmp_path, tiny_model_dir, ray_session):
+    """ZeRO-2 with the optimizer offloaded to CPU, gradient checkpointing and bf16: runs and learns."""
+    cfg = run_config(tmp_path, tiny_model_dir, "offload",
+                     train={"max_steps": 4, "dtype": "bf16", "offload_optimizer": True,
+                            "gradient_checkpointing": True})
+    result = train(None, [], cfg=cfg)
+    losses = [m["loss"] for m in read_metrics(cfg.output_dir)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert next(iter(weights(result["final"]).values())).dtype == torch.bfloat16
