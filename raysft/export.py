@@ -79,6 +79,7 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system_mess
     """Render the prompt as in training, generate greedily until `<|im_end|>`, return the answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from raysft.data.chatml import render_prompt
     from raysft.data.tokenize import tokenize_rendered
@@ -86,6 +87,8 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system_mess
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise UserError(format_error(model_dir, "not a model folder (no config.json)",
                                      fix="give the folder `raysft train` exported, e.g. runs/quickstart/final"))
+    hf_logging.disable_progress_bar()  # the answer is the output
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids, _ = tokenize_rendered([render_prompt([{"role": "user", "content": prompt}], system_message)], tokenizer)[0]

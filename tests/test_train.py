@@ -166,3 +166,24 @@ def test_offload_gradient_checkpointing_and_bf16_train(tmp_path, tiny_model_dir,
     losses = [m["loss"] for m in read_metrics(cfg.output_dir)]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert next(iter(weights(result["final"]).values())).dtype == torch.bfloat16
+
+
+def test_cli_export_and_a_damaged_checkpoint_is_refused(reference, tmp_path, capsys):
+    import shutil
+
+    from raysft.cli import main
+
+    _, result = reference
+    out = str(tmp_path / "exported")
+    assert main(["export", result["checkpoint"], out]) == 0
+    a, b = weights(result["final"]), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()  # drop the first export's progress output
+    broken = str(tmp_path / "broken")
+    shutil.copytree(result["checkpoint"], broken)
+    with open(os.path.join(broken, "state.json"), "a") as f:
+        f.write(" ")  # one byte more than the manifest says
+    assert main(["export", broken, str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"raysft: error: {broken}: not a whole checkpoint. fix: state.json has {os.path.getsize(broken + '/state.json')}"
+        f" bytes, the manifest says {os.path.getsize(broken + '/state.json') - 1} (truncated?); export another one")
