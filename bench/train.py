@@ -84,6 +84,22 @@ def _bare_worker(rank: int, world: int, port: int, prepared: str, model_dir: str
     dist.destroy_process_group()
 
 
+def _cpu_seconds() -> dict:
+    """pid -> (user+system CPU seconds, process title) for this process and all its descendants (Ray's too)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            title = (p.cmdline() or [p.name()])[0].split("/")[-1][:40]
+            out[p.pid] = (t.user + t.system, title)
+        except psutil.Error:
+            pass
+    return out
+
+
 def overhead(steps: int, log_every: int) -> None:
     import socket
 
@@ -99,9 +115,11 @@ def overhead(steps: int, log_every: int) -> None:
                                     num_attention_heads=8, num_key_value_heads=4)
         ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
         cfg = load_config(None, overrides(work, model_dir, steps, "raysft", log_every))
+        before = _cpu_seconds()
         t = time.time()
         train(None, [], cfg=cfg, log=lambda s: None)
         wall_raysft = time.time() - t
+        after = _cpu_seconds()
         ours = [m["step_time"] for m in read_metrics(cfg.output_dir) if m["step"] > WARMUP]
         prepared_root = os.path.join(cfg.output_dir, "prepared")
         prepared = os.path.join(prepared_root, os.listdir(prepared_root)[0])
@@ -118,6 +136,13 @@ def overhead(steps: int, log_every: int) -> None:
     m_ours, m_bare = statistics.median(ours), statistics.median(bare)
     print(f"logging/reporting every {log_every} steps; median step time over {len(ours)} steps: raysft {m_ours * 1000:.1f} ms, bare DeepSpeed {m_bare * 1000:.1f} ms")
     print(f"ratio raysft/bare: {m_ours / m_bare:.3f} (goal <= 1.05)")
+    others = {}  # Train workers have exited by now; everything else of Ray is still alive
+    for k, (v, name) in after.items():
+        if "RayTrainWorker" not in name and k != os.getpid():
+            others[name] = others.get(name, 0.0) + v - before.get(k, (0, ""))[0]
+    top = ", ".join(f"{n} {s:.1f}" for n, s in sorted(others.items(), key=lambda x: -x[1])[:5])
+    print(f"CPU seconds used by Ray's other processes during the raysft command ({wall_raysft:.0f}s on "
+          f"{os.cpu_count()} cores): {sum(others.values()):.1f} ({top})")
     print(f"whole command: raysft {wall_raysft:.1f}s (Ray workers, prepare reuse, checkpoint, export), "
           f"bare {wall_bare:.1f}s (training only)")
 
