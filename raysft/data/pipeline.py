@@ -285,8 +285,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     settings = {**data_settings(cfg), "tokenizer_dir": os.path.join(work, "tokenizer"), "work_dir": work}
-    n_records = f"{sum(i.get('bytes', 0) for i in inputs['train'] + inputs['eval']) / 1e6:.1f} MB"
-    log(f"prepare: {len(train_chunks)} train chunks + {len(eval_chunks)} eval chunks ({n_records}) -> {final}")
+    size = f"{sum(i.get('bytes', 0) for i in inputs['train'] + inputs['eval']) / 1e6:.1f} MB"
+    log(f"prepare: {len(train_chunks)} train chunks + {len(eval_chunks)} eval chunks ({size}) -> {final}")
     try:
         for split, chunks in (("train", train_chunks), ("eval", eval_chunks)):
             if chunks:
