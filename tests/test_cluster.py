@@ -1,0 +1,172 @@
+"""Launch paths: cluster/local.sh end to end (ray start + ray job submit), submit.sh, KubeRay manifests."""
+
+import copy
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+import yaml
+
+from raysft.config import load_config
+
+from helpers import ROOT
+
+KUBERAY = os.path.join(os.path.dirname(ROOT), "shared", "kuberay")
+IMAGE_ROOT = "/home/ray/raysft/"  # WORKDIR of cluster/Dockerfile
+
+
+def run_local(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    return subprocess.run([os.path.join(ROOT, "cluster", "local.sh"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def live_processes_mentioning(text):
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and text in " ".join(p.info["cmdline"] or []):
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.ray
+def test_local_cluster_runs_the_quickstart_job_and_stops_only_itself(tmp_path):
+    out = str(tmp_path / "run")
+    result = run_local("configs/quickstart.yaml", f"output_dir={out}", "train.max_steps=4", "checkpoint.every_steps=2")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "Job 'raysft-run' succeeded" in log
+    assert os.path.exists(os.path.join(out, "ray", "run", "checkpoint_00000004", "manifest.json"))
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+    temp_dir = re.search(r"logs: (/tmp/raysft-ray-\w+)/", log).group(1)
+    assert live_processes_mentioning(temp_dir) == []  # its raylet, GCS, dashboard and workers are gone
+    assert re.search(r"Ray cluster up at 127\.0\.0\.1:\d+, dashboard http://127\.0\.0\.1:\d+", log)
+
+
+@pytest.mark.ray
+def test_local_cluster_reports_a_failed_job_by_exit_status(tmp_path):
+    result = run_local("configs/quickstart.yaml", f"output_dir={tmp_path}/run", "data.train_files=/nonexistent.jsonl")
+    assert result.returncode == 1
+    assert ("raysft: error: data.train_files: no file matches (got '/nonexistent.jsonl')"
+            in result.stdout + result.stderr)
+
+
+def test_submit_needs_an_address_and_checks_the_config_before_submitting(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    script = os.path.join(ROOT, "cluster", "submit.sh")
+    r = subprocess.run([script, "configs/quickstart.yaml"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "usage: cluster/submit.sh [--address http://HEAD:8265]" in r.stderr
+    r = subprocess.run([script, "--address", "http://127.0.0.1:1", "configs/quickstart.yaml", "trian.lr=1"], cwd=ROOT,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "raysft: error: command line: trian: unknown key. fix: did you mean train?" in r.stderr
+
+
+# ------------------------------------------------------------------ KubeRay, validated offline
+
+
+def strict(schema):
+    """The CRD schema with additionalProperties: false wherever properties are listed (typos fail)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node \
+                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(schema)
+    return schema
+
+
+def crd_schema(kind):
+    path = os.path.join(KUBERAY, f"ray.io_{kind.lower()}s.yaml")
+    if not os.path.exists(path):
+        pytest.skip(f"KubeRay CRDs not found at {KUBERAY} (they come with ../shared)")
+    with open(path) as f:
+        crd = yaml.safe_load(f)
+    return strict(next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"])
+
+
+def manifest(name):
+    with open(os.path.join(ROOT, "cluster", "kuberay", name)) as f:
+        return next(d for d in yaml.safe_load_all(f) if d["kind"] in ("RayJob", "RayCluster"))
+
+
+def validate(doc):
+    import jsonschema
+
+    jsonschema.validate(doc, crd_schema(doc["kind"]))
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml"])
+def test_manifests_validate_against_the_kuberay_crds(name):
+    doc = manifest(name)
+    assert doc["apiVersion"] == "ray.io/v1"
+    validate(doc)
+
+
+def test_a_typo_in_a_manifest_fails_validation():
+    import jsonschema
+
+    doc = manifest("rayjob.yaml")
+    doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 4
+    with pytest.raises(jsonschema.ValidationError, match="'replica' was unexpected"):
+        validate(doc)
+    doc = manifest("rayjob.yaml")
+    doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumMounts"] = []
+    with pytest.raises(jsonschema.ValidationError, match="'volumMounts' was unexpected"):
+        validate(doc)
+
+
+def test_rayjob_runs_raysft_on_a_shipped_config_with_shared_storage_and_resume():
+    spec = manifest("rayjob.yaml")["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["raysft", "train"] and argv[2].startswith(IMAGE_ROOT)
+    config_path = os.path.join(ROOT, argv[2][len(IMAGE_ROOT):])
+    cfg = load_config(config_path, argv[3:])  # the config exists and validates with the entrypoint's overrides
+    assert cfg.checkpoint.storage_path.startswith("/mnt/shared/") and cfg.output_dir.startswith("/mnt/shared/")
+    assert cfg.run_name and "run_name=" in spec["entrypoint"]  # stable: backoffLimit retries resume
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["backoffLimit"] >= 1
+    workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert cfg.cluster.use_gpu and cfg.cluster.num_workers == workers["replicas"]
+    pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], workers["template"]["spec"]]
+    for pod in pods:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        container = pod["containers"][0]
+        assert {m["mountPath"]: claims.get(m["name"]) for m in container["volumeMounts"]}["/mnt/shared"] == \
+            "raysft-shared"
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "raysft-ray-auth", "key": "auth_token"}
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    submitter_env = {e["name"] for e in spec["submitterPodTemplate"]["spec"]["containers"][0]["env"]}
+    assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= submitter_env
+
+
+def test_image_ray_version_equals_the_pinned_one_everywhere():
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        pinned = re.search(r'"ray\[[^]]+\]==([\d.]+)"', f.read()).group(1)
+    with open(os.path.join(ROOT, "cluster", "Dockerfile")) as f:
+        image = re.search(r"^FROM rayproject/ray:([\d.]+)-", f.read(), re.M).group(1)
+    import ray
+
+    assert image == pinned == ray.__version__
+    for name in ("rayjob.yaml", "raycluster.yaml"):
+        doc = manifest(name)
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"] == pinned
