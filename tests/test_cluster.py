@@ -170,3 +170,26 @@ def test_image_ray_version_equals_the_pinned_one_everywhere():
         doc = manifest(name)
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])
         assert spec["rayVersion"] == pinned
+
+
+@pytest.mark.ray
+def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(tmp_path, tiny_model_dir):
+    import json as _json
+
+    from raysft.train.metrics import read_metrics
+
+    out = str(tmp_path / "run")
+    sample = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(["python", os.path.join(ROOT, "tests", "scripts", "multinode.py"), out, tiny_model_dir, sample],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("MULTINODE ")), None)
+    assert line, (r.stdout + r.stderr)[-4000:]
+    report = _json.loads(line[len("MULTINODE "):])
+    assert report["errors"] == []
+    assert report["worker_nodes_busy"] == report["all_worker_nodes"]  # one Train worker on each worker node
+    assert report["result"]["trained"] is True and report["result"]["step"] == 10
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert max(m["resumed_from"] for m in metrics) >= 2  # the group restarted from a checkpoint, not from scratch
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))

@@ -135,6 +135,7 @@ def train_loop(job: dict) -> None:
     run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     start_step, samples_seen, tokens_seen = 0, 0, 0
     good = ckpt.latest_good(run_dir, warn=log)
+    resumed_from = 0
     if good is not None:
         state = ckpt.read_state(good)
         engine.load_checkpoint(os.path.join(good, "model"), load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -142,6 +143,7 @@ def train_loop(job: dict) -> None:
         if os.path.exists(rng_file):
             _set_rng_state(torch.load(rng_file, weights_only=True))
         start_step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+        resumed_from = start_step
         log(f"resume: from {good} at step {start_step} (epoch {state['epoch']}, {samples_seen} rows seen)")
 
     # ------------------------------------------------------------------ checkpoint
@@ -212,7 +214,7 @@ def train_loop(job: dict) -> None:
                    "tokens_per_s": real_tokens / step_time, "padding_fraction": 1 - real_tokens / stats[1].item(),
                    "data_wait": stats[2].item() / world / step_time, "step_time": step_time,
                    "eta_s": (time.time() - t_start) / steps_timed * (schedule.total_steps - step),
-                   "samples_seen": samples_seen, "tokens_seen": tokens_seen}
+                   "samples_seen": samples_seen, "tokens_seen": tokens_seen, "resumed_from": resumed_from}
         if peak:
             flops_per_token = 6 * n_params + 6 * model.config.num_hidden_layers * model.config.hidden_size * \
                 stats[1].item() / len(global_rows)

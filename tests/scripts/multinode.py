@@ -1,0 +1,61 @@
+"""Multi-node on one machine: a head and two worker nodes (separate raylets), one Train worker on each
+(every worker needs the node's single `train_slot`), checkpoints on storage both see. Once the step-2
+checkpoint is committed, one worker node is killed (its raylet and the worker with it) and a new node
+joins; the run must resume from its last checkpoint and finish. Prints one JSON line for the test.
+
+    python tests/scripts/multinode.py OUTPUT_DIR MODEL_DIR TRAIN_JSONL
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+
+
+def main(out: str, model_dir: str, data: str) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
+    ray.init(address=cluster.address, logging_level="ERROR")
+    from raysft import checkpoint as ckpt
+    from raysft.config import load_config
+    from raysft.train.launch import train
+
+    cfg = load_config(None, [
+        f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=256", f"model.name_or_path={model_dir}",
+        "model.from_scratch=true", "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=10",
+        "train.dtype=fp32", "train.lr=1e-3", "train.log_every_steps=1", "checkpoint.every_steps=2",
+        "cluster.num_workers=2", "cluster.max_failures=2", "cluster.resources_per_worker={CPU: 1, train_slot: 1}"])
+    result, errors = {}, []
+
+    def run():
+        try:
+            result.update(train(None, [], cfg=cfg, log=print))
+        except BaseException as exc:  # reported to the test below
+            errors.append(repr(exc))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
+    deadline = time.time() + 300
+    while ckpt.verify(step2, checksums=False) is not None and time.time() < deadline and thread.is_alive():
+        time.sleep(0.5)
+    per_node = ray._private.state.available_resources_per_node()
+    # a node whose only train_slot is taken lists none available (Ray leaves out resources at zero)
+    slots_in_use = sorted(n.node_id for n in workers if n.node_id in per_node
+                          and per_node[n.node_id].get("train_slot", 0) == 0)
+    victim = workers[1]
+    cluster.remove_node(victim, allow_graceful=False)  # kills its raylet and the Train worker on it
+    cluster.add_node(num_cpus=1, resources={"train_slot": 1})
+    thread.join(timeout=600)
+    print("MULTINODE " + json.dumps({"worker_nodes_busy": slots_in_use, "all_worker_nodes": sorted(n.node_id for n in workers),
+                                     "killed": victim.node_id, "result": result, "errors": errors}), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
