@@ -26,7 +26,11 @@ CONFIG="$1"; shift
 # Validates the config here, before anything reaches the cluster, and gives the run name.
 RUN_NAME=$(raysft config show "$CONFIG" "$@" | python3 -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["run_name"])')
 SUBMISSION_ID="raysft-$(printf '%s' "$RUN_NAME" | tr -c 'A-Za-z0-9_-' '-')"
-STATUS=$(ray job status --address "$ADDRESS" "$SUBMISSION_ID" 2>/dev/null | grep -oE "PENDING|RUNNING|STOPPED|SUCCEEDED|FAILED" | tail -n 1 || true)
+# `ray job status` says "Job 'ID' succeeded|failed|was stopped", or "Status for job 'ID': PENDING|RUNNING"
+# (on stderr); an unknown id gives an error that names neither
+STATUS=$(ray job status --address "$ADDRESS" "$SUBMISSION_ID" 2>&1 \
+  | grep -oE "Job '$SUBMISSION_ID' (succeeded|failed|was stopped)|Status for job '$SUBMISSION_ID': [A-Z]+" \
+  | tail -n 1 | grep -oE "[A-Za-z]+$" | tr '[:lower:]' '[:upper:]' || true)
 case "$STATUS" in
   PENDING|RUNNING)
     echo "submit.sh: $SUBMISSION_ID is $STATUS; follow it with: ray job logs --address $ADDRESS -f $SUBMISSION_ID" >&2

@@ -193,3 +193,43 @@ def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(tmp_path, 
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert max(m["resumed_from"] for m in metrics) >= 2  # the group restarted from a checkpoint, not from scratch
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+
+
+@pytest.mark.ray
+def test_resubmitting_the_same_run_replaces_the_finished_job_and_trains_nothing(tmp_path):
+    """Two `cluster/submit.sh` calls on one running cluster: the second reuses the id and finds the run done."""
+    import socket
+    import time
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    gcs, dash = free_port(), free_port()
+    temp = f"/tmp/raysft-ray-test{os.getpid()}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        for _ in range(90):
+            if subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        cmd = [os.path.join(ROOT, "cluster", "submit.sh"), "--address", address, "configs/quickstart.yaml",
+               f"output_dir={tmp_path}/resub", "train.max_steps=2", "checkpoint.every_steps=2"]
+        first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        out = second.stdout + second.stderr
+        assert second.returncode == 0, out[-3000:]
+        assert "submit.sh: raysft-resub was SUCCEEDED before; submitting it again" in out
+        assert "train: run 'resub' already finished at step 2" in out
+    finally:
+        os.killpg(head.pid, 15)
+        head.wait(timeout=60)
