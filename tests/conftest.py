@@ -11,6 +11,10 @@ from helpers import ROOT
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYSFT_DASHBOARD", "0")  # tests do not need the dashboard; it costs a CPU on 2 cores
+# A hub token in the environment of the driver and of every Ray worker (set before Ray starts): no file of a run
+# may contain it (tests/test_train.py checks).
+SECRET_CANARY = "hf_raysftCanaryToken0123456789"
+os.environ["HF_TOKEN"] = SECRET_CANARY
 
 
 @pytest.fixture(scope="session")

@@ -187,3 +187,59 @@ def test_cli_export_and_a_damaged_checkpoint_is_refused(reference, tmp_path, cap
     assert capsys.readouterr().err.strip() == (
         f"raysft: error: {broken}: not a whole checkpoint. fix: state.json has {os.path.getsize(broken + '/state.json')}"
         f" bytes, the manifest says {os.path.getsize(broken + '/state.json') - 1} (truncated?); export another one")
+
+
+def test_resuming_on_other_data_is_refused_unless_allowed(reference, tmp_path):
+    import dataclasses
+
+    from raysft.errors import UserError
+
+    cfg, result = reference
+    changed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_seq_len=200))  # another fingerprint
+    with pytest.raises(UserError) as info:
+        train(None, [], cfg=changed, log=lambda s: None)
+    state = json.load(open(os.path.join(result["checkpoint"], "state.json")))
+    assert str(info.value).startswith(f"checkpoint: {result['checkpoint']} was trained on other data or data settings")
+    assert f"it has fingerprint {state['fingerprint'][:16]}; use another output_dir or run_name, or set " \
+           "checkpoint.allow_data_change=true to continue anyway" in str(info.value)
+    allowed = dataclasses.replace(changed, checkpoint=dataclasses.replace(cfg.checkpoint, allow_data_change=True))
+    assert train(None, [], cfg=allowed, log=lambda s: None)["trained"] is False  # finished: nothing to do
+
+
+def test_asking_for_more_than_the_cluster_has_fails_fast_naming_both_numbers(tmp_path, tiny_model_dir, ray_session):
+    from raysft.errors import UserError
+
+    cfg = run_config(tmp_path, tiny_model_dir, "gpu", cluster={"use_gpu": True})
+    with pytest.raises(UserError) as info:
+        train(None, [], cfg=cfg)
+    assert str(info.value) == ("cluster.use_gpu: 2 workers need {'GPU': 2} but the cluster has {'GPU': 0}. fix: lower "
+                               "cluster.num_workers or cluster.resources_per_worker, or add nodes (`ray status` shows "
+                               "what the cluster has)")
+    assert not os.path.exists(os.path.join(cfg.output_dir, "prepared"))  # nothing started
+
+
+def test_storage_that_cannot_be_written_is_reported_before_training(tmp_path, tiny_model_dir):
+    from raysft.errors import UserError
+    from raysft.train.launch import preflight
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = run_config(tmp_path, tiny_model_dir, "blocked")
+    cfg.checkpoint.storage_path = str(blocker / "ray")
+    with pytest.raises(UserError) as info:
+        preflight(cfg)
+    assert str(info.value) == (f"checkpoint.storage_path: storage is not writable (got '{blocker}/ray'). fix: choose a "
+                               "folder you can write (Not a directory)")
+
+
+def test_no_secret_from_the_environment_reaches_configs_logs_or_checkpoints(reference):
+    from conftest import SECRET_CANARY
+
+    cfg, _ = reference
+    leaks = []
+    for root, _, files in os.walk(cfg.output_dir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                if SECRET_CANARY.encode() in f.read():
+                    leaks.append(os.path.join(root, name))
+    assert leaks == []

@@ -54,6 +54,38 @@ def preflight(cfg: Config) -> None:
                                          f"choose a folder you can write ({exc.strerror})")) from exc
 
 
+def worker_resources(cfg: Config) -> dict:
+    """What one Ray Train worker asks for (Ray Train's defaults: 1 CPU, and 1 GPU with use_gpu)."""
+    resources = dict(cfg.cluster.resources_per_worker) or {"CPU": 1}
+    if cfg.cluster.use_gpu:
+        resources.setdefault("GPU", 1)
+    return resources
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail now, naming both numbers, rather than wait forever for workers the cluster cannot hold."""
+    import ray
+
+    limit, verb = None, "has"
+    try:  # an autoscaling cluster can grow: compare with its maximum, as Ray Train itself does
+        from ray._private.state import state as ray_state
+
+        limit, verb = ray_state.get_max_resources_from_cluster_config(), "can grow to at most"
+    except Exception:
+        limit = None
+    if not limit:
+        limit, verb = ray.cluster_resources(), "has"
+    n = cfg.cluster.num_workers
+    need = {k: v * n for k, v in worker_resources(cfg).items()}
+    short = {k: v for k, v in need.items() if v > limit.get(k, 0)}
+    if short:
+        have = {k: limit.get(k, 0) for k in short}
+        key = "cluster.use_gpu" if "GPU" in short and not cfg.cluster.resources_per_worker else "cluster.num_workers"
+        raise UserError(format_error(key, f"{n} workers need {short} but the cluster {verb} {have}",
+                                     fix="lower cluster.num_workers or cluster.resources_per_worker, or add nodes "
+                                     "(`ray status` shows what the cluster has)"))
+
+
 def train(config_path: Optional[str], overrides: list[str], log: Callable[[str], None] = print,
           cfg: Optional[Config] = None) -> dict:
     """Run (or resume, or recognise as finished) the training run; returns a summary dict."""
@@ -63,7 +95,9 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
 
     cfg = cfg or load_config(config_path, overrides)
     preflight(cfg)
-    prepared, manifest = prepare(cfg, log=log, start_ray=lambda: ensure_ray(cfg), cpus=logical_cpus(cfg))
+    ensure_ray(cfg)
+    check_resources(cfg)
+    prepared, manifest = prepare(cfg, log=log, cpus=logical_cpus(cfg))
     log(summary(manifest))
     t = cfg.train
     schedule = Schedule(manifest["rows"], t.global_batch_size, t.seed, t.epochs, t.max_steps)
@@ -86,7 +120,6 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
                 from raysft.export import export
                 export(good, final_dir, log=log)
             return {"checkpoint": good, "final": final_dir, "trained": False, "step": state["step"]}
-    ensure_ray(cfg)
     result = fit(cfg, prepared, manifest["fingerprint"])
     good = ckpt.latest_good(run_dir, warn=log)
     if good is None or ckpt.read_state(good)["step"] < schedule.total_steps:
