@@ -243,3 +243,75 @@ def test_no_secret_from_the_environment_reaches_configs_logs_or_checkpoints(refe
                 if SECRET_CANARY.encode() in f.read():
                     leaks.append(os.path.join(root, name))
     assert leaks == []
+
+
+def train_in_thread(cfg):
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = train(None, [], cfg=cfg, log=lambda s: None)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(predicate, thread, timeout=300):
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        assert thread.is_alive() and time.time() < deadline, "training ended or hung before the moment to kill"
+        time.sleep(0.2)
+
+
+def assert_same_as_reference(reference, cfg, result):
+    ref_cfg, ref = reference
+    assert [m["loss"] for m in read_metrics(cfg.output_dir)] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
+    a, b = weights(ref["final"]), weights(result["final"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir):
+    import signal
+
+    import psutil
+
+    from raysft import checkpoint as ckpt
+
+    cfg = run_config(tmp_path, tiny_model_dir, "killed", cluster={"max_failures": 2})
+    step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
+    thread, outcome = train_in_thread(cfg)
+    wait_for(lambda: ckpt.verify(step2, checksums=False) is None, thread)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)  # the process, not an exception
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    resumed = {m["resumed_from"] for m in read_metrics(cfg.output_dir)}
+    assert max(resumed) in (2, 4)  # from a committed checkpoint (4 if it was committed before the kill landed)
+    assert_same_as_reference(reference, cfg, outcome["result"])
+
+
+def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_checkpoint(reference, tmp_path,
+                                                                                        tiny_model_dir, monkeypatch):
+    import signal
+
+    from raysft import checkpoint as ckpt
+    from raysft.train.launch import PAUSE_IN_CHECKPOINT_STEP
+
+    monkeypatch.setenv(PAUSE_IN_CHECKPOINT_STEP, "4")
+    cfg = run_config(tmp_path, tiny_model_dir, "halfckpt", cluster={"max_failures": 2})
+    marker = os.path.join(cfg.output_dir, ".paused-in-checkpoint-step4")
+    thread, outcome = train_in_thread(cfg)
+    wait_for(lambda: os.path.exists(marker) and open(marker).read().strip(), thread)
+    os.kill(int(open(marker).read()), signal.SIGKILL)  # rank 0 dies with its step-4 files half-written
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) == 2  # not the half-written step 4
+    assert_same_as_reference(reference, cfg, outcome["result"])

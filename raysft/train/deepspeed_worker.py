@@ -150,6 +150,12 @@ def train_loop(job: dict) -> None:
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
         local = tempfile.mkdtemp(prefix="raysft-ckpt-")
         engine.save_checkpoint(os.path.join(local, "model"), tag=f"step{step}")
+        if job.get("pause_in_checkpoint_step") == step and rank == job.get("fail_rank", 0):
+            marker = os.path.join(cfg.output_dir, f".paused-in-checkpoint-step{step}")
+            if not os.path.exists(marker):  # tests only: hold still, half-written, until killed (pid in marker)
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+                time.sleep(300)
         os.makedirs(os.path.join(local, "rng"))
         torch.save(_rng_state(), os.path.join(local, "rng", f"rank{rank}.pt"))
         if final:  # logits of a fixed input, so that export can be checked against the trained model

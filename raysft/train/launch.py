@@ -19,6 +19,7 @@ from raysft.errors import UserError, format_error
 
 FAIL_AFTER_STEP = "RAYSFT_FAIL_AFTER_STEP"  # tests: a worker raises after this step, on the first attempt only
 FAIL_RANK = "RAYSFT_FAIL_RANK"
+PAUSE_IN_CHECKPOINT_STEP = "RAYSFT_PAUSE_IN_CHECKPOINT_STEP"  # tests: a worker stops mid-checkpoint, to be killed
 
 
 def _worker(backend: str):
@@ -142,7 +143,8 @@ def fit(cfg: Config, prepared: str, fingerprint: str):
         _worker(cfg.train.backend),
         train_loop_config={"config": to_dict(cfg), "prepared": prepared, "fingerprint": fingerprint,
                            "fail_after_step": int(os.environ.get(FAIL_AFTER_STEP, "0")),
-                           "fail_rank": int(os.environ.get(FAIL_RANK, "0"))},
+                           "fail_rank": int(os.environ.get(FAIL_RANK, "0")),
+                           "pause_in_checkpoint_step": int(os.environ.get(PAUSE_IN_CHECKPOINT_STEP, "0"))},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
