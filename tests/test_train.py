@@ -315,3 +315,36 @@ def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_che
     assert "error" not in outcome, outcome.get("error")
     assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) == 2  # not the half-written step 4
     assert_same_as_reference(reference, cfg, outcome["result"])
+
+
+@pytest.mark.parametrize("what", ["driver", "driver-and-its-ray"])
+def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir,
+                                                                             what):
+    import signal
+    import subprocess
+    import time
+
+    from raysft import checkpoint as ckpt
+
+    cfg = run_config(tmp_path, tiny_model_dir, "driver")
+    path = str(tmp_path / "driver.yaml")  # written by run_config
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = ["raysft", "train", path]
+    step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
+    first = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while ckpt.verify(step2, checksums=False) is not None:
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    if what == "driver":
+        os.kill(first.pid, signal.SIGKILL)  # the driver only; its in-process Ray goes down with it
+    else:
+        os.killpg(first.pid, signal.SIGKILL)  # the whole local Ray instance too
+    first.wait(timeout=60)
+    t = time.time()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    result = {"final": os.path.join(cfg.output_dir, "final")}
+    assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) >= 2
+    assert_same_as_reference(reference, cfg, result)
+    print(f"resubmitted run took {time.time() - t:.1f}s")
