@@ -348,3 +348,26 @@ def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(re
     assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) >= 2
     assert_same_as_reference(reference, cfg, result)
     print(f"resubmitted run took {time.time() - t:.1f}s")
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_continues_on_another_number_of_workers(reference, tmp_path, tiny_model_dir, monkeypatch, before, after):
+    """ZeRO-2 state of N workers resumed by M (DeepSpeed universal checkpoint): same samples, same losses."""
+    from raysft.train.launch import FAIL_AFTER_STEP
+
+    first = run_config(tmp_path, tiny_model_dir, "resize", cluster={"num_workers": before, "max_failures": 0})
+    monkeypatch.setenv(FAIL_AFTER_STEP, "4")  # the first run stops after its step-4 checkpoint
+    with pytest.raises(Exception, match="injected failure after step 4"):
+        train(None, [], cfg=first, log=lambda s: None)
+    monkeypatch.delenv(FAIL_AFTER_STEP)
+    second = run_config(tmp_path, tiny_model_dir, "resize", cluster={"num_workers": after})
+    logs = []
+    train(None, [], cfg=second, log=logs.append)
+    assert any(f"was written by {before} workers, resuming on {after}: converting it to DeepSpeed's universal "
+               "checkpoint" in line for line in logs)
+    ref_cfg, _ = reference
+    ms = read_metrics(second.output_dir)
+    assert [m["step"] for m in ms] == [1, 2, 3, 4, 5, 6] and ms[-1]["resumed_from"] == 4
+    assert ms[-1]["samples_seen"] == 48
+    for a, b in zip([m["loss"] for m in ms], [m["loss"] for m in read_metrics(ref_cfg.output_dir)]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b))

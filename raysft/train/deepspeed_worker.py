@@ -120,6 +120,12 @@ def train_loop(job: dict) -> None:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     ds_config = deepspeed_config(t, c.use_gpu, world)
+    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
+    good = ckpt.latest_good(run_dir, warn=log)
+    universal = job.get("universal")  # the driver converted a checkpoint of another worker count (launch.py)
+    universal = universal if universal and good == universal["checkpoint"] else None
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, config=ds_config, dist_init_required=False,
         model_parameters=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -132,19 +138,23 @@ def train_loop(job: dict) -> None:
         f"ZeRO-{t.zero_stage}, {t.dtype}")
 
     # ------------------------------------------------------------------ restore
-    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     start_step, samples_seen, tokens_seen = 0, 0, 0
-    good = ckpt.latest_good(run_dir, warn=log)
     resumed_from = 0
     if good is not None:
         state = ckpt.read_state(good)
-        engine.load_checkpoint(os.path.join(good, "model"), load_optimizer_states=True, load_lr_scheduler_states=True)
+        if universal:  # written by another number of workers: DeepSpeed re-partitions the optimizer state
+            engine.load_checkpoint(universal["load_dir"], tag=universal["tag"], load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
+        else:
+            engine.load_checkpoint(os.path.join(good, "model"), load_optimizer_states=True,
+                                   load_lr_scheduler_states=True)
         rng_file = os.path.join(good, "rng", f"rank{rank}.pt")
         if os.path.exists(rng_file):
             _set_rng_state(torch.load(rng_file, weights_only=True))
         start_step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
         resumed_from = start_step
-        log(f"resume: from {good} at step {start_step} (epoch {state['epoch']}, {samples_seen} rows seen)")
+        log(f"resume: from {good} at step {start_step} (epoch {state['epoch']}, {samples_seen} rows seen"
+            + (f", written by {state['world_size']} workers, loaded as a universal checkpoint)" if universal else ")"))
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:

@@ -108,6 +108,7 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
     run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     final_dir = os.path.join(cfg.output_dir, "final")
     good = ckpt.latest_good(run_dir, warn=log)
+    universal = None
     if good is not None:
         state = ckpt.read_state(good)
         if state["fingerprint"] != manifest["fingerprint"] and not cfg.checkpoint.allow_data_change:
@@ -115,13 +116,15 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
                                          manifest["fingerprint"][:16],
                                          f"it has fingerprint {state['fingerprint'][:16]}; use another output_dir or "
                                          "run_name, or set checkpoint.allow_data_change=true to continue anyway"))
+        if state["world_size"] != cfg.cluster.num_workers and state.get("zero_stage", 0) >= 1:
+            universal = to_universal(good, state, cfg, log)
         if state["step"] >= schedule.total_steps:
             log(f"train: run {cfg.run_name!r} already finished at step {state['step']} ({good}); nothing to train")
             if not os.path.exists(os.path.join(final_dir, "config.json")):
                 from raysft.export import export
                 export(good, final_dir, log=log)
             return {"checkpoint": good, "final": final_dir, "trained": False, "step": state["step"]}
-    result = fit(cfg, prepared, manifest["fingerprint"])
+    result = fit(cfg, prepared, manifest["fingerprint"], universal)
     good = ckpt.latest_good(run_dir, warn=log)
     if good is None or ckpt.read_state(good)["step"] < schedule.total_steps:
         raise RuntimeError(f"training ended without a final checkpoint in {run_dir} ({result.error})")
@@ -133,7 +136,33 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
     return {"checkpoint": good, "final": final_dir, "trained": True, "step": schedule.total_steps}
 
 
-def fit(cfg: Config, prepared: str, fingerprint: str):
+def to_universal(good: str, state: dict, cfg: Config, log: Callable[[str], None]) -> dict:
+    """A ZeRO checkpoint of N workers made loadable by M: DeepSpeed's universal checkpoint, converted once."""
+    import subprocess
+    import sys
+
+    tag = f"step{state['step']}"
+    out_dir = os.path.join(cfg.output_dir, "universal", os.path.basename(good))
+    target = os.path.join(out_dir, f"{tag}_universal")
+    if not os.path.exists(os.path.join(target, "zero")):
+        log(f"train: {good} was written by {state['world_size']} workers, resuming on {cfg.cluster.num_workers}: "
+            f"converting it to DeepSpeed's universal checkpoint in {target}")
+        os.makedirs(out_dir, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               os.path.join(good, "model", tag), "--output_folder", target + ".tmp",
+                               "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                              capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+        if done.returncode != 0:
+            raise UserError(format_error("cluster.num_workers", f"{good} was written by {state['world_size']} workers "
+                                         "and DeepSpeed could not convert it for another count", cfg.cluster.num_workers,
+                                         f"resume with cluster.num_workers={state['world_size']}, or export it "
+                                         f"(raysft export) and start a new run from the exported model "
+                                         f"({done.stderr.strip().splitlines()[-1][:200] if done.stderr else ''})"))
+        os.replace(target + ".tmp", target)
+    return {"load_dir": out_dir, "tag": f"{tag}_universal", "checkpoint": good}
+
+
+def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -144,7 +173,8 @@ def fit(cfg: Config, prepared: str, fingerprint: str):
         train_loop_config={"config": to_dict(cfg), "prepared": prepared, "fingerprint": fingerprint,
                            "fail_after_step": int(os.environ.get(FAIL_AFTER_STEP, "0")),
                            "fail_rank": int(os.environ.get(FAIL_RANK, "0")),
-                           "pause_in_checkpoint_step": int(os.environ.get(PAUSE_IN_CHECKPOINT_STEP, "0"))},
+                           "pause_in_checkpoint_step": int(os.environ.get(PAUSE_IN_CHECKPOINT_STEP, "0")),
+                           "universal": universal},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
