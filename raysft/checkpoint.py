@@ -139,6 +139,26 @@ def latest_good(run_dir: str, warn: Callable[[str], None] = print) -> Optional[s
     return None
 
 
+def prune(run_dir: str, keep: int, log: Callable[[str], None] = print) -> list[str]:
+    """Keep the newest `keep` good checkpoints; delete the rest (older ones, and broken ones), return them.
+
+    Called by rank 0 right after it committed a checkpoint, so the newest good checkpoint is the one just
+    committed and is never deleted. (Ray Train's own `num_to_keep` would delete the previous checkpoint as soon
+    as a new one is *reported*, before raysft has verified it: a crash in between could leave none.)
+    """
+    fs, _ = _fs(run_dir)
+    kept, deleted = 0, []
+    for _, path in list_checkpoints(run_dir):
+        if kept < keep and verify(path, checksums=False) is None:
+            kept += 1
+            continue
+        fs.delete_dir(_fs(path)[1])
+        deleted.append(path)
+    if deleted:
+        log(f"checkpoint: removed {len(deleted)} older or incomplete checkpoint(s), keeping {kept}")
+    return deleted
+
+
 def read_state(path: str) -> dict:
     fs, root = _fs(path)
     return _read_json(fs, f"{root}/{STATE}")

@@ -89,7 +89,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = field(default=0, metadata=doc("checkpoint every N steps; 0 = only at the end"))
-    keep: int = field(default=2, metadata=doc("newest checkpoints Ray Train keeps (num_to_keep)"))
+    keep: int = field(default=2, metadata=doc("newest good checkpoints kept; the last good one is never deleted"))
     storage_path: str = field(default="", metadata=doc("Ray Train storage; empty = {output_dir}/ray"))
     allow_data_change: bool = field(default=False, metadata=doc("resume even if the prepared data changed"))
 

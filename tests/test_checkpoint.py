@@ -86,3 +86,13 @@ def _flip_byte(path):
         b = f.read(1)
         f.seek(0)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_prune_keeps_the_newest_good_checkpoints_and_never_the_last_good_one(run_dir):
+    broken = os.path.join(run_dir, "checkpoint_00000008")  # a crash before its manifest was written
+    os.makedirs(broken)
+    assert ckpt.prune(run_dir, keep=2, log=lambda s: None) == [broken, os.path.join(run_dir, "checkpoint_00000002")]
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [6, 4]
+    os.remove(os.path.join(run_dir, "checkpoint_00000006", ckpt.MANIFEST))  # the newest is no longer good
+    assert ckpt.prune(run_dir, keep=1, log=lambda s: None) == [os.path.join(run_dir, "checkpoint_00000006")]
+    assert ckpt.latest_good(run_dir) == os.path.join(run_dir, "checkpoint_00000004")  # the last good one stays

@@ -194,6 +194,7 @@ def train_loop(job: dict) -> None:
             path = next(r.checkpoint.path for r in reported if r.checkpoint.path.endswith(ckpt.dir_name(step)))
             ckpt.commit(path, world)
             log(f"checkpoint: step {step} committed at {path}")
+            ckpt.prune(run_dir, cfg.checkpoint.keep, log)
         shutil.rmtree(local, ignore_errors=True)
 
     # ------------------------------------------------------------------ loop

@@ -178,6 +178,8 @@ def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] 
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+                             # raysft prunes after each commit (checkpoint.prune): Ray's num_to_keep would delete the
+                             # previous checkpoint before the new one is verified
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
     return trainer.fit()
