@@ -116,14 +116,14 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
                                          manifest["fingerprint"][:16],
                                          f"it has fingerprint {state['fingerprint'][:16]}; use another output_dir or "
                                          "run_name, or set checkpoint.allow_data_change=true to continue anyway"))
-        if state["world_size"] != cfg.cluster.num_workers and state.get("zero_stage", 0) >= 1:
-            universal = to_universal(good, state, cfg, log)
         if state["step"] >= schedule.total_steps:
             log(f"train: run {cfg.run_name!r} already finished at step {state['step']} ({good}); nothing to train")
             if not os.path.exists(os.path.join(final_dir, "config.json")):
                 from raysft.export import export
                 export(good, final_dir, log=log)
             return {"checkpoint": good, "final": final_dir, "trained": False, "step": state["step"]}
+        if state["world_size"] != cfg.cluster.num_workers and state.get("zero_stage", 0) >= 1:
+            universal = to_universal(good, state, cfg, log)  # only when there is training left to do
     result = fit(cfg, prepared, manifest["fingerprint"], universal)
     good = ckpt.latest_good(run_dir, warn=log)
     if good is None or ckpt.read_state(good)["step"] < schedule.total_steps:
