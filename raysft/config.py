@@ -33,8 +33,9 @@ class DataConfig:
         metadata=doc("training data: a path, a glob or a URI (s3://, gs://), or a list of them; "
                      ".jsonl, .jsonl.gz or .parquet"),
     )
-    eval_files: list[str] = field(default_factory=list, metadata=doc("evaluation data, same forms (prepared; "
-                                                                     "eval during training is not built yet)"))
+    eval_files: list[str] = field(default_factory=list, metadata=doc("evaluation data, same forms as train_files"))
+    eval_fraction: float = field(default=0.0, metadata=doc("share of train_files records held out for evaluation "
+                                                           "(chosen by a hash of file name and line: deterministic)"))
     hf_dataset: str = field(default="", metadata=doc("a Hugging Face dataset: a folder saved by `datasets` or a hub id"))
     hf_split: str = field(default="train", metadata=doc("split of `hf_dataset` to train on"))
     max_seq_len: int = field(default=2048, metadata=doc("tokens per training row"))
@@ -65,8 +66,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class LoraConfig:
+    r: int = field(default=0, metadata=doc("LoRA rank; 0 = full fine-tuning"))
+    alpha: int = field(default=16, metadata=doc("LoRA scaling numerator (scale = alpha / r)"))
+    dropout: float = field(default=0.0, metadata=doc("dropout on the LoRA input"))
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
+                                      metadata=doc("module names to adapt, or all-linear (every linear layer but the "
+                                                   "output head)"))
+
+
+@dataclass
 class TrainConfig:
-    backend: Literal["deepspeed", "hf"] = field(default="deepspeed", metadata=doc("worker: deepspeed (the hf/TRL worker is not built yet)"))
+    backend: Literal["deepspeed", "hf"] = field(default="deepspeed", metadata=doc(
+        "worker: deepspeed (raysft's own loop on a DeepSpeed engine) or hf (TRL's SFTTrainer); same rows, same order"))
     seed: int = field(default=42, metadata=doc("seed for weights, data order and dropout"))
     micro_batch_size: int = field(default=1, metadata=doc("rows per forward pass on one worker"))
     global_batch_size: int = field(default=8, metadata=doc("rows per optimizer step over all workers"))
@@ -84,6 +96,11 @@ class TrainConfig:
     offload_params: bool = field(default=False, metadata=doc("ZeRO-3: parameters in CPU memory"))
     deepspeed_config: dict = field(default_factory=dict, metadata=doc("your DeepSpeed config, merged over the generated one"))
     log_every_steps: int = field(default=1, metadata=doc("print and report metrics every N steps"))
+    eval_every_steps: int = field(default=0, metadata=doc("eval loss every N steps (and at the end, when there is "
+                                                          "eval data); 0 = only at the end"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    hf_args: dict = field(default_factory=dict, metadata=doc("hf backend: further trl.SFTConfig fields, checked "
+                                                             "against SFTConfig"))
 
 
 @dataclass
@@ -298,8 +315,27 @@ def _check(cfg: Config, where, problems: list[str]) -> None:
         bad("train.offload_params", "needs ZeRO stage 3", t.zero_stage, "set train.zero_stage=3 or offload_params=false")
     if t.offload_optimizer and t.zero_stage == 0:
         bad("train.offload_optimizer", "needs ZeRO stage 1-3", t.zero_stage, "set train.zero_stage=2")
-    if t.backend == "hf":
-        bad("train.backend", "the hf (TRL SFTTrainer) worker is not built yet", t.backend, "use train.backend=deepspeed")
+    if t.eval_every_steps < 0:
+        bad("train.eval_every_steps", "must not be negative", t.eval_every_steps, "use 0 for only at the end")
+    d = cfg.data
+    if not 0 <= d.eval_fraction < 0.5:
+        bad("data.eval_fraction", "must be at least 0 and below 0.5", d.eval_fraction, "use e.g. 0.05")
+    elif d.eval_fraction and d.eval_files:
+        bad("data.eval_fraction", "set together with data.eval_files", d.eval_fraction,
+            "use one source of eval data: remove data.eval_files or set data.eval_fraction=0")
+    lora = t.lora
+    if lora.r < 0 or (lora.r and lora.alpha < 1):
+        bad("train.lora.r" if lora.r < 0 else "train.lora.alpha", "must be positive", lora.r if lora.r < 0 else
+            lora.alpha, "use e.g. train.lora.r=16 train.lora.alpha=32 (r=0 turns LoRA off)")
+    if not 0 <= lora.dropout < 1:
+        bad("train.lora.dropout", "must be at least 0 and below 1", lora.dropout, "use e.g. 0.05")
+    if lora.r and not lora.target_modules:
+        bad("train.lora.target_modules", "is empty", lora.target_modules, "use [all-linear] or e.g. [q_proj, v_proj]")
+    if lora.r and cfg.model.from_scratch:
+        bad("train.lora.r", "LoRA needs pretrained base weights, but model.from_scratch is true", lora.r,
+            "set model.from_scratch=false (LoRA adapts a saved model), or train.lora.r=0 for full fine-tuning")
+    if t.hf_args and t.backend != "hf":
+        bad("train.hf_args", "only the hf backend reads it", t.backend, "set train.backend=hf or remove train.hf_args")
     c = cfg.cluster
     if c.num_workers < 1:
         bad("cluster.num_workers", "must be at least 1", c.num_workers, "use 1 or more")

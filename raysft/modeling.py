@@ -64,3 +64,47 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over trained tokens (labels != -100)."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups exactly as Hugging Face's Trainer makes them (no decay on biases and norm
+    weights), so that the deepspeed and hf backends run the same optimizer. Frozen parameters are left out."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # `self` is unused by that method
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+
+
+def peft_config(lora):
+    """`train.lora` -> peft.LoraConfig (None when LoRA is off)."""
+    if not lora.r:
+        return None
+    from peft import LoraConfig, TaskType
+
+    targets = lora.target_modules
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else list(targets))
+
+
+def apply_lora(model, lora, vocab_grew: bool = False):
+    """The model with LoRA adapters (only they train), or the model itself when train.lora.r is 0.
+
+    When the tokenizer gained the ChatML tokens (`vocab_grew`), the input embeddings are trained and saved with
+    the adapter too: otherwise the new tokens' embeddings would stay at their initial values.
+    """
+    config = peft_config(lora)
+    if config is None:
+        return model
+    from peft import get_peft_model
+
+    if vocab_grew:
+        config.modules_to_save = ["embed_tokens", "lm_head"]
+    return get_peft_model(model, config)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))

@@ -10,8 +10,6 @@ whatever the packing, accumulation and worker count.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import shutil
@@ -19,10 +17,6 @@ import tempfile
 import time
 
 import numpy as np
-
-# bf16 dense peak FLOP/s by GPU name, for MFU
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
-                 "B200": 2250e12}
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -83,11 +77,11 @@ def train_loop(job: dict) -> None:
     """Ray Train entry point. `job`: {"config": resolved config dict, "prepared": folder, "fingerprint": ...}."""
     # ------------------------------------------------------------------ setup
     import ray.train
-    from ray.train import Checkpoint, CheckpointConsistencyMode
 
     from raysft import checkpoint as ckpt
-    from raysft.config import from_dict, to_yaml
-    from raysft.modeling import build_model, collate, token_loss_sum
+    from raysft.config import from_dict
+    from raysft.modeling import apply_lora, build_model, collate, param_groups, parameter_counts, token_loss_sum
+    from raysft.train import common
     from raysft.train.metrics import MetricsWriter, step_line
     from raysft.train.rows import PreparedRows
     from raysft.train.schedule import Schedule
@@ -110,15 +104,15 @@ def train_loop(job: dict) -> None:
     device = ray.train.torch.get_device() if c.use_gpu else torch.device("cpu")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(job["prepared"], "tokenizer"))
     rows = PreparedRows(job["prepared"])
+    eval_rows = PreparedRows(job["prepared"], "eval") if job.get("has_eval") else None
     schedule = Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
                         dtype=t.dtype, attn_implementation=cfg.model.attn_implementation,
                         trust_remote_code=cfg.model.trust_remote_code,
                         gradient_checkpointing=t.gradient_checkpointing)
-    n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    model = apply_lora(model, t.lora, vocab_grew=job.get("vocab_grew", False))
+    n_params, n_trainable = parameter_counts(model)
     ds_config = deepspeed_config(t, c.use_gpu, world)
     run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     good = ckpt.latest_good(run_dir, warn=log)
@@ -128,130 +122,97 @@ def train_loop(job: dict) -> None:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, config=ds_config, dist_init_required=False,
-        model_parameters=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+        model_parameters=param_groups(model, t.weight_decay),
         lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else
                                                "constant_with_warmup", opt, num_warmup_steps=t.warmup_steps,
                                                num_training_steps=schedule.total_steps))
-    log(f"setup: {n_params / 1e6:.2f}M parameters, {len(rows)} rows, {schedule.steps_per_epoch} steps/epoch, "
-        f"{schedule.total_steps} steps, {world} workers x {t.micro_batch_size} rows x "
+    log(f"setup: {n_params / 1e6:.2f}M parameters, {n_trainable:,} trainable ({n_trainable / n_params:.2%}"
+        f"{', LoRA r=' + str(t.lora.r) if t.lora.r else ''}), {len(rows)} rows, {schedule.steps_per_epoch} "
+        f"steps/epoch, {schedule.total_steps} steps, {world} workers x {t.micro_batch_size} rows x "
         f"{ds_config['gradient_accumulation_steps']} accumulation = {t.global_batch_size} rows/step, "
-        f"ZeRO-{t.zero_stage}, {t.dtype}")
+        f"ZeRO-{t.zero_stage}, {t.dtype}, backend deepspeed")
 
     # ------------------------------------------------------------------ restore
     start_step, samples_seen, tokens_seen = 0, 0, 0
-    resumed_from = 0
+    lora = bool(t.lora.r)  # checkpoints hold the adapter only: the frozen base is the model folder's
     if good is not None:
         state = ckpt.read_state(good)
         if universal:  # written by another number of workers: DeepSpeed re-partitions the optimizer state
             engine.load_checkpoint(universal["load_dir"], tag=universal["tag"], load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
+                                   load_lr_scheduler_states=True, load_module_strict=not lora)
         else:
             engine.load_checkpoint(os.path.join(good, "model"), load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
+                                   load_lr_scheduler_states=True, load_module_strict=not lora)
         rng_file = os.path.join(good, "rng", f"rank{rank}.pt")
         if os.path.exists(rng_file):
             _set_rng_state(torch.load(rng_file, weights_only=True))
         start_step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
-        resumed_from = start_step
         log(f"resume: from {good} at step {start_step} (epoch {state['epoch']}, {samples_seen} rows seen"
             + (f", written by {state['world_size']} workers, loaded as a universal checkpoint)" if universal else ")"))
+
+    def forward(batch):
+        return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
     # ------------------------------------------------------------------ checkpoint
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
         local = tempfile.mkdtemp(prefix="raysft-ckpt-")
-        engine.save_checkpoint(os.path.join(local, "model"), tag=f"step{step}")
-        if job.get("pause_in_checkpoint_step") == step and rank == job.get("fail_rank", 0):
-            marker = os.path.join(cfg.output_dir, f".paused-in-checkpoint-step{step}")
-            if not os.path.exists(marker):  # tests only: hold still, half-written, until killed (pid in marker)
-                with open(marker, "w") as f:
-                    f.write(str(os.getpid()))
-                time.sleep(300)
+        engine.save_checkpoint(os.path.join(local, "model"), tag=f"step{step}", exclude_frozen_parameters=lora)
+        common.pause_in_checkpoint(job, cfg, step, rank)
         os.makedirs(os.path.join(local, "rng"))
         torch.save(_rng_state(), os.path.join(local, "rng", f"rank{rank}.pt"))
-        if final:  # logits of a fixed input, so that export can be checked against the trained model
-            probe = torch.tensor([rows.get([0])["input_ids"][0][:64]], device=device)
+        if final:
             engine.module.eval()
-            with torch.no_grad():
-                logits = engine(input_ids=probe, use_cache=False).logits.float().cpu()
+            probe = common.probe(forward, rows, device)
             engine.module.train()
-            if rank == 0:
-                torch.save({"input_ids": probe.cpu(), "logits": logits}, os.path.join(local, "probe.pt"))
         if rank == 0:
-            engine.module.config.save_pretrained(os.path.join(local, "model"))
-            with open(os.path.join(local, ckpt.STATE), "w", encoding="utf-8") as f:
-                json.dump({"step": step, "epoch": schedule.epoch_of(max(step - 1, 0)), "samples_seen": samples_seen,
-                           "tokens_seen": tokens_seen, "seed": t.seed, "fingerprint": job["fingerprint"],
-                           "world_size": world, "backend": "deepspeed", "zero_stage": t.zero_stage,
-                           "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size,
-                           "final": final}, f, indent=1)
-            with open(os.path.join(local, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(to_yaml(cfg))
-            shutil.copytree(os.path.join(job["prepared"], "tokenizer"), os.path.join(local, "tokenizer"))
-        ckpt.write_rank_files(local, rank)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=ckpt.dir_name(step))
-        if rank == 0:  # committed = every rank's files are in storage; only then is the manifest written
-            reported = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
-            path = next(r.checkpoint.path for r in reported if r.checkpoint.path.endswith(ckpt.dir_name(step)))
-            ckpt.commit(path, world)
-            log(f"checkpoint: step {step} committed at {path}")
-            ckpt.prune(run_dir, cfg.checkpoint.keep, log)
-        shutil.rmtree(local, ignore_errors=True)
+            if final:
+                torch.save(probe, os.path.join(local, "probe.pt"))
+            (engine.module.get_base_model() if lora else engine.module).config.save_pretrained(
+                os.path.join(local, "model"))
+            common.write_run_files(local, cfg, job, {
+                "step": step, "epoch": schedule.epoch_of(max(step - 1, 0)), "samples_seen": steps.samples_seen,
+                "tokens_seen": steps.tokens_seen, "seed": t.seed, "fingerprint": job["fingerprint"],
+                "world_size": world, "backend": "deepspeed", "zero_stage": t.zero_stage, "lora": lora,
+                "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size, "final": final})
+        common.report_checkpoint(local, step, metrics, cfg, rank, world, log)
 
     # ------------------------------------------------------------------ loop
     writer = MetricsWriter(cfg.output_dir) if rank == 0 else None
-    fail_after = job.get("fail_after_step", 0)  # tests only: see launch.FAIL_AFTER_STEP
-    peak = next((v for k, v in GPU_PEAK_BF16.items() if c.use_gpu and k in torch.cuda.get_device_name()), None)
-    t_start, steps_timed = time.time(), 0
+    steps = common.StepMetrics(schedule, rows, world, n_params, model.config, common.gpu_peak(c.use_gpu), start_step,
+                               samples_seen, tokens_seen)
     engine.train()
     for step in range(start_step + 1, schedule.total_steps + 1):
         t0 = time.time()
-        global_rows = schedule.global_batch(step - 1)
-        n_trained = int(rows.num_trained[global_rows].sum())
+        n_trained = common.trained_tokens(rows, schedule, step)
         data_time, loss_sum, processed = 0.0, torch.zeros((), device=device), 0
         for micro in schedule.rank_micro_batches(step - 1, rank, world, t.micro_batch_size):
             td = time.time()
             batch = collate(rows.get(micro), tokenizer.pad_token_id, device)
             data_time += time.time() - td
-            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-            loss = token_loss_sum(logits, batch["labels"]) / n_trained
+            loss = token_loss_sum(forward(batch), batch["labels"]) / n_trained
             engine.backward(loss * world, scale_wrt_gas=False)
             engine.step()
             loss_sum += loss.detach()
             processed += batch["input_ids"].numel()
         stats = torch.tensor([loss_sum.item(), processed, data_time], dtype=torch.float64, device=device)
         dist.all_reduce(stats)
-        real_tokens = int(rows.num_tokens[global_rows].sum())
-        samples_seen += len(global_rows)
-        tokens_seen += real_tokens
-        step_time = time.time() - t0
-        steps_timed += 1
-        metrics = {"step": step, "total_steps": schedule.total_steps, "epoch": schedule.epoch_of(step - 1),
-                   "loss": stats[0].item(), "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "tokens_per_s": real_tokens / step_time, "padding_fraction": 1 - real_tokens / stats[1].item(),
-                   "data_wait": stats[2].item() / world / step_time, "step_time": step_time,
-                   "eta_s": (time.time() - t_start) / steps_timed * (schedule.total_steps - step),
-                   "samples_seen": samples_seen, "tokens_seen": tokens_seen, "resumed_from": resumed_from}
-        if peak:
-            flops_per_token = 6 * n_params + 6 * model.config.num_hidden_layers * model.config.hidden_size * \
-                stats[1].item() / len(global_rows)
-            metrics["mfu"] = real_tokens / step_time * flops_per_token / (peak * world)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"step {step}: loss is {metrics['loss']}. fix: lower train.lr, or use bf16/fp32")
+        metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0,
+                        scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
+        if eval_rows is not None and common.due(step, schedule.total_steps, t.eval_every_steps):
+            engine.eval()
+            metrics.update(common.evaluate(forward, eval_rows, rank, world, t.micro_batch_size,
+                                           tokenizer.pad_token_id, device))
+            engine.train()
         final = step == schedule.total_steps
-        checkpoint_due = final or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
-        if step % t.log_every_steps == 0 or checkpoint_due or step == start_step + 1:
+        checkpoint_due = common.due(step, schedule.total_steps, cfg.checkpoint.every_steps)
+        if step % t.log_every_steps == 0 or checkpoint_due or step == start_step + 1 or "eval_loss" in metrics:
             log(step_line(metrics))
             if writer:
                 writer.write(metrics)
         if checkpoint_due:
             save_checkpoint(step, metrics, final)
-        elif step % t.log_every_steps == 0:
+        elif step % t.log_every_steps == 0 or "eval_loss" in metrics:
             ray.train.report(metrics)
-        if fail_after == step and rank == job.get("fail_rank", 0):
-            marker = os.path.join(cfg.output_dir, f".injected-failure-step{step}")
-            if not os.path.exists(marker):  # once per run: the resumed attempt goes through
-                open(marker, "w").close()
-                raise RuntimeError(f"raysft test: injected failure after step {step}")
+        common.maybe_fail(job, cfg, step, rank)
     if writer:
         writer.close()

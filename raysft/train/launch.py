@@ -53,6 +53,10 @@ def preflight(cfg: Config) -> None:
         except OSError as exc:
             raise UserError(format_error(key, "storage is not writable", path,
                                          f"choose a folder you can write ({exc.strerror})")) from exc
+    if cfg.train.backend == "hf":
+        from raysft.train.hf_worker import check_hf_args
+
+        check_hf_args(cfg.train.hf_args)
 
 
 def worker_resources(cfg: Config) -> dict:
@@ -122,9 +126,20 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
                 from raysft.export import export
                 export(good, final_dir, log=log)
             return {"checkpoint": good, "final": final_dir, "trained": False, "step": state["step"]}
+        if state.get("backend", "deepspeed") != t.backend:
+            raise UserError(format_error("train.backend", f"{good} was written by the {state.get('backend')} backend",
+                                         t.backend, f"resume with train.backend={state.get('backend')}, or export it "
+                                         "(raysft export) and start a new run from the exported model"))
+        if state["world_size"] != cfg.cluster.num_workers and t.backend == "hf":
+            raise UserError(format_error("cluster.num_workers", f"{good} was written by {state['world_size']} workers "
+                                         "and the hf backend resumes only on as many", cfg.cluster.num_workers,
+                                         f"resume with cluster.num_workers={state['world_size']} (the deepspeed "
+                                         "backend converts to DeepSpeed's universal checkpoint for another count)"))
         if state["world_size"] != cfg.cluster.num_workers and state.get("zero_stage", 0) >= 1:
             universal = to_universal(good, state, cfg, log)  # only when there is training left to do
-    result = fit(cfg, prepared, manifest["fingerprint"], universal)
+    vocab_grew = manifest["tokenizer"]["vocab_size"] > _model_vocab(cfg)
+    result = fit(cfg, prepared, manifest["fingerprint"], universal,
+                 extra={"has_eval": bool(manifest.get("eval") and manifest["eval"]["rows"]), "vocab_grew": vocab_grew})
     good = ckpt.latest_good(run_dir, warn=log)
     if good is None or ckpt.read_state(good)["step"] < schedule.total_steps:
         raise RuntimeError(f"training ended without a final checkpoint in {run_dir} ({result.error})")
@@ -134,6 +149,13 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
     export(good, final_dir, log=log)
     log(f"train: loss curve {plot_loss(cfg.output_dir)}")
     return {"checkpoint": good, "final": final_dir, "trained": True, "step": schedule.total_steps}
+
+
+def _model_vocab(cfg: Config) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    return getattr(config.get_text_config(), "vocab_size", 0)
 
 
 def to_universal(good: str, state: dict, cfg: Config, log: Callable[[str], None]) -> dict:
@@ -162,7 +184,7 @@ def to_universal(good: str, state: dict, cfg: Config, log: Callable[[str], None]
     return {"load_dir": out_dir, "tag": f"{tag}_universal", "checkpoint": good}
 
 
-def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] = None):
+def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] = None, extra: Optional[dict] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -174,7 +196,7 @@ def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] 
                            "fail_after_step": int(os.environ.get(FAIL_AFTER_STEP, "0")),
                            "fail_rank": int(os.environ.get(FAIL_RANK, "0")),
                            "pause_in_checkpoint_step": int(os.environ.get(PAUSE_IN_CHECKPOINT_STEP, "0")),
-                           "universal": universal},
+                           "universal": universal, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
