@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="checkpoint -> Hugging Face model folder")
     s.add_argument("checkpoint")
     s.add_argument("out_dir")
+    s.add_argument("--merge", action="store_true", help="LoRA runs: write the base model with the adapter merged in "
+                   "(default: the adapter folder)")
     s = sub.add_parser("generate", help="chat with an exported model")
     s.add_argument("model_dir")
     s.add_argument("prompt")
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         elif args.command == "export":
             from raysft.export import export
 
-            export(args.checkpoint, args.out_dir)
+            export(args.checkpoint, args.out_dir, merge=args.merge)
         elif args.command == "generate":
             from raysft.export import generate
 

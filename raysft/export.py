@@ -17,23 +17,58 @@ from raysft.errors import UserError, format_error
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def consolidated_state_dict(model_dir: str, zero_stage: int) -> dict:
-    """fp32 weights from a DeepSpeed checkpoint folder (every rank's files present)."""
-    import torch
-
+def consolidated_state_dict(model_dir: str, zero_stage: int, trainable_only: bool = False) -> dict:
+    """fp32 weights from a DeepSpeed checkpoint folder (every rank's files present); with `trainable_only`
+    (LoRA) the adapter's weights, which are all such a checkpoint holds."""
     with open(os.path.join(model_dir, "latest"), encoding="utf-8") as f:
         tag = f.read().strip()
     if zero_stage == 0:
-        # DeepSpeed's own file holds non-tensor state too; it is this run's own checkpoint (verified by checksum)
-        states = torch.load(os.path.join(model_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                            weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
+        return {k: v.float() for k, v in _module_weights(os.path.join(model_dir, tag, "mp_rank_00_model_states.pt"))
+                .items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(model_dir, tag=tag)
+    return get_fp32_state_dict_from_zero_checkpoint(model_dir, tag=tag, exclude_frozen_parameters=trainable_only)
 
 
-def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = print) -> str:
+def _module_weights(path: str) -> dict:
+    """The `module` tensors of DeepSpeed's ZeRO-0 model file, unpickling nothing but tensors and plain containers.
+
+    The file also records DeepSpeed's config objects; `weights_only=True` refuses those, so the loader is given
+    stand-ins for exactly the classes named in the refusal (up to 20) and nothing else runs.
+    """
+    import pickle
+
+    import torch
+
+    allowed = []
+    for _ in range(20):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as exc:
+            import re
+
+            names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
+            if not names:
+                raise
+            module, _, name = names[0].rpartition(".")
+            allowed.append((type(name, (_Inert,), {"__module__": module}), names[0]))
+    raise RuntimeError(f"{path}: too many non-tensor objects to load safely")
+
+
+class _Inert:
+    """Stands in for a class pickled into a DeepSpeed file: accepts any state, runs no code."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = print, merge: bool = False) -> str:
+    """A checkpoint as a Hugging Face folder: the full model, or for a LoRA run the adapter (`merge`: the base
+    model with the adapter merged in)."""
     import torch
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -48,52 +83,88 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     with open(os.path.join(checkpoint_path, "config.yaml"), encoding="utf-8") as f:
         cfg = from_dict(yaml.safe_load(f))
     model_dir = os.path.join(checkpoint_path, "model")
-    config = AutoConfig.from_pretrained(model_dir)
-    config.use_cache = True  # off in training (see modeling.build_model), on for generation
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    weights = consolidated_state_dict(model_dir, state["zero_stage"])
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{checkpoint_path}: weights do not match the model (missing {missing}, unexpected "
-                           f"{unexpected})")
-    model.tie_weights()
-    model.to(getattr(torch, DTYPE_NAMES[cfg.train.dtype]))
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_path, "tokenizer"))
+    weights = consolidated_state_dict(model_dir, state["zero_stage"], trainable_only=state.get("lora", False))
+    if state.get("lora", False):
+        model = _with_adapter(cfg, tokenizer, weights, checkpoint_path)
+        if merge:
+            model = model.merge_and_unload()
+        config = model.config
+    else:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"{checkpoint_path}: weights do not match the model (missing {missing}, unexpected "
+                               f"{unexpected})")
+        model.tie_weights()
+    config.use_cache = True  # off in training (see modeling.build_model), on for generation
+    model.to(getattr(torch, DTYPE_NAMES[cfg.train.dtype]))
     tokenizer.chat_template = CHAT_TEMPLATE
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     eos = [im_end] + [tokenizer.eos_token_id] * (tokenizer.eos_token_id not in (None, im_end))
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                               bos_token_id=config.bos_token_id)
+    generation = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=config.bos_token_id)
+    model.generation_config = generation
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    generation.save_pretrained(out_dir)  # an adapter folder has none of its own
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "raysft.json"), "w", encoding="utf-8") as f:
         json.dump({"checkpoint": checkpoint_path, "step": state["step"], "fingerprint": state["fingerprint"]}, f)
-    log(f"export: {checkpoint_path} -> {out_dir} (step {state['step']})")
+    kind = ("LoRA merged into the base" if merge else "LoRA adapter") if state.get("lora", False) else "model"
+    log(f"export: {checkpoint_path} -> {out_dir} ({kind}, step {state['step']})")
     return out_dir
+
+
+def _with_adapter(cfg, tokenizer, adapter: dict, checkpoint_path: str):
+    """The base model (from model.name_or_path, as the workers built it) with the checkpoint's adapter loaded."""
+    from transformers import AutoConfig
+
+    from raysft.modeling import apply_lora, build_model
+
+    base_vocab = AutoConfig.from_pretrained(cfg.model.name_or_path,
+                                            trust_remote_code=cfg.model.trust_remote_code).get_text_config().vocab_size
+    base = build_model(cfg.model.name_or_path, len(tokenizer), seed=cfg.train.seed, dtype="fp32",
+                       trust_remote_code=cfg.model.trust_remote_code)
+    model = apply_lora(base, cfg.train.lora, vocab_grew=len(tokenizer) > base_vocab)
+    model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
+    missing, unexpected = model.load_state_dict(adapter, strict=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trainable - set(adapter):
+        raise RuntimeError(f"{checkpoint_path}: adapter weights do not match train.lora (missing "
+                           f"{sorted(trainable - set(adapter))[:5]}, unexpected {unexpected[:5]})")
+    return model
 
 
 def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system_message=None) -> str:
     """Render the prompt as in training, generate greedily until `<|im_end|>`, return the answer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     from raysft.data.chatml import render_prompt
     from raysft.data.tokenize import tokenize_rendered
 
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise UserError(format_error(model_dir, "not a model folder (no config.json)",
+    adapter = os.path.exists(os.path.join(model_dir, "adapter_config.json"))
+    if not adapter and not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise UserError(format_error(model_dir, "not a model folder (no config.json or adapter_config.json)",
                                      fix="give the folder `raysft train` exported, e.g. runs/quickstart/final"))
     hf_logging.disable_progress_bar()  # the answer is the output
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter:  # a LoRA adapter: its base model (from adapter_config.json) with the adapter applied
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generation = GenerationConfig.from_pretrained(model_dir)
     ids, _ = tokenize_rendered([render_prompt([{"role": "user", "content": prompt}], system_message)], tokenizer)[0]
     input_ids = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                             do_sample=False)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, generation_config=generation)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)

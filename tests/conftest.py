@@ -43,3 +43,16 @@ def ray_session():
         ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_dir(tmp_path_factory, tiny_model_dir):
+    """A tiny model saved with weights (seeded), loaded as a pretrained model: the base for LoRA runs."""
+    from raysft.modeling import build_model
+
+    path = str(tmp_path_factory.mktemp("tiny-pretrained"))
+    build_model(tiny_model_dir, 386, from_scratch=True, seed=5).save_pretrained(path)
+    for f in os.listdir(tiny_model_dir):
+        if "token" in f:
+            os.link(os.path.join(tiny_model_dir, f), os.path.join(path, f))
+    return path

@@ -63,13 +63,19 @@ def test_batch_arithmetic_and_cross_field_errors(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(str(tmp_path / "c.yaml"), ["train.global_batch_size=6", "train.micro_batch_size=2",
                                                "cluster.num_workers=2", "train.offload_params=true", "train.lr=0",
-                                               "train.backend=hf"])
+                                               "train.hf_args={max_length: 9}", "data.eval_fraction=0.1",
+                                               "data.eval_files=x.jsonl", "train.lora.r=8",
+                                               "model.from_scratch=true"])
     assert info.value.problems == [
         "command line: train.lr: must be > 0 (got 0.0). fix: use e.g. 2e-5",
         "command line: train.offload_params: needs ZeRO stage 3 (got 2). fix: set train.zero_stage=3 or "
         "offload_params=false",
-        "command line: train.backend: the hf (TRL SFTTrainer) worker is not built yet (got 'hf'). fix: use "
-        "train.backend=deepspeed",
+        "command line: data.eval_fraction: set together with data.eval_files (got 0.1). fix: use one source of eval "
+        "data: remove data.eval_files or set data.eval_fraction=0",
+        "command line: train.lora.r: LoRA needs pretrained base weights, but model.from_scratch is true (got 8). "
+        "fix: set model.from_scratch=false (LoRA adapts a saved model), or train.lora.r=0 for full fine-tuning",
+        "command line: train.hf_args: only the hf backend reads it (got 'deepspeed'). fix: set train.backend=hf or "
+        "remove train.hf_args",
         "command line: train.global_batch_size: must be a multiple of micro_batch_size x num_workers = 2 x 2 = 4 "
         "(got 6). fix: use 4 or change train.micro_batch_size",
     ]
@@ -122,3 +128,18 @@ def test_readme_documents_every_config_key_with_its_default():
         readme = f.read()
     missing = [f"| `{k}` | `{d}` |" for k, d, _ in describe() if f"| `{k}` | `{d}` |" not in readme]
     assert missing == []
+
+
+def test_hf_args_are_checked_against_sftconfig():
+    from raysft.train.hf_worker import check_hf_args
+
+    check_hf_args({"neftune_noise_alpha": 5.0, "torch_compile": False})  # real SFTConfig fields pass
+    with pytest.raises(ConfigError) as info:
+        check_hf_args({"neftune_noise_alfa": 5.0, "learning_rate": 1e-4, "max_length": 512})
+    assert info.value.problems == [
+        "train.hf_args.neftune_noise_alfa: is not a trl.SFTConfig field (got 5.0). fix: did you mean "
+        "neftune_noise_alpha?",
+        "train.hf_args.learning_rate: is set by raysft from train.lr (got 0.0001). fix: set train.lr instead",
+        "train.hf_args.max_length: is set by raysft from data.max_seq_len (got 512). fix: set data.max_seq_len "
+        "instead",
+    ]

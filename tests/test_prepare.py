@@ -90,6 +90,37 @@ def test_same_input_gives_the_same_rows_in_the_same_order(tmp_path, tiny_model_d
     assert [r["input_ids"] for r in rows_of(pa_)] == [r["input_ids"] for r in rows_of(pb)]
 
 
+def test_eval_fraction_holds_out_the_same_records_every_time(tmp_path, tiny_model_dir, tokenizer, ray_session):
+    from raysft.data.pipeline import held_out
+
+    records = [{"messages": msgs(f"q{i}", f"a{i}")} for i in range(200)]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, data, data={"max_seq_len": 64, "eval_fraction": 0.1}))
+    path, manifest = prepare(cfg)
+    expected_eval = [i for i in range(200) if held_out(data, i + 1, 0.1)]
+    assert 8 <= len(expected_eval) <= 35
+    assert (manifest["records_kept"], manifest["records_held_out"]) == (200 - len(expected_eval), len(expected_eval))
+    assert manifest["eval"]["records_kept"] == len(expected_eval)
+
+    def example_ids(split):
+        out = []
+        for row in rows_of(path, split):
+            start = 0
+            for n in row["seq_lengths"]:
+                out.append(tuple(row["input_ids"][start:start + n]))
+                start += n
+        return sorted(out)
+
+    expected = tokenize_rendered([render_example(split_record(r)) for r in records], tokenizer)
+    assert example_ids("eval") == sorted(tuple(expected[i][0]) for i in expected_eval)
+    assert example_ids("train") == sorted(tuple(e[0]) for i, e in enumerate(expected) if i not in expected_eval)
+    # another run, in another output folder, holds out the same records
+    again = load(tmp_path, base_config(tmp_path / "again", tiny_model_dir, data,
+                                       data={"max_seq_len": 64, "eval_fraction": 0.1}))
+    again_path, _ = prepare(again)
+    assert sorted(map(str, rows_of(again_path, "eval"))) == sorted(map(str, rows_of(path, "eval")))
+
+
 BAD_LINES = ['{"messages": [', '[1]', '{"messages": [{"role": "bot", "content": "x"}]}',
              '{"messages": [{"role": "user", "content": "only a question"}]}']
 

@@ -72,8 +72,18 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def chunk_to_examples(chunk: Chunk, s: dict) -> tuple[list[tuple[list, list]], dict, list[dict]]:
-    """One chunk -> (examples fit to max_seq_len, counts, rejects). Raises RecordError under policy 'error'."""
+def held_out(where: str, line: int, fraction: float) -> bool:
+    """data.eval_fraction: whether the record at file:line is held out for eval. A hash of the file's name and the
+    line, so the split is the same on every run, whatever the chunking, and no record is in both."""
+    if not fraction:
+        return False
+    digest = hashlib.blake2b(f"{os.path.basename(where)}:{line}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def chunk_to_examples(chunk: Chunk, s: dict) -> tuple[list[tuple[list, list]], dict, list[dict], list[bool]]:
+    """One chunk -> (examples fit to max_seq_len, counts, rejects, held out for eval per example).
+    Raises RecordError under policy 'error'."""
     counts: Counter = Counter()
     by_reason: Counter = Counter()
     rejects: list[dict] = []
@@ -94,7 +104,7 @@ def chunk_to_examples(chunk: Chunk, s: dict) -> tuple[list[tuple[list, list]], d
         except RecordError as exc:
             bad(exc if exc.where else exc.at(where), line, raw)
     tokenizer = _tokenizer(s["tokenizer_dir"])
-    examples = []
+    examples, held = [], []
     for i in range(0, len(pending), TOKENIZE_BATCH):
         batch = pending[i: i + TOKENIZE_BATCH]
         for (where, line, raw, _), (ids, labels) in zip(batch, tokenize_rendered([b[3] for b in batch], tokenizer,
@@ -110,11 +120,20 @@ def chunk_to_examples(chunk: Chunk, s: dict) -> tuple[list[tuple[list, list]], d
                     f" within max_seq_len={s['max_seq_len']}" if len(fitted[0]) < len(ids) else "")
                     + "; fix: give the record an assistant answer, or raise data.max_seq_len", where), line, raw)
                 continue
-            counts["records_kept"] += 1
             examples.append(fitted)
+            held.append(held_out(where, line, s.get("eval_fraction", 0.0)))
+            counts["records_kept" if not held[-1] else "records_held_out"] += 1
     counts["records_rejected"] = sum(by_reason.values())
     rejects.sort(key=lambda r: r["line"])  # file order (token-level rejects are found after parse errors)
-    return examples, {**counts, "rejected_by_reason": dict(by_reason)}, rejects
+    return examples, {**counts, "rejected_by_reason": dict(by_reason)}, rejects, held
+
+
+def _rows_table(examples: list, s: dict) -> pa.Table:
+    rows = make_rows(examples, s["max_seq_len"], s["packing"])
+    columns = [_list_column(getattr(rows, c)) for c in LIST_COLUMNS]
+    columns.append(pa.array([sum(n) for n in rows.seq_lengths], pa.int32()))
+    columns.append(pa.array([count_trained(lab) for lab in rows.labels], pa.int32()))
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
 
 
 def _process_chunks(batch: dict, s: dict) -> pa.Table:
@@ -122,17 +141,21 @@ def _process_chunks(batch: dict, s: dict) -> pa.Table:
     tables = []
     for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
         chunk = Chunk(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-        examples, counts, rejects = chunk_to_examples(chunk, s)
-        rows = make_rows(examples, s["max_seq_len"], s["packing"])
+        examples, counts, rejects, held = chunk_to_examples(chunk, s)
         name = f"{s['split']}-{chunk.index:06d}"
         if rejects:
             _write_atomic(os.path.join(s["work_dir"], "rejects", f"{name}.jsonl"),
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+        if any(held):  # data.eval_fraction: the held-out examples' rows go straight to the eval split
+            eval_table = _rows_table([e for e, h in zip(examples, held) if h], s)
+            os.makedirs(os.path.join(s["work_dir"], "eval"), exist_ok=True)
+            pq.write_table(eval_table, os.path.join(s["work_dir"], "eval", f"held-out-{chunk.index:06d}.parquet"))
+            _write_atomic(os.path.join(s["work_dir"], "stats", f"eval-held-out-{chunk.index:06d}.json"), json.dumps(
+                {"records_read": counts["records_held_out"], "records_kept": counts["records_held_out"],
+                 "rejected_by_reason": {}}))
+            examples = [e for e, h in zip(examples, held) if not h]
         _write_atomic(os.path.join(s["work_dir"], "stats", f"{name}.json"), json.dumps(counts))
-        columns = [_list_column(getattr(rows, c)) for c in LIST_COLUMNS]
-        columns.append(pa.array([sum(n) for n in rows.seq_lengths], pa.int32()))
-        columns.append(pa.array([count_trained(lab) for lab in rows.labels], pa.int32()))
-        tables.append(pa.Table.from_arrays(columns, schema=ROW_SCHEMA))
+        tables.append(_rows_table(examples, s))
     return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
 
 
@@ -156,7 +179,7 @@ def data_settings(cfg: Config) -> dict:
     d = cfg.data
     return {"max_seq_len": d.max_seq_len, "packing": d.packing, "loss_on": d.loss_on,
             "system_message": d.system_message, "on_bad_record": d.on_bad_record, "on_overlong": d.on_overlong,
-            "hf_split": d.hf_split}
+            "hf_split": d.hf_split, "eval_fraction": d.eval_fraction}
 
 
 def _chunk_bytes(total: int, cpus: int) -> int:
@@ -213,7 +236,8 @@ def _summarise(work: str, split: str, max_seq_len: int) -> dict:
     rows, tokens = len(table), int(np.sum(table["num_tokens"])) if len(table) else 0
     return {
         "records_read": counts["records_read"], "records_kept": counts["records_kept"],
-        "records_rejected": counts["records_rejected"], "rejected_by_reason": dict(sorted(by_reason.items())),
+        "records_rejected": counts["records_rejected"], "records_held_out": counts["records_held_out"],
+        "rejected_by_reason": dict(sorted(by_reason.items())),
         "examples_truncated": counts["examples_truncated"], "examples_dropped": counts["examples_dropped"],
         "rows": rows, "tokens": tokens, "trained_tokens": int(np.sum(table["num_trained"])) if rows else 0,
         "padding_fraction": round(1 - tokens / (rows * max_seq_len), 6) if rows else 0.0,
@@ -299,7 +323,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
         raise
     train = _summarise(work, "train", cfg.data.max_seq_len)
     manifest = {"fingerprint": fingerprint, "format": PREPARED_FORMAT, **train,
-                "eval": _summarise(work, "eval", cfg.data.max_seq_len) if eval_chunks else None,
+                "eval": (_summarise(work, "eval", cfg.data.max_seq_len)
+                         if eval_chunks or cfg.data.eval_fraction else None),
                 "settings": data_settings(cfg), "inputs": inputs, "tokenizer": {"dir": "tokenizer", "sha256": tok_hash,
                                                                                 "vocab_size": len(tokenizer)},
                 "rejects_file": "rejects.jsonl" if _merge_rejects(work) else None,
@@ -319,6 +344,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
 def summary(manifest: dict) -> str:
     m = manifest
     lines = [f"records: {m['records_read']} read, {m['records_kept']} kept, {m['records_rejected']} rejected"
+             + (f", {m['records_held_out']} held out for eval" if m.get("records_held_out") else "")
              + (f" {m['rejected_by_reason']}" if m["rejected_by_reason"] else ""),
              f"examples: {m['examples_truncated']} truncated, {m['examples_dropped']} dropped (longer than max_seq_len)",
              f"rows: {m['rows']}, tokens: {m['tokens']}, trained tokens: {m['trained_tokens']}, "

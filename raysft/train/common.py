@@ -23,6 +23,15 @@ def gpu_peak(use_gpu: bool):
     return next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
 
 
+def setup_line(n_params: int, n_trainable: int, lora_r: int, rows: int, schedule, world: int, micro: int,
+               accumulation: int, zero_stage: int, dtype: str, backend: str) -> str:
+    """The line rank 0 prints before the first step."""
+    return (f"setup: {n_params / 1e6:.2f}M parameters, {n_trainable:,} trainable ({n_trainable / n_params:.2%}"
+            f"{', LoRA r=' + str(lora_r) if lora_r else ''}), {rows} rows, {schedule.steps_per_epoch} steps/epoch, "
+            f"{schedule.total_steps} steps, {world} workers x {micro} rows x {accumulation} accumulation = "
+            f"{world * micro * accumulation} rows/step, ZeRO-{zero_stage}, {dtype}, backend {backend}")
+
+
 class StepMetrics:
     """Turns one optimizer step's sums (already reduced over ranks) into the metrics dict both workers log."""
 

@@ -126,11 +126,8 @@ def train_loop(job: dict) -> None:
         lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else
                                                "constant_with_warmup", opt, num_warmup_steps=t.warmup_steps,
                                                num_training_steps=schedule.total_steps))
-    log(f"setup: {n_params / 1e6:.2f}M parameters, {n_trainable:,} trainable ({n_trainable / n_params:.2%}"
-        f"{', LoRA r=' + str(t.lora.r) if t.lora.r else ''}), {len(rows)} rows, {schedule.steps_per_epoch} "
-        f"steps/epoch, {schedule.total_steps} steps, {world} workers x {t.micro_batch_size} rows x "
-        f"{ds_config['gradient_accumulation_steps']} accumulation = {t.global_batch_size} rows/step, "
-        f"ZeRO-{t.zero_stage}, {t.dtype}, backend deepspeed")
+    log(common.setup_line(n_params, n_trainable, t.lora.r, len(rows), schedule, world, t.micro_batch_size,
+                          ds_config["gradient_accumulation_steps"], t.zero_stage, t.dtype, "deepspeed"))
 
     # ------------------------------------------------------------------ restore
     start_step, samples_seen, tokens_seen = 0, 0, 0

@@ -238,11 +238,8 @@ def train_loop(job: dict) -> None:
     trainer = _Trainer(model=model, args=args, train_dataset=rows.ds, processing_class=tokenizer,
                        callbacks=[_Raysft()])
     trainer.remove_callback(PrinterCallback)  # raysft prints its own step lines
-    log(f"setup: {n_params / 1e6:.2f}M parameters, {n_trainable:,} trainable ({n_trainable / n_params:.2%}"
-        f"{', LoRA r=' + str(t.lora.r) if t.lora.r else ''}), {len(rows)} rows, {schedule.steps_per_epoch} "
-        f"steps/epoch, {schedule.total_steps} steps, {world} workers x {t.micro_batch_size} rows x {accumulation} "
-        f"accumulation = {t.global_batch_size} rows/step, ZeRO-{t.zero_stage}, {t.dtype}, backend hf (TRL "
-        f"SFTTrainer)")
+    log(common.setup_line(n_params, n_trainable, t.lora.r, len(rows), schedule, world, t.micro_batch_size,
+                          accumulation, t.zero_stage, t.dtype, "hf (TRL SFTTrainer)"))
     trainer.train(resume_from_checkpoint=os.path.join(good, "model") if good else None)
     if writer:
         writer.close()

@@ -58,13 +58,13 @@ def read_metrics(output_dir: str) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def plot_loss(output_dir: str) -> str:
+def loss_figure(ms: list[dict]):
+    """Train loss per logged step, and eval loss where it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = read_metrics(output_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([m["step"] for m in ms], [m["loss"] for m in ms], label="train loss")
     ev = [m for m in ms if "eval_loss" in m]
@@ -74,6 +74,13 @@ def plot_loss(output_dir: str) -> str:
     ax.set_ylabel("loss (mean over trained tokens)")
     ax.legend()
     ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_loss(output_dir: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(read_metrics(output_dir))
     path = os.path.join(output_dir, "loss.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -1,0 +1,143 @@
+"""The hf backend (TRL SFTTrainer in Ray Train workers) against the deepspeed backend, and eval on both:
+same config, tiny model, CPU, fp32, 2 workers, 20 steps."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from raysft.train.launch import train
+from raysft.train.metrics import read_metrics
+
+from helpers import ROOT, base_config, config_file
+from test_train import train_in_thread, wait_for, weights
+
+pytestmark = pytest.mark.ray
+SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
+EVAL = os.path.join(ROOT, "examples", "data", "sample_eval.jsonl")
+
+
+def hf_config(tmp_path, model_dir, name, backend, **sections):
+    from raysft.config import load_config
+
+    cfg = base_config(tmp_path / name, model_dir, SAMPLE)
+    cfg["data"].update({"max_seq_len": 256, "eval_files": EVAL, **sections.get("data", {})})
+    cfg["train"] = {"backend": backend, "micro_batch_size": 2, "global_batch_size": 8, "max_steps": 20, "lr": 3e-3,
+                    "dtype": "fp32", "zero_stage": 2, "warmup_steps": 2, "weight_decay": 0.01,
+                    "eval_every_steps": 10, **sections.get("train", {})}
+    cfg["checkpoint"] = {"every_steps": 5, "keep": 2}
+    cfg["cluster"] = {"num_workers": 2, "max_failures": 2, **sections.get("cluster", {})}
+    cfg["run_name"] = "run"
+    return load_config(config_file(tmp_path, cfg, f"{name}.yaml"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, ray_session):
+    out = {}
+    for backend in ("deepspeed", "hf"):
+        cfg = hf_config(tmp_path_factory.mktemp(backend), tiny_model_dir, "run", backend)
+        out[backend] = (cfg, train(None, [], cfg=cfg))
+    return out
+
+
+def test_both_backends_give_the_same_losses_eval_and_weights(runs):
+    (ds_cfg, ds), (hf_cfg, hf) = runs["deepspeed"], runs["hf"]
+    a, b = read_metrics(ds_cfg.output_dir), read_metrics(hf_cfg.output_dir)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 21))
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+        assert x["samples_seen"] == y["samples_seen"] and x["tokens_seen"] == y["tokens_seen"]
+    assert a[-1]["loss"] < a[0]["loss"] - 1.0
+    evals = [(x["step"], x["eval_loss"], y["eval_loss"]) for x, y in zip(a, b) if "eval_loss" in x]
+    assert [e[0] for e in evals] == [10, 20] and all("eval_loss" in y for y in b if y["step"] in (10, 20))
+    assert all(abs(e[1] - e[2]) <= 1e-4 * e[1] for e in evals), evals
+    wa, wb = weights(ds["final"]), weights(hf["final"])
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4 * wa[k].abs().max().item())
+
+
+def test_eval_loss_is_the_mean_over_every_eval_token_of_all_workers(runs):
+    """The step-20 eval (2 workers, round-robin rows) equals one process's mean over all eval rows, final model."""
+    from transformers import AutoModelForCausalLM
+
+    from raysft.modeling import collate, token_loss_sum
+    from raysft.train.rows import PreparedRows
+
+    cfg, result = runs["hf"]
+    last = read_metrics(cfg.output_dir)[-1]
+    prepared = os.path.join(cfg.output_dir, "prepared")
+    rows = PreparedRows(os.path.join(prepared, os.listdir(prepared)[0]), "eval")
+    model = AutoModelForCausalLM.from_pretrained(result["final"]).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(rows)):
+            batch = collate(rows.get([i]), 0)
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            total += token_loss_sum(logits, batch["labels"]).item()
+            count += int((batch["labels"][:, 1:] != -100).sum())
+    assert last["eval_tokens"] == count
+    assert abs(last["eval_loss"] - total / count) <= 1e-5 * last["eval_loss"]
+    assert last["eval_ppl"] == pytest.approx(math.exp(last["eval_loss"]))
+
+
+def test_eval_loss_is_drawn_on_the_loss_png(runs):
+    from raysft.train.metrics import loss_figure
+
+    cfg, _ = runs["hf"]
+    fig = loss_figure(read_metrics(cfg.output_dir))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["eval loss"].get_xdata()) == [10, 20]
+    assert len(lines["train loss"].get_xdata()) == 20
+    assert os.path.getsize(os.path.join(cfg.output_dir, "loss.png")) > 1000
+
+
+def test_hf_checkpoint_folder_export_and_generate(runs, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from raysft.cli import main
+
+    cfg, result = runs["hf"]
+    ckpt = result["checkpoint"]
+    assert os.path.basename(ckpt) == "checkpoint_00000020"
+    assert sorted(os.listdir(ckpt)) == ["config.yaml", "files.rank0.json", "files.rank1.json", "manifest.json",
+                                        "model", "probe.pt", "state.json", "tokenizer"]
+    model_files = set(os.listdir(os.path.join(ckpt, "model")))
+    assert {"latest", "global_step20", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth",
+            "scheduler.pt"} <= model_files
+    state = json.load(open(os.path.join(ckpt, "state.json")))
+    assert (state["backend"], state["step"], state["samples_seen"], state["world_size"]) == ("hf", 20, 160, 2)
+    probe = torch.load(os.path.join(ckpt, "probe.pt"), weights_only=True)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(result["final"])(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    assert main(["generate", result["final"], "What is 2 + 2?", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_hf_sigkill_of_a_worker_process_resumes_and_ends_identical(runs, tmp_path, tiny_model_dir):
+    """The fault test of the deepspeed worker, on the hf worker: same losses and weights as the uninterrupted run."""
+    import signal
+
+    import psutil
+
+    from raysft import checkpoint as ckpt
+
+    ref_cfg, ref = runs["hf"]
+    cfg = hf_config(tmp_path, tiny_model_dir, "killed", "hf")
+    step5 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(5))
+    thread, outcome = train_in_thread(cfg)
+    wait_for(lambda: ckpt.verify(step5, checksums=False) is None, thread)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    ms = read_metrics(cfg.output_dir)
+    assert max(m["resumed_from"] for m in ms) >= 5 and [m["step"] for m in ms] == list(range(1, 21))
+    assert [m["loss"] for m in ms] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
+    a, b = weights(ref["final"]), weights(outcome["result"]["final"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,90 @@
+"""LoRA (`train.lora`) on both backends and ZeRO stages: only the adapter trains and is checkpointed; export
+writes the adapter folder, or with --merge a model whose logits equal base + adapter."""
+
+import os
+
+import pytest
+import torch
+
+from raysft.config import LoraConfig
+from raysft.modeling import apply_lora, build_model, parameter_counts
+from raysft.train.launch import train
+from raysft.train.metrics import read_metrics
+
+from helpers import ROOT, base_config, config_file
+
+SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
+
+
+@pytest.mark.parametrize("targets, expected", [
+    # tiny Llama, 2 layers, hidden 64, 4 heads of 16 (q, o: 64x64), 2 KV heads (k, v: 64->32), MLP 128
+    (["q_proj", "v_proj"], 2 * 4 * ((64 + 64) + (64 + 32))),
+    (["all-linear"], 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))),
+])
+def test_trainable_parameter_count_printed_at_start(tiny_pretrained_dir, targets, expected):
+    from raysft.train.common import setup_line
+    from raysft.train.schedule import Schedule
+
+    model = apply_lora(build_model(tiny_pretrained_dir, 386), LoraConfig(r=4, alpha=8, target_modules=targets))
+    total, trainable = parameter_counts(model)
+    assert trainable == expected
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+    line = setup_line(total, trainable, 4, 100, Schedule(100, 8, 0, max_steps=4), 2, 2, 2, 2, "fp32", "hf")
+    assert line.startswith(f"setup: 0.12M parameters, {expected:,} trainable ({expected / total:.2%}, LoRA r=4), "
+                           "100 rows, 12 steps/epoch, 4 steps, 2 workers x 2 rows x 2 accumulation = 8 rows/step")
+
+
+def test_new_chatml_tokens_train_their_embeddings_with_the_adapter(tiny_pretrained_dir):
+    model = apply_lora(build_model(tiny_pretrained_dir, 390), LoraConfig(r=4, alpha=8), vocab_grew=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens.modules_to_save" in n for n in trainable)
+    assert any("lm_head.modules_to_save" in n for n in trainable)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("backend, zero_stage", [("deepspeed", 0), ("deepspeed", 3), ("hf", 1), ("hf", 2)])
+def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path, tiny_pretrained_dir, ray_session,
+                                                                        backend, zero_stage):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from raysft.cli import main
+    from raysft.config import load_config
+    from raysft.export import consolidated_state_dict
+
+    raw = base_config(tmp_path, tiny_pretrained_dir, SAMPLE)
+    raw["model"]["from_scratch"] = False
+    raw["train"].update({"backend": backend, "zero_stage": zero_stage, "global_batch_size": 8, "max_steps": 4,
+                         "lr": 1e-2, "lora": {"r": 4, "alpha": 8, "target_modules": ["all-linear"]}})
+    raw["checkpoint"] = {"every_steps": 2}
+    raw["run_name"] = "run"
+    cfg = load_config(config_file(tmp_path, raw))
+    result = train(None, [], cfg=cfg)
+    losses = [m["loss"] for m in read_metrics(cfg.output_dir)]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    # the checkpoint holds the adapter only
+    adapter = consolidated_state_dict(os.path.join(result["checkpoint"], "model"), zero_stage, trainable_only=True)
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    # final/ is the adapter folder; the base weights under it are the untouched base model's
+    final = result["final"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= set(os.listdir(final))
+    saved = load_file(os.path.join(final, "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # lora_B starts at zero: it trained
+    base = AutoModelForCausalLM.from_pretrained(tiny_pretrained_dir)
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    with_adapter = PeftModel.from_pretrained(base, final).eval()
+    for name, value in with_adapter.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(value, base_weights[name.replace(".base_layer", "")]), name
+    # merged export: logits equal base + adapter, and the trained model's own logits at the last step
+    merged_dir = str(tmp_path / "merged")
+    assert main(["export", result["checkpoint"], merged_dir, "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    probe = torch.load(os.path.join(result["checkpoint"], "probe.pt"), weights_only=True)
+    with torch.no_grad():
+        a = merged(input_ids=probe["input_ids"]).logits
+        b = with_adapter(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, probe["logits"], atol=1e-5, rtol=1e-5)
