@@ -45,7 +45,7 @@ def test_new_chatml_tokens_train_their_embeddings_with_the_adapter(tiny_pretrain
 @pytest.mark.parametrize("backend", ["deepspeed", "hf"])
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path, tiny_pretrained_dir, ray_session,
-                                                                        backend, zero_stage):
+                                                                        backend, zero_stage, capsys):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -89,3 +89,26 @@ def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path
         b = with_adapter(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a, probe["logits"], atol=1e-5, rtol=1e-5)
+    # generate takes the adapter folder (its base from adapter_config.json) and the merged folder alike
+    capsys.readouterr()
+    assert main(["generate", final, "What is 2 + 2?", "--max-new-tokens", "6"]) == 0
+    assert main(["generate", merged_dir, "What is 2 + 2?", "--max-new-tokens", "6"]) == 0
+    from_adapter, from_merged = capsys.readouterr().out.splitlines()[-2:]
+    assert from_adapter == from_merged
+
+
+@pytest.mark.ray
+def test_the_shipped_trl_style_config_trains_with_a_tiny_saved_model(tmp_path, tiny_pretrained_dir, ray_session):
+    """configs/qwen2.5-0.5b-hf-lora.yaml as shipped (hf backend, LoRA, bf16, eval_fraction, hf_args), with only the
+    model, data, size and GPU settings overridden for this CPU machine."""
+    from raysft.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-0.5b-hf-lora.yaml"), [
+        f"model.name_or_path={tiny_pretrained_dir}", f"data.train_files={SAMPLE}", "data.max_seq_len=256",
+        f"output_dir={tmp_path / 'run'}", "cluster.use_gpu=false", "cluster.num_workers=2",
+        "train.micro_batch_size=2", "train.global_batch_size=8", "train.max_steps=3", "checkpoint.every_steps=0"])
+    assert (cfg.train.backend, cfg.train.lora.r, cfg.train.dtype) == ("hf", 16, "bf16")
+    result = train(None, [], cfg=cfg)
+    ms = read_metrics(cfg.output_dir)
+    assert [m["step"] for m in ms] == [1, 3] and "eval_loss" in ms[-1]  # log_every_steps 10: first and last
+    assert os.path.exists(os.path.join(result["final"], "adapter_model.safetensors"))

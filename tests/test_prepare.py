@@ -97,7 +97,7 @@ def test_eval_fraction_holds_out_the_same_records_every_time(tmp_path, tiny_mode
     data = write_jsonl(tmp_path / "train.jsonl", records)
     cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, data, data={"max_seq_len": 64, "eval_fraction": 0.1}))
     path, manifest = prepare(cfg)
-    expected_eval = [i for i in range(200) if held_out(data, i + 1, 0.1)]
+    expected_eval = [i for i in range(200) if held_out(f"{data}:{i + 1}", 0.1)]
     assert 8 <= len(expected_eval) <= 35
     assert (manifest["records_kept"], manifest["records_held_out"]) == (200 - len(expected_eval), len(expected_eval))
     assert manifest["eval"]["records_kept"] == len(expected_eval)

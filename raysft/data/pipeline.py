@@ -72,12 +72,12 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def held_out(where: str, line: int, fraction: float) -> bool:
-    """data.eval_fraction: whether the record at file:line is held out for eval. A hash of the file's name and the
-    line, so the split is the same on every run, whatever the chunking, and no record is in both."""
+def held_out(where: str, fraction: float) -> bool:
+    """data.eval_fraction: whether the record at `where` (file:line) is held out for eval. A hash of the file's
+    name and the line, so the split is the same on every run, whatever the chunking, and no record is in both."""
     if not fraction:
         return False
-    digest = hashlib.blake2b(f"{os.path.basename(where)}:{line}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(os.path.basename(where).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
@@ -121,7 +121,7 @@ def chunk_to_examples(chunk: Chunk, s: dict) -> tuple[list[tuple[list, list]], d
                     + "; fix: give the record an assistant answer, or raise data.max_seq_len", where), line, raw)
                 continue
             examples.append(fitted)
-            held.append(held_out(where, line, s.get("eval_fraction", 0.0)))
+            held.append(held_out(where, s.get("eval_fraction", 0.0)))
             counts["records_kept" if not held[-1] else "records_held_out"] += 1
     counts["records_rejected"] = sum(by_reason.values())
     rejects.sort(key=lambda r: r["line"])  # file order (token-level rejects are found after parse errors)
