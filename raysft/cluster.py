@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import os
 
-from raysft.config import Config
+from raysft.config import Config, worker_range
 
 
 def logical_cpus(cfg: Config) -> int:
     per_worker = int(cfg.cluster.resources_per_worker.get("CPU", 1))
-    return cfg.cluster.num_cpus or max(os.cpu_count() or 1, cfg.cluster.num_workers * per_worker + 2)
+    return cfg.cluster.num_cpus or max(os.cpu_count() or 1, worker_range(cfg.cluster)[1] * per_worker + 2)
 
 
 def ensure_ray(cfg: Config) -> None:

@@ -114,11 +114,18 @@ class CheckpointConfig:
 @dataclass
 class ClusterConfig:
     address: str = field(default="", metadata=doc("Ray address; empty = start Ray in this process"))
-    num_workers: int = field(default=2, metadata=doc("Ray Train workers"))
+    num_workers: int | list[int] = field(default=2, metadata=doc(
+        "Ray Train workers, or [min, max] for Ray Train's elastic mode (deepspeed backend)"))
     use_gpu: bool = field(default=False, metadata=doc("one GPU per worker"))
     resources_per_worker: dict = field(default_factory=dict, metadata=doc("e.g. {CPU: 4, GPU: 1}"))
     max_failures: int = field(default=0, metadata=doc("worker-group restarts before giving up"))
     num_cpus: int = field(default=0, metadata=doc("logical CPUs of an in-process Ray; 0 = enough for workers and data tasks"))
+
+
+def worker_range(cluster: ClusterConfig) -> tuple[int, int]:
+    """(min, max) Train workers: equal for a fixed count."""
+    n = cluster.num_workers
+    return (n, n) if isinstance(n, int) else (n[0], n[1])
 
 
 @dataclass
@@ -194,6 +201,13 @@ def _unwrap_optional(tp):
 
 def _coerce(value: Any, tp: Any) -> Any:
     """Value converted to `tp`, or ValueError with what was expected."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) not in typing.get_args(tp):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option)
+            except ValueError:
+                pass
+        raise ValueError(f"must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}")
     tp, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -226,6 +240,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ValueError("must be a string")
+    if origin is list and typing.get_args(tp) == (int,):
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ValueError("must be a list of integers")
     if origin is list:
         if isinstance(value, str):  # a single path is a list of one
             return [value]
@@ -243,8 +261,12 @@ def _type_name(tp) -> str:
     tp, _ = _unwrap_optional(tp)
     if typing.get_origin(tp) is Literal:
         return " | ".join(map(str, typing.get_args(tp)))
+    if tp is int:
+        return "an integer"
     if typing.get_origin(tp) is list:
-        return "list of strings"
+        return f"a list of {'integers' if typing.get_args(tp) == (int,) else 'strings'}"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -337,14 +359,30 @@ def _check(cfg: Config, where, problems: list[str]) -> None:
     if t.hf_args and t.backend != "hf":
         bad("train.hf_args", "only the hf backend reads it", t.backend, "set train.backend=hf or remove train.hf_args")
     c = cfg.cluster
-    if c.num_workers < 1:
+    elastic = isinstance(c.num_workers, list)
+    if elastic and (len(c.num_workers) != 2 or not 1 <= c.num_workers[0] <= c.num_workers[1]):
+        bad("cluster.num_workers", "a range must be [min, max] with 1 <= min <= max", c.num_workers,
+            "write e.g. [2, 4], or one number for a fixed count")
+    elif elastic and t.backend == "hf":
+        bad("cluster.num_workers", "a range (elastic mode) needs train.backend=deepspeed", c.num_workers,
+            "the hf backend resumes only on the same worker count: give one number, or use the deepspeed backend")
+    elif not elastic and c.num_workers < 1:
         bad("cluster.num_workers", "must be at least 1", c.num_workers, "use 1 or more")
-    elif t.micro_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * c.num_workers):
-        per_step = t.micro_batch_size * c.num_workers
-        bad("train.global_batch_size",
-            f"must be a multiple of micro_batch_size x num_workers = {t.micro_batch_size} x {c.num_workers} = {per_step}",
-            t.global_batch_size,
-            f"use {max(per_step, t.global_batch_size // per_step * per_step)} or change train.micro_batch_size")
+    elif t.micro_batch_size >= 1:
+        low, high = worker_range(c)
+        odd = [n for n in range(low, high + 1) if t.global_batch_size % (t.micro_batch_size * n)]
+        if odd and not elastic:
+            per_step = t.micro_batch_size * c.num_workers
+            bad("train.global_batch_size", f"must be a multiple of micro_batch_size x num_workers = "
+                f"{t.micro_batch_size} x {c.num_workers} = {per_step}", t.global_batch_size,
+                f"use {max(per_step, t.global_batch_size // per_step * per_step)} or change train.micro_batch_size")
+        elif odd:
+            import math
+
+            lcm = math.lcm(*(t.micro_batch_size * n for n in range(low, high + 1)))
+            bad("train.global_batch_size", f"must be a multiple of micro_batch_size x workers for every worker count "
+                f"in cluster.num_workers={c.num_workers}, and is not for {odd}", t.global_batch_size,
+                f"use {-(-t.global_batch_size // lcm) * lcm}, or a range whose counts all divide it")
     if c.max_failures < -1:
         bad("cluster.max_failures", "must be -1 (unlimited) or more", c.max_failures, "use e.g. 2")
     if cfg.checkpoint.keep < 1:

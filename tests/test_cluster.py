@@ -172,16 +172,13 @@ def test_image_ray_version_equals_the_pinned_one_everywhere():
         assert spec["rayVersion"] == pinned
 
 
-@pytest.mark.ray
-def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(tmp_path, tiny_model_dir):
+def run_multinode(out, model_dir, mode):
     import json as _json
 
-    from raysft.train.metrics import read_metrics
-
-    out = str(tmp_path / "run")
     sample = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run(["python", os.path.join(ROOT, "tests", "scripts", "multinode.py"), out, tiny_model_dir, sample],
+    env.update({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20", "RAYSFT_ELASTIC_MONITOR_S": "5"})
+    r = subprocess.run(["python", os.path.join(ROOT, "tests", "scripts", "multinode.py"), out, model_dir, sample, mode],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("MULTINODE ")), None)
     assert line, (r.stdout + r.stderr)[-4000:]
@@ -189,10 +186,46 @@ def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(tmp_path, 
     assert report["errors"] == []
     assert report["worker_nodes_busy"] == report["all_worker_nodes"]  # one Train worker on each worker node
     assert report["result"]["trained"] is True and report["result"]["step"] == 10
+    return report, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory, tiny_model_dir):
+    out = str(tmp_path_factory.mktemp("multinode") / "run")
+    return out, run_multinode(out, tiny_model_dir, "fixed")
+
+
+@pytest.mark.ray
+def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(multinode):
+    from raysft.train.metrics import read_metrics
+
+    out, _ = multinode
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert max(m["resumed_from"] for m in metrics) >= 2  # the group restarted from a checkpoint, not from scratch
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+
+
+@pytest.mark.ray
+def test_elastic_mode_continues_on_fewer_workers_after_losing_a_node(multinode, tmp_path, tiny_model_dir):
+    """cluster.num_workers: [1, 2]. A worker node is lost and none replaces it: Ray Train restarts the group with one
+    worker, rank 0 converts the 2-worker ZeRO checkpoint to DeepSpeed's universal form, and the run continues on the
+    exact next rows; losses equal the fixed 2-worker run's within 1e-5."""
+    import json as _json
+
+    from raysft.train.metrics import read_metrics
+
+    out = str(tmp_path / "run")
+    _, log = run_multinode(out, tiny_model_dir, "elastic")
+    assert "was written by 2 workers, resuming on 1: converting it to DeepSpeed's universal checkpoint" in log
+    metrics = read_metrics(out)
+    resumed = max(m["resumed_from"] for m in metrics)
+    assert [m["step"] for m in metrics] == list(range(1, 11)) and resumed >= 2
+    final = os.path.join(out, "ray", "run", "checkpoint_00000010", "state.json")
+    assert _json.load(open(final))["world_size"] == 1 and metrics[-1]["samples_seen"] == 40
+    reference = read_metrics(multinode[0])
+    for a, b in zip(metrics, reference):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"], (a["step"], a["loss"], b["loss"])
 
 
 @pytest.mark.ray

@@ -118,6 +118,15 @@ def train_loop(job: dict) -> None:
     good = ckpt.latest_good(run_dir, warn=log)
     universal = job.get("universal")  # the driver converted a checkpoint of another worker count (launch.py)
     universal = universal if universal and good == universal["checkpoint"] else None
+    if good is not None and universal is None:
+        state = ckpt.read_state(good)
+        if state["world_size"] != world and state.get("zero_stage", 0) >= 1:  # elastic mode restarted on another size
+            from raysft.train.launch import to_universal, universal_location
+
+            if rank == 0:
+                to_universal(good, state, cfg.output_dir, world, log)
+            dist.barrier()
+            universal = universal_location(good, state, cfg.output_dir)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(

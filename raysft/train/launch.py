@@ -14,12 +14,13 @@ import uuid
 from typing import Callable, Optional
 
 from raysft import checkpoint as ckpt
-from raysft.config import Config, load_config, to_dict
+from raysft.config import Config, load_config, to_dict, worker_range
 from raysft.errors import UserError, format_error
 
 FAIL_AFTER_STEP = "RAYSFT_FAIL_AFTER_STEP"  # tests: a worker raises after this step, on the first attempt only
 FAIL_RANK = "RAYSFT_FAIL_RANK"
 PAUSE_IN_CHECKPOINT_STEP = "RAYSFT_PAUSE_IN_CHECKPOINT_STEP"  # tests: a worker stops mid-checkpoint, to be killed
+ELASTIC_MONITOR_S = "RAYSFT_ELASTIC_MONITOR_S"  # elastic mode: how often Ray Train considers growing the group
 
 
 def _worker(backend: str):
@@ -80,7 +81,7 @@ def check_resources(cfg: Config) -> None:
         limit = None
     if not limit:
         limit, verb = ray.cluster_resources(), "has"
-    n = cfg.cluster.num_workers
+    n = worker_range(cfg.cluster)[0]  # elastic mode starts with as many as fit, at least min
     need = {k: v * n for k, v in worker_resources(cfg).items()}
     short = {k: v for k, v in need.items() if v > limit.get(k, 0)}
     if short:
@@ -130,13 +131,15 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
             raise UserError(format_error("train.backend", f"{good} was written by the {state.get('backend')} backend",
                                          t.backend, f"resume with train.backend={state.get('backend')}, or export it "
                                          "(raysft export) and start a new run from the exported model"))
+        workers = worker_range(cfg.cluster)
         if state["world_size"] != cfg.cluster.num_workers and t.backend == "hf":
             raise UserError(format_error("cluster.num_workers", f"{good} was written by {state['world_size']} workers "
                                          "and the hf backend resumes only on as many", cfg.cluster.num_workers,
                                          f"resume with cluster.num_workers={state['world_size']} (the deepspeed "
                                          "backend converts to DeepSpeed's universal checkpoint for another count)"))
-        if state["world_size"] != cfg.cluster.num_workers and state.get("zero_stage", 0) >= 1:
-            universal = to_universal(good, state, cfg, log)  # only when there is training left to do
+        if workers[0] == workers[1] != state["world_size"] and state.get("zero_stage", 0) >= 1:
+            # only when there is training left to do; in elastic mode rank 0 converts once the size is known
+            universal = to_universal(good, state, cfg.output_dir, workers[0], log)
     vocab_grew = manifest["tokenizer"]["vocab_size"] > _model_vocab(cfg)
     result = fit(cfg, prepared, manifest["fingerprint"], universal,
                  extra={"has_eval": bool(manifest.get("eval") and manifest["eval"]["rows"]), "vocab_grew": vocab_grew})
@@ -158,30 +161,38 @@ def _model_vocab(cfg: Config) -> int:
     return getattr(config.get_text_config(), "vocab_size", 0)
 
 
-def to_universal(good: str, state: dict, cfg: Config, log: Callable[[str], None]) -> dict:
-    """A ZeRO checkpoint of N workers made loadable by M: DeepSpeed's universal checkpoint, converted once."""
+def universal_location(good: str, state: dict, output_dir: str) -> dict:
+    """Where the universal form of checkpoint `good` goes (under output_dir, which every node sees)."""
+    tag = f"step{state['step']}"
+    out_dir = os.path.join(output_dir, "universal", os.path.basename(good))
+    return {"load_dir": out_dir, "tag": f"{tag}_universal", "checkpoint": good}
+
+
+def to_universal(good: str, state: dict, output_dir: str, workers: int, log: Callable[[str], None]) -> dict:
+    """A ZeRO checkpoint of N workers made loadable by M: DeepSpeed's universal checkpoint, converted once.
+    Called by the driver for a fixed worker count, and by rank 0 when an elastic run restarts on another."""
     import subprocess
     import sys
 
-    tag = f"step{state['step']}"
-    out_dir = os.path.join(cfg.output_dir, "universal", os.path.basename(good))
-    target = os.path.join(out_dir, f"{tag}_universal")
+    where = universal_location(good, state, output_dir)
+    target = os.path.join(where["load_dir"], where["tag"])
     if not os.path.exists(os.path.join(target, "zero")):
-        log(f"train: {good} was written by {state['world_size']} workers, resuming on {cfg.cluster.num_workers}: "
+        log(f"train: {good} was written by {state['world_size']} workers, resuming on {workers}: "
             f"converting it to DeepSpeed's universal checkpoint in {target}")
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(where["load_dir"], exist_ok=True)
         done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               os.path.join(good, "model", tag), "--output_folder", target + ".tmp",
-                               "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                               os.path.join(good, "model", f"step{state['step']}"), "--output_folder",
+                               target + ".tmp", "--num_extract_workers", "1", "--num_merge_workers", "1",
+                               "--inject_missing_state"],
                               capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
         if done.returncode != 0:
             raise UserError(format_error("cluster.num_workers", f"{good} was written by {state['world_size']} workers "
-                                         "and DeepSpeed could not convert it for another count", cfg.cluster.num_workers,
+                                         "and DeepSpeed could not convert it for another count", workers,
                                          f"resume with cluster.num_workers={state['world_size']}, or export it "
                                          f"(raysft export) and start a new run from the exported model "
                                          f"({done.stderr.strip().splitlines()[-1][:200] if done.stderr else ''})"))
         os.replace(target + ".tmp", target)
-    return {"load_dir": out_dir, "tag": f"{tag}_universal", "checkpoint": good}
+    return where
 
 
 def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] = None, extra: Optional[dict] = None):
@@ -197,7 +208,9 @@ def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] 
                            "fail_rank": int(os.environ.get(FAIL_RANK, "0")),
                            "pause_in_checkpoint_step": int(os.environ.get(PAUSE_IN_CHECKPOINT_STEP, "0")),
                            "universal": universal, **(extra or {})},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=c.num_workers if isinstance(c.num_workers, int) else
+                                     tuple(c.num_workers), use_gpu=c.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=float(os.environ.get(ELASTIC_MONITOR_S, 60))),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              # raysft prunes after each commit (checkpoint.prune): Ray's num_to_keep would delete the

@@ -3,7 +3,11 @@
 checkpoint is committed, one worker node is killed (its raylet and the worker with it) and a new node
 joins; the run must resume from its last checkpoint and finish. Prints one JSON line for the test.
 
-    python tests/scripts/multinode.py OUTPUT_DIR MODEL_DIR TRAIN_JSONL
+    python tests/scripts/multinode.py OUTPUT_DIR MODEL_DIR TRAIN_JSONL [elastic]
+
+With `elastic`, `cluster.num_workers` is [1, 2] and no node replaces the killed one: Ray Train's elastic mode
+restarts the group with the one worker that fits, which converts the 2-worker ZeRO checkpoint to DeepSpeed's
+universal form and continues.
 """
 
 import json
@@ -16,7 +20,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 
-def main(out: str, model_dir: str, data: str) -> None:
+def main(out: str, model_dir: str, data: str, mode: str = "fixed") -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
     ray.init(address=cluster.address, logging_level="ERROR")
@@ -28,7 +32,8 @@ def main(out: str, model_dir: str, data: str) -> None:
         f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=256", f"model.name_or_path={model_dir}",
         "model.from_scratch=true", "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=10",
         "train.dtype=fp32", "train.lr=1e-3", "train.log_every_steps=1", "checkpoint.every_steps=2",
-        "cluster.num_workers=2", "cluster.max_failures=2", "cluster.resources_per_worker={CPU: 1, train_slot: 1}"])
+        "cluster.num_workers=" + ("[1, 2]" if mode == "elastic" else "2"), "cluster.max_failures=2",
+        "cluster.resources_per_worker={CPU: 1, train_slot: 1}", "train.zero_stage=2"])
     result, errors = {}, []
 
     def run():
@@ -49,7 +54,8 @@ def main(out: str, model_dir: str, data: str) -> None:
                           and per_node[n.node_id].get("train_slot", 0) == 0)
     victim = workers[1]
     cluster.remove_node(victim, allow_graceful=False)  # kills its raylet and the Train worker on it
-    cluster.add_node(num_cpus=1, resources={"train_slot": 1})
+    if mode != "elastic":
+        cluster.add_node(num_cpus=1, resources={"train_slot": 1})
     thread.join(timeout=600)
     print("MULTINODE " + json.dumps({"worker_nodes_busy": slots_in_use, "all_worker_nodes": sorted(n.node_id for n in workers),
                                      "killed": victim.node_id, "result": result, "errors": errors}), flush=True)
@@ -58,4 +64,4 @@ def main(out: str, model_dir: str, data: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
