@@ -49,12 +49,13 @@ def test_all_errors_reported_together_with_file_line_key_value_and_fix(tmp_path)
     assert info.value.problems == [  # in the config's order
         "command line: data.loss_on: must be one of completion, all (got 'everything'). fix: give completion | all "
         "(data.loss_on: train on the completion's assistant turns, or on every token)",
-        "command line: data.max_seq_len: must be an integer (got 'abc'). fix: give int (data.max_seq_len: tokens per "
+        "command line: data.max_seq_len: must be an integer (got 'abc'). fix: give an integer (data.max_seq_len: tokens per "
         "training row)",
         f"{path}:6: trian: unknown key. fix: did you mean train?",
         f"{path}:8: data_: unknown key. fix: did you mean data?",
-        f"{path}:11: cluster.num_workers: must be an integer (got 'two'). fix: give int (cluster.num_workers: "
-        "Ray Train workers)",
+        f"{path}:11: cluster.num_workers: must be an integer or a list of integers (got 'two'). fix: give an integer "
+        "or a list of integers (cluster.num_workers: Ray Train workers, or [min, max] for Ray Train's elastic mode "
+        "(deepspeed backend))",
     ]
 
 
