@@ -30,3 +30,56 @@ def ensure_ray(cfg: Config) -> None:
         return
     ray.init(num_cpus=logical_cpus(cfg), dashboard_host="127.0.0.1", logging_level=logging.WARNING,
              include_dashboard=os.environ.get("RAYSFT_DASHBOARD", "1") != "0")
+
+
+def check_shared_storage(cfg: Config) -> None:
+    """Every node that can run a Train worker or a Ray Data task must see `output_dir` (prepared rows, metrics) and
+    `checkpoint.storage_path` as the driver does: the driver writes a marker file in each, and a zero-CPU task pinned
+    to each node looks for it. A folder local to the head node fails here, naming the node, before any data task or
+    Train worker starts (URIs such as s3:// are shared by nature and not checked)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raysft.errors import UserError, format_error
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    if all(n["NodeID"] == here for n in nodes):
+        return  # Ray runs on this machine only
+    paths = {"output_dir": cfg.output_dir, "checkpoint.storage_path": cfg.checkpoint.storage_path}
+    paths = {k: v for k, v in paths.items() if "://" not in v}
+    token = uuid.uuid4().hex
+    markers = {}
+    for key, path in paths.items():
+        os.makedirs(path, exist_ok=True)
+        markers[key] = os.path.join(path, f".raysft-shared-check-{token}")
+        with open(markers[key], "w") as f:
+            f.write(token)
+
+    @ray.remote(num_cpus=0)
+    def sees(files: dict) -> dict:
+        def read(path):
+            try:
+                with open(path) as f:
+                    return f.read()
+            except OSError:
+                return ""
+
+        return {key: read(path) == token for key, path in files.items()}
+
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(markers) for n in nodes], timeout=120)
+    finally:
+        for path in markers.values():
+            os.remove(path)
+    for key, path in paths.items():
+        blind = [n for n, s in zip(nodes, seen) if not s[key]]
+        if blind:
+            names = ", ".join(f"{n['NodeManagerAddress']} (id {n['NodeID'][:8]})" for n in blind)
+            raise UserError(format_error(
+                key, f"not shared with every node: {len(blind)} of {len(nodes)} nodes ({names}) do not see what the "
+                "driver writes there", path, "put output_dir and checkpoint.storage_path on storage every node mounts "
+                "at the same path (NFS, a ReadWriteMany volume); checkpoint.storage_path may also be s3:// or gs://"))

@@ -228,6 +228,61 @@ def test_elastic_mode_continues_on_fewer_workers_after_losing_a_node(multinode, 
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"], (a["step"], a["loss"], b["loss"])
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_a_folder_only_the_head_node_sees_is_reported_before_anything_runs(tmp_path):
+    """A real two-node cluster (`ray start`, token auth on) whose worker node runs in its own mount namespace with
+    an empty tmpfs over the run's folder: that node cannot see what the driver writes there, as on two machines
+    without shared storage. `raysft train` stops before any data task or Train worker, naming the node."""
+    import signal
+    import tempfile
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+    gcs, temp = free_port(), tempfile.mkdtemp(prefix="raysft-ray-")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             "--num-cpus=1", f"--temp-dir={temp}", "--include-dashboard=false",
+                             "--disable-usage-stats"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    node = subprocess.Popen(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {out} && exec ray start --block "
+                             f"--address=127.0.0.1:{gcs} --node-ip-address=127.0.0.1 --num-cpus=2 "
+                             "--disable-usage-stats"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        count = "import ray; ray.init(address='127.0.0.1:%d', logging_level='ERROR'); " \
+                "print(sum(n['Alive'] for n in ray.nodes()))" % gcs
+        deadline = time.time() + 120
+        while subprocess.run(["python", "-c", count], env=env, capture_output=True, text=True).stdout.strip() != "2":
+            assert time.time() < deadline and head.poll() is None and node.poll() is None, "cluster did not come up"
+            time.sleep(2)
+        r = subprocess.run(["raysft", "train", "configs/quickstart.yaml", f"output_dir={out}",
+                            f"cluster.address=127.0.0.1:{gcs}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        for p in (node, head):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    error = [line for line in r.stderr.splitlines() if line.startswith("raysft: error:")]
+    assert len(error) == 1 and re.fullmatch(
+        rf"raysft: error: output_dir: not shared with every node: 1 of 2 nodes \([0-9.]+ \(id [0-9a-f]{{8}}\)\) "
+        rf"do not see what the driver writes there \(got '{re.escape(str(out))}'\)\. fix: put output_dir and "
+        r"checkpoint\.storage_path on storage every node mounts at the same path \(NFS, a ReadWriteMany volume\); "
+        r"checkpoint\.storage_path may also be s3:// or gs://", error[0]), error
+    assert not os.path.exists(out / "prepared")  # nothing ran
+    assert [f for f in os.listdir(out) if f.startswith(".raysft-shared-check")] == []
+
+
 @pytest.mark.ray
 def test_resubmitting_the_same_run_replaces_the_finished_job_and_trains_nothing(tmp_path):
     """Two `cluster/submit.sh` calls on one running cluster: the second reuses the id and finds the run done."""
