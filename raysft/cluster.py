@@ -32,6 +32,18 @@ def ensure_ray(cfg: Config) -> None:
              include_dashboard=os.environ.get("RAYSFT_DASHBOARD", "1") != "0")
 
 
+def auth_line() -> str:
+    """How this connection to Ray is authenticated, for the run's log."""
+    import ray
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    address = ray.get_runtime_context().gcs_address
+    if is_token_auth_enabled():
+        return f"ray: {address}, token authentication on"
+    return (f"ray: {address}, token authentication OFF (RAY_AUTH_MODE=disabled): anyone who reaches the cluster's "
+            "ports can run code on it")
+
+
 def check_shared_storage(cfg: Config) -> None:
     """Every node that can run a Train worker or a Ray Data task must see `output_dir` (prepared rows, metrics) and
     `checkpoint.storage_path` as the driver does: the driver writes a marker file in each, and a zero-CPU task pinned

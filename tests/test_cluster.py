@@ -43,6 +43,7 @@ def test_local_cluster_runs_the_quickstart_job_and_stops_only_itself(tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "Job 'raysft-run' succeeded" in log
+    assert re.search(r"ray: 127\.0\.0\.1:\d+, token authentication on", log)  # the job's driver, on ray start's cluster
     assert os.path.exists(os.path.join(out, "ray", "run", "checkpoint_00000004", "manifest.json"))
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
     temp_dir = re.search(r"logs: (/tmp/raysft-ray-\w+)/", log).group(1)
@@ -226,6 +227,57 @@ def test_elastic_mode_continues_on_fewer_workers_after_losing_a_node(multinode, 
     reference = read_metrics(multinode[0])
     for a, b in zip(metrics, reference):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"], (a["step"], a["loss"], b["loss"])
+
+
+IN_PROCESS_RAY = """
+import json, os, sys, time
+os.environ["RAYSFT_DASHBOARD"] = "1"
+from raysft.cluster import auth_line, ensure_ray
+from raysft.config import load_config
+ensure_ray(load_config("configs/quickstart.yaml", ["output_dir=" + sys.argv[1], "cluster.num_cpus=1"]))
+import ray
+print("READY " + json.dumps({"line": auth_line(), "gcs": ray.get_runtime_context().gcs_address,
+                             "dashboard": ray._private.worker.get_dashboard_url()}), flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.ray
+def test_token_authentication_is_on_when_raysft_starts_ray_itself(tmp_path):
+    """`raysft train` without an address starts Ray in-process: its GCS refuses a client with a wrong token, its
+    dashboard (on 127.0.0.1) refuses a request without one, and the run's log says so. (cluster/local.sh: see the
+    local-cluster test; KubeRay: the manifest test.)"""
+    import json as _json
+    import signal
+    import urllib.error
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    proc = subprocess.Popen(["python", "-c", IN_PROCESS_RAY, str(tmp_path / "run")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY "), line
+        info = _json.loads(line[len("READY "):])
+        assert info["line"] == f"ray: {info['gcs']}, token authentication on"
+        assert info["dashboard"].startswith("127.0.0.1:")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://{info['dashboard']}/api/version", timeout=30)
+        assert refused.value.code in (401, 403)
+        token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
+        request = urllib.request.Request(f"http://{info['dashboard']}/api/version",
+                                         headers={"Authorization": f"Bearer {token}"})
+        assert urllib.request.urlopen(request, timeout=30).status == 200
+        probe = "import ray; ray.init(address='%s', logging_level='ERROR'); print('CONNECTED')" % info["gcs"]
+        wrong = subprocess.run(["python", "-c", probe], env={**env, "RAY_AUTH_MODE": "token",
+                                                           "RAY_AUTH_TOKEN": "not-the-token"},
+                               capture_output=True, text=True, timeout=120)
+        assert "CONNECTED" not in wrong.stdout and wrong.returncode != 0
+        right = subprocess.run(["python", "-c", probe], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                               text=True, timeout=120)  # the token file Ray made (~/.ray/auth_token)
+        assert "CONNECTED" in right.stdout, right.stderr[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def free_port():

@@ -95,13 +95,14 @@ def check_resources(cfg: Config) -> None:
 def train(config_path: Optional[str], overrides: list[str], log: Callable[[str], None] = print,
           cfg: Optional[Config] = None) -> dict:
     """Run (or resume, or recognise as finished) the training run; returns a summary dict."""
-    from raysft.cluster import check_shared_storage, ensure_ray, logical_cpus
+    from raysft.cluster import auth_line, check_shared_storage, ensure_ray, logical_cpus
     from raysft.data.pipeline import prepare, summary
     from raysft.train.schedule import Schedule
 
     cfg = cfg or load_config(config_path, overrides)
     preflight(cfg)
     ensure_ray(cfg)
+    log(auth_line())
     check_resources(cfg)
     check_shared_storage(cfg)
     prepared, manifest = prepare(cfg, log=log, cpus=logical_cpus(cfg))
