@@ -261,8 +261,9 @@ def _type_name(tp) -> str:
     tp, _ = _unwrap_optional(tp)
     if typing.get_origin(tp) is Literal:
         return " | ".join(map(str, typing.get_args(tp)))
-    if tp is int:
-        return "an integer"
+    simple = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    if tp in simple:
+        return simple[tp]
     if typing.get_origin(tp) is list:
         return f"a list of {'integers' if typing.get_args(tp) == (int,) else 'strings'}"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

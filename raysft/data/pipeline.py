@@ -137,11 +137,26 @@ def _rows_table(examples: list, s: dict) -> pa.Table:
 
 
 def _process_chunks(batch: dict, s: dict) -> pa.Table:
-    """Ray Data UDF: chunk rows -> training rows (packed or one example per row), plus counts on disk."""
+    """Ray Data UDF: chunk rows -> training rows (packed or one example per row), plus counts on disk.
+
+    A user's mistake (a bad record under on_bad_record=error, an unreadable file) is written to `errors/` for the
+    driver to raise as itself, instead of failing the task: a failed task makes Ray Data log pages of traceback
+    for what is one line of the user's data. Once an error exists, the remaining chunks are skipped.
+    """
     tables = []
+    errors = os.path.join(s["work_dir"], "errors")
     for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
         chunk = Chunk(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
-        examples, counts, rejects, held = chunk_to_examples(chunk, s)
+        if os.listdir(errors):
+            continue
+        try:
+            examples, counts, rejects, held = chunk_to_examples(chunk, s)
+        except UserError as exc:
+            info = {"args": list(exc.args)}
+            if isinstance(exc, RecordError):
+                info = {"record": [exc.reason, exc.message, exc.where]}
+            _write_atomic(os.path.join(errors, f"{s['split']}-{chunk.index:06d}.json"), json.dumps(info))
+            continue
         name = f"{s['split']}-{chunk.index:06d}"
         if rejects:
             _write_atomic(os.path.join(s["work_dir"], "rejects", f"{name}.jsonl"),
@@ -205,6 +220,17 @@ def _run_split(split: str, chunks: list[Chunk], settings: dict, out_dir: str) ->
     ds = ds.map_batches(_process_chunks, batch_size=1, batch_format="numpy",
                         fn_kwargs={"s": {**settings, "split": split}})
     ds.write_parquet(out_dir, min_rows_per_file=1)
+
+
+def _first_task_error(work: str) -> Optional[UserError]:
+    """The user error a chunk task recorded (see `_process_chunks`), the first in input order."""
+    found = sorted(glob.glob(os.path.join(work, "errors", "*.json")), key=lambda p: (
+        not os.path.basename(p).startswith("train"), os.path.basename(p)))
+    if not found:
+        return None
+    with open(found[0], encoding="utf-8") as f:
+        info = json.load(f)
+    return RecordError(*info["record"]) if "record" in info else UserError(*info["args"])
 
 
 def _unwrap_user_error(exc: BaseException) -> Optional[UserError]:
@@ -303,7 +329,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
             start_ray()
         os.makedirs(os.path.dirname(final), exist_ok=True)
         work = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        for sub in ("stats", "rejects"):
+        for sub in ("stats", "rejects", "errors"):
             os.makedirs(os.path.join(work, sub))
         shutil.copytree(staging, os.path.join(work, "tokenizer"))
     finally:
@@ -315,6 +341,12 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
         for split, chunks in (("train", train_chunks), ("eval", eval_chunks)):
             if chunks:
                 _run_split(split, chunks, settings, os.path.join(work, split))
+            user = _first_task_error(work)
+            if user is not None:
+                shutil.rmtree(work, ignore_errors=True)
+                raise user
+    except UserError:
+        raise
     except Exception as exc:
         shutil.rmtree(work, ignore_errors=True)
         user = _unwrap_user_error(exc)

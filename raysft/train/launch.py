@@ -36,6 +36,11 @@ def preflight(cfg: Config) -> None:
     """Checks that need no Ray: model config loadable, storage writable."""
     from transformers import AutoConfig
 
+    name = cfg.model.name_or_path
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(name):
+        raise UserError(format_error("model.name_or_path", "no such model folder", name,
+                                     "give a folder with the model's config.json, or a hub id such as "
+                                     "Qwen/Qwen2.5-0.5B-Instruct"))
     try:
         AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as exc:
@@ -54,6 +59,11 @@ def preflight(cfg: Config) -> None:
         except OSError as exc:
             raise UserError(format_error(key, "storage is not writable", path,
                                          f"choose a folder you can write ({exc.strerror})")) from exc
+    from raysft.data.sources import expand
+
+    for key, files in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
+        if files:
+            expand(files, key)  # a path or glob that matches nothing fails here, before Ray starts
     if cfg.train.backend == "hf":
         from raysft.train.hf_worker import check_hf_args
 
