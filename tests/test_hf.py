@@ -141,3 +141,33 @@ def test_hf_sigkill_of_a_worker_process_resumes_and_ends_identical(runs, tmp_pat
     assert [m["loss"] for m in ms] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
     a, b = weights(ref["final"]), weights(outcome["result"]["final"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hf_worker_killed_while_writing_a_checkpoint_never_uses_the_half_written_one(runs, tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """Rank 0 stops inside its step-10 checkpoint, after every rank uploaded its files and before the manifest, and
+    is SIGKILLed: storage holds a step-10 folder Ray has committed but raysft never verified; the run resumes from
+    step 5, not 10, and ends identical to the uninterrupted run."""
+    import signal
+
+    from raysft import checkpoint as ckpt
+    from raysft.train.launch import PAUSE_IN_CHECKPOINT_STEP
+
+    ref_cfg, ref = runs["hf"]
+    monkeypatch.setenv(PAUSE_IN_CHECKPOINT_STEP, "10")
+    cfg = hf_config(tmp_path, tiny_model_dir, "halfckpt", "hf")
+    marker = os.path.join(cfg.output_dir, ".paused-in-checkpoint-step10")
+    step10 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(10))
+    thread, outcome = train_in_thread(cfg)
+    wait_for(lambda: os.path.exists(marker) and open(marker).read().strip()
+             and os.path.exists(os.path.join(step10, "files.rank0.json"))
+             and os.path.exists(os.path.join(step10, "files.rank1.json")), thread)
+    assert ckpt.verify(step10) == "no valid manifest.json (FileNotFoundError)"  # half-written in storage
+    os.kill(int(open(marker).read()), signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    ms = read_metrics(cfg.output_dir)
+    assert max(m["resumed_from"] for m in ms) == 5
+    assert [m["loss"] for m in ms] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
+    a, b = weights(ref["final"]), weights(outcome["result"]["final"])
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -309,11 +309,15 @@ def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_che
     cfg = run_config(tmp_path, tiny_model_dir, "halfckpt", cluster={"max_failures": 2})
     marker = os.path.join(cfg.output_dir, ".paused-in-checkpoint-step4")
     thread, outcome = train_in_thread(cfg)
+    step4 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(4))
     wait_for(lambda: os.path.exists(marker) and open(marker).read().strip(), thread)
-    os.kill(int(open(marker).read()), signal.SIGKILL)  # rank 0 dies with its step-4 files half-written
+    # every rank's files are in storage (Ray committed them), the manifest is not: rank 0 dies before verifying
+    assert {"files.rank0.json", "files.rank1.json"} <= set(os.listdir(step4))
+    assert ckpt.verify(step4) == "no valid manifest.json (FileNotFoundError)"
+    os.kill(int(open(marker).read()), signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
-    assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) == 2  # not the half-written step 4
+    assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) == 2  # not the unverified step 4
     assert_same_as_reference(reference, cfg, outcome["result"])
 
 

@@ -119,7 +119,7 @@ def write_run_files(local: str, cfg, job: dict, state: dict) -> None:
     shutil.copytree(os.path.join(job["prepared"], "tokenizer"), os.path.join(local, "tokenizer"))
 
 
-def report_checkpoint(local: str, step: int, metrics: dict, cfg, rank: int, world: int, log) -> None:
+def report_checkpoint(local: str, step: int, metrics: dict, cfg, job: dict, rank: int, world: int, log) -> None:
     """Every rank: list its files and report its folder. Rank 0: once Ray has committed every rank's files,
     check them and write the manifest (only then is it a checkpoint), and prune older ones."""
     import ray.train
@@ -129,6 +129,7 @@ def report_checkpoint(local: str, step: int, metrics: dict, cfg, rank: int, worl
 
     ckpt.write_rank_files(local, rank)
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=ckpt.dir_name(step))
+    pause_in_checkpoint(job, cfg, step, rank)  # tests: every rank's files are in storage, the manifest is not
     if rank == 0:
         reported = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         path = next(r.checkpoint.path for r in reported if r.checkpoint.path.endswith(ckpt.dir_name(step)))
@@ -139,7 +140,9 @@ def report_checkpoint(local: str, step: int, metrics: dict, cfg, rank: int, worl
 
 
 def pause_in_checkpoint(job: dict, cfg, step: int, rank: int) -> None:
-    """Tests only (launch.PAUSE_IN_CHECKPOINT_STEP): hold still, half-written, until killed (pid in a marker)."""
+    """Tests only (launch.PAUSE_IN_CHECKPOINT_STEP): hold still until killed (pid in a marker), after the ranks
+    uploaded their files and before rank 0 has verified them and written the manifest: a checkpoint that Ray has
+    but raysft must never use."""
     if job.get("pause_in_checkpoint_step") == step and rank == job.get("fail_rank", 0):
         marker = os.path.join(cfg.output_dir, f".paused-in-checkpoint-step{step}")
         if not os.path.exists(marker):

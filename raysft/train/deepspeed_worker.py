@@ -163,7 +163,6 @@ def train_loop(job: dict) -> None:
     def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
         local = tempfile.mkdtemp(prefix="raysft-ckpt-")
         engine.save_checkpoint(os.path.join(local, "model"), tag=f"step{step}", exclude_frozen_parameters=lora)
-        common.pause_in_checkpoint(job, cfg, step, rank)
         os.makedirs(os.path.join(local, "rng"))
         torch.save(_rng_state(), os.path.join(local, "rng", f"rank{rank}.pt"))
         if final:
@@ -180,7 +179,7 @@ def train_loop(job: dict) -> None:
                 "tokens_seen": steps.tokens_seen, "seed": t.seed, "fingerprint": job["fingerprint"],
                 "world_size": world, "backend": "deepspeed", "zero_stage": t.zero_stage, "lora": lora,
                 "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size, "final": final})
-        common.report_checkpoint(local, step, metrics, cfg, rank, world, log)
+        common.report_checkpoint(local, step, metrics, cfg, job, rank, world, log)
 
     # ------------------------------------------------------------------ loop
     writer = MetricsWriter(cfg.output_dir) if rank == 0 else None

@@ -215,7 +215,6 @@ def train_loop(job: dict) -> None:
             step, final = state.global_step, state.global_step == schedule.total_steps
             local = tempfile.mkdtemp(prefix="raysft-ckpt-")
             shutil.move(os.path.join(args.output_dir, f"checkpoint-{step}"), os.path.join(local, "model"))
-            common.pause_in_checkpoint(job, cfg, step, rank)
             if final:
                 trainer.model_wrapped.eval()
                 probe = common.probe(forward, rows, args.device)
@@ -228,7 +227,7 @@ def train_loop(job: dict) -> None:
                     "tokens_seen": steps.tokens_seen, "seed": t.seed, "fingerprint": job["fingerprint"],
                     "world_size": world, "backend": "hf", "zero_stage": t.zero_stage, "lora": bool(t.lora.r),
                     "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size, "final": final})
-            common.report_checkpoint(local, step, self.metrics, cfg, rank, world, log)
+            common.report_checkpoint(local, step, self.metrics, cfg, job, rank, world, log)
             common.maybe_fail(job, cfg, step, rank)
             return control
 
