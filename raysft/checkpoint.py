@@ -162,3 +162,22 @@ def prune(run_dir: str, keep: int, log: Callable[[str], None] = print) -> list[s
 def read_state(path: str) -> dict:
     fs, root = _fs(path)
     return _read_json(fs, f"{root}/{STATE}")
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints
+
+
+def forget_ray_snapshot(run_dir: str) -> bool:
+    """Delete Ray Train's checkpoint list of the run before a new driver starts it again; True when there was one.
+
+    raysft prunes checkpoints after verifying newer ones (`prune`), so Ray's list can name folders that are gone,
+    and Ray Train then refuses to start the run ("The run snapshot contains a reference to a checkpoint that does
+    not exist anymore"). Without the list Ray starts with a clean state, which it supports; raysft resumes from its
+    own verified checkpoints (`latest_good`), never from Ray's list.
+    """
+    fs, root = _fs(run_dir)
+    path = f"{root}/{RAY_SNAPSHOT}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    fs.delete_file(path)
+    return True

@@ -50,7 +50,11 @@ def _module_weights(path: str) -> dict:
 
             names = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
             if not names:
-                raise
+                blocked = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+                raise UserError(format_error(path, "refusing to load: the file asks to run "
+                                             f"{blocked[0] if blocked else 'code'} when unpickled",
+                                             fix="export a checkpoint you wrote; this file was not made by DeepSpeed "
+                                             "for raysft")) from None
             module, _, name = names[0].rpartition(".")
             allowed.append((type(name, (_Inert,), {"__module__": module}), names[0]))
     raise RuntimeError(f"{path}: too many non-tensor objects to load safely")

@@ -96,3 +96,46 @@ def test_prune_keeps_the_newest_good_checkpoints_and_never_the_last_good_one(run
     os.remove(os.path.join(run_dir, "checkpoint_00000006", ckpt.MANIFEST))  # the newest is no longer good
     assert ckpt.prune(run_dir, keep=1, log=lambda s: None) == [os.path.join(run_dir, "checkpoint_00000006")]
     assert ckpt.latest_good(run_dir) == os.path.join(run_dir, "checkpoint_00000004")  # the last good one stays
+
+
+class _Payload:
+    """What a tampered checkpoint could hold: unpickling it would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+class ConfigLike:
+    """Stands for the config objects DeepSpeed pickles into its model file."""
+
+    def __init__(self, stage):
+        self.stage = stage
+
+
+def test_export_reads_deepspeed_model_files_without_running_pickled_code(tmp_path):
+    """ZeRO-0 export reads DeepSpeed's model file with torch.load(weights_only=True): tensors come back, an
+    object of some class is replaced by an inert stand-in (its code never runs), and a file that asks to call a
+    function such as os.system is refused."""
+    import torch
+
+    from raysft.config import Config
+    from raysft.errors import UserError
+    from raysft.export import _module_weights
+
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.arange(4.0)}, "ds_config": ConfigLike(2)}, path)
+    weights = _module_weights(str(path))
+    assert list(weights) == ["w"] and torch.equal(weights["w"], torch.arange(4.0))
+    marker = tmp_path / "pwned"
+    torch.save({"module": {"w": torch.arange(4.0)}, "ds_config": _Payload(marker)}, path)
+    with pytest.raises(UserError) as info:
+        _module_weights(str(path))
+    assert str(info.value) == (f"{path}: refusing to load: the file asks to run posix.system when unpickled. fix: "
+                               "export a checkpoint you wrote; this file was not made by DeepSpeed for raysft")
+    assert not marker.exists()
+    assert Config().model.trust_remote_code is False  # a model folder's own code runs only when asked for

@@ -171,3 +171,32 @@ def test_hf_worker_killed_while_writing_a_checkpoint_never_uses_the_half_written
     assert [m["loss"] for m in ms] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
     a, b = weights(ref["final"]), weights(outcome["result"]["final"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_an_hf_run_on_another_worker_count_or_backend_is_refused_before_training(runs, tmp_path):
+    import dataclasses
+    import shutil
+
+    from raysft.errors import UserError
+
+    cfg, _ = runs["hf"]
+    out = str(tmp_path / "copy")
+    shutil.copytree(cfg.output_dir, out)
+    shutil.rmtree(os.path.join(out, "ray", "run", "checkpoint_00000020"))  # the run stopped after step 15
+    good = os.path.join(out, "ray", "run", "checkpoint_00000015")
+    moved = dataclasses.replace(cfg, output_dir=out, checkpoint=dataclasses.replace(
+        cfg.checkpoint, storage_path=os.path.join(out, "ray")))
+    one = dataclasses.replace(moved, cluster=dataclasses.replace(cfg.cluster, num_workers=1))
+    with pytest.raises(UserError) as info:
+        train(None, [], cfg=one, log=lambda s: None)
+    assert str(info.value) == (
+        f"cluster.num_workers: {good} was written by 2 workers and the hf backend resumes only on as many (got 1). "
+        "fix: resume with cluster.num_workers=2 (the deepspeed backend converts to DeepSpeed's universal checkpoint "
+        "for another count)")
+    other = dataclasses.replace(moved, train=dataclasses.replace(cfg.train, backend="deepspeed"))
+    with pytest.raises(UserError) as info:
+        train(None, [], cfg=other, log=lambda s: None)
+    assert str(info.value) == (
+        f"train.backend: {good} was written by the hf backend (got 'deepspeed'). fix: resume with train.backend=hf, "
+        "or export it (raysft export) and start a new run from the exported model")
+    assert max(m["step"] for m in read_metrics(out)) == 20  # nothing trained

@@ -321,6 +321,29 @@ def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_che
     assert_same_as_reference(reference, cfg, outcome["result"])
 
 
+def test_a_failed_run_started_again_after_pruning_resumes(reference, tmp_path, tiny_model_dir, monkeypatch):
+    """keep=1: after committing step 4 raysft deletes step 2, which Ray Train's own checkpoint list still names. The
+    run fails (no retries left); starting it again must resume from step 4 (Ray refused to start a run whose list
+    names a missing checkpoint, until raysft cleared that list) and end identical."""
+    import dataclasses
+
+    cfg = run_config(tmp_path, tiny_model_dir, "pruned", cluster={"max_failures": 0})
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, keep=1))
+    monkeypatch.setenv(FAIL_AFTER_STEP, "4")
+    with pytest.raises(Exception, match="injected failure after step 4"):
+        train(None, [], cfg=cfg, log=lambda s: None)
+    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
+    assert sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint_0")) == ["checkpoint_00000004"]
+    assert "checkpoint_00000002" in open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")).read()
+    monkeypatch.delenv(FAIL_AFTER_STEP)
+    logs = []
+    result = train(None, [], cfg=cfg, log=logs.append)
+    assert f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints" \
+        in logs
+    assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) == 4
+    assert_same_as_reference(reference, cfg, result)
+
+
 @pytest.mark.parametrize("what", ["driver", "driver-and-its-ray"])
 def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir,
                                                                              what):

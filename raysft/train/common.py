@@ -55,13 +55,40 @@ class StepMetrics:
              "padding_fraction": 1 - real_tokens / processed, "data_wait": data_time / self.world / step_time,
              "step_time": step_time,
              "eta_s": (time.time() - self.t_start) / self.steps_timed * (self.schedule.total_steps - step),
-             "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "resumed_from": self.resumed_from}
+             "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "resumed_from": self.resumed_from,
+             "time": time.time()}
         if self.peak:
             flops_per_token = 6 * self.n_params + 6 * self.layers * self.hidden * processed / len(global_rows)
             m["mfu"] = real_tokens / step_time * flops_per_token / (self.peak * self.world)
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss}. fix: lower train.lr, or use bf16/fp32")
         return m
+
+
+class ReportGate:
+    """When a metrics-only `ray.train.report` may go out without stalling training.
+
+    Ray Train 2.60 hands each report to the controller through a queue of size one that the controller drains once
+    per health check (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s): a second report within that interval blocks the
+    worker until the first is collected (measured: 40 tiny steps logged every step took 107 s, every 20 steps 31 s).
+    Rank 0's clock decides; the decision rides on the per-step all-reduce the workers do anyway (`vote()` is summed
+    over ranks), so every rank makes the same number of report calls, which Ray Train requires.
+    Checkpoint reports are never skipped.
+    """
+
+    def __init__(self, rank: int):
+        self.rank, self.last = rank, 0.0
+        self.interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+
+    def vote(self) -> float:
+        return float(self.rank == 0 and time.time() - self.last >= self.interval)
+
+    def report(self, metrics: dict, votes: float) -> None:
+        import ray.train
+
+        if votes > 0:
+            ray.train.report(metrics)
+            self.last = time.time()
 
 
 def trained_tokens(rows, schedule, step: int) -> int:

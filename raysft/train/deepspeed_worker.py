@@ -185,6 +185,7 @@ def train_loop(job: dict) -> None:
     writer = MetricsWriter(cfg.output_dir) if rank == 0 else None
     steps = common.StepMetrics(schedule, rows, world, n_params, model.config, common.gpu_peak(c.use_gpu), start_step,
                                samples_seen, tokens_seen)
+    gate = common.ReportGate(rank)
     engine.train()
     for step in range(start_step + 1, schedule.total_steps + 1):
         t0 = time.time()
@@ -199,7 +200,7 @@ def train_loop(job: dict) -> None:
             engine.step()
             loss_sum += loss.detach()
             processed += batch["input_ids"].numel()
-        stats = torch.tensor([loss_sum.item(), processed, data_time], dtype=torch.float64, device=device)
+        stats = torch.tensor([loss_sum.item(), processed, data_time, gate.vote()], dtype=torch.float64, device=device)
         dist.all_reduce(stats)
         metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0,
                         scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
@@ -216,8 +217,9 @@ def train_loop(job: dict) -> None:
                 writer.write(metrics)
         if checkpoint_due:
             save_checkpoint(step, metrics, final)
+            gate.last = time.time()
         elif step % t.log_every_steps == 0 or "eval_loss" in metrics:
-            ray.train.report(metrics)
+            gate.report(metrics, stats[3].item())
         common.maybe_fail(job, cfg, step, rank)
     if writer:
         writer.close()

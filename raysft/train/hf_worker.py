@@ -176,6 +176,8 @@ def train_loop(job: dict) -> None:
         return trainer.model_wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                      use_cache=False).logits
 
+    gate = common.ReportGate(rank)
+
     class _Raysft(TrainerCallback):
         metrics: dict = {}
         t0 = time.time()
@@ -185,7 +187,7 @@ def train_loop(job: dict) -> None:
 
         def on_step_end(self, args, state, control, **kw):
             step = state.global_step
-            stats = torch.tensor([trainer.step_loss, trainer.processed, data_time[0]], dtype=torch.float64,
+            stats = torch.tensor([trainer.step_loss, trainer.processed, data_time[0], gate.vote()], dtype=torch.float64,
                                  device=args.device)
             dist.all_reduce(stats)
             trainer.step_loss, trainer.processed, data_time[0] = 0.0, 0, 0.0
@@ -207,7 +209,7 @@ def train_loop(job: dict) -> None:
                 control.should_save = True  # the Trainer saves, then calls on_save
                 return control
             if step % t.log_every_steps == 0 or "eval_loss" in m:
-                ray.train.report(m)
+                gate.report(m, stats[3].item())
             common.maybe_fail(job, cfg, step, rank)
             return control
 
@@ -228,6 +230,7 @@ def train_loop(job: dict) -> None:
                     "world_size": world, "backend": "hf", "zero_stage": t.zero_stage, "lora": bool(t.lora.r),
                     "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size, "final": final})
             common.report_checkpoint(local, step, self.metrics, cfg, job, rank, world, log)
+            gate.last = time.time()
             common.maybe_fail(job, cfg, step, rank)
             return control
 

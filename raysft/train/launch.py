@@ -152,6 +152,8 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
         if workers[0] == workers[1] != state["world_size"] and state.get("zero_stage", 0) >= 1:
             # only when there is training left to do; in elastic mode rank 0 converts once the size is known
             universal = to_universal(good, state, cfg.output_dir, workers[0], log)
+    if ckpt.forget_ray_snapshot(run_dir):
+        log(f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints")
     vocab_grew = manifest["tokenizer"]["vocab_size"] > _model_vocab(cfg)
     result = fit(cfg, prepared, manifest["fingerprint"], universal,
                  extra={"has_eval": bool(manifest.get("eval") and manifest["eval"]["rows"]), "vocab_grew": vocab_grew})

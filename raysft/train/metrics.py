@@ -37,7 +37,7 @@ class MetricsWriter:
         self.jsonl.write(json.dumps(m) + "\n")
         self.jsonl.flush()
         for k, v in m.items():
-            if k not in ("step", "total_steps") and isinstance(v, (int, float)):
+            if k not in ("step", "total_steps", "time") and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, m["step"])
         self.tb.flush()
 
