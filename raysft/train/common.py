@@ -15,6 +15,45 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "B200": 2250e12}
 
 
+def setup(job: dict, gradient_checkpointing: bool):
+    """What both workers start with: config, rank and world, rank-0 log, tokenizer, rows, schedule, and the model
+    (seeded, LoRA applied); returned as a namespace. Sets DS_ACCELERATOR before anything imports DeepSpeed."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from raysft.config import from_dict
+    from raysft.modeling import apply_lora, build_model, parameter_counts
+    from raysft.train.rows import PreparedRows
+    from raysft.train.schedule import Schedule
+
+    cfg = from_dict(job["config"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.cluster.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch
+    from transformers import AutoTokenizer
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(job["prepared"], "tokenizer"))
+    rows = PreparedRows(job["prepared"])
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
+                        dtype=t.dtype, attn_implementation=cfg.model.attn_implementation,
+                        trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=gradient_checkpointing)
+    model = apply_lora(model, t.lora, vocab_grew=job.get("vocab_grew", False))
+    return SimpleNamespace(
+        cfg=cfg, t=t, c=cfg.cluster, rank=rank, world=world, log=log, tokenizer=tokenizer, rows=rows,
+        eval_rows=PreparedRows(job["prepared"], "eval") if job.get("has_eval") else None,
+        schedule=Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps), model=model,
+        counts=parameter_counts(model), run_dir=os.path.join(cfg.checkpoint.storage_path, cfg.run_name))
+
+
 def gpu_peak(use_gpu: bool):
     import torch
 
@@ -127,6 +166,25 @@ def evaluate(forward, eval_rows, rank: int, world: int, micro_batch_size: int, p
     dist.all_reduce(sums)
     loss = (sums[0] / sums[1]).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(sums[1].item())}
+
+
+def eval_and_log(m: dict, w, forward, engine, device, start_step: int, writer) -> bool:
+    """After a step: eval when due (adds eval_loss/eval_ppl to `m`), then the step line and metrics.jsonl when due.
+    Returns whether a checkpoint is due at this step."""
+    from raysft.train.metrics import step_line
+
+    t, step = w.t, m["step"]
+    if w.eval_rows is not None and due(step, w.schedule.total_steps, t.eval_every_steps):
+        engine.eval()
+        m.update(evaluate(forward, w.eval_rows, w.rank, w.world, t.micro_batch_size, w.tokenizer.pad_token_id,
+                          device))
+        engine.train()
+    checkpoint = due(step, w.schedule.total_steps, w.cfg.checkpoint.every_steps)
+    if step % t.log_every_steps == 0 or checkpoint or step == start_step + 1 or "eval_loss" in m:
+        w.log(step_line(m))
+        if writer:
+            writer.write(m)
+    return checkpoint
 
 
 def due(step: int, total_steps: int, every: int) -> bool:

@@ -79,42 +79,21 @@ def train_loop(job: dict) -> None:
     import ray.train
 
     from raysft import checkpoint as ckpt
-    from raysft.config import from_dict
-    from raysft.modeling import apply_lora, build_model, collate, param_groups, parameter_counts, token_loss_sum
+    from raysft.modeling import collate, param_groups, token_loss_sum
     from raysft.train import common
-    from raysft.train.metrics import MetricsWriter, step_line
-    from raysft.train.rows import PreparedRows
-    from raysft.train.schedule import Schedule
+    from raysft.train.metrics import MetricsWriter
 
-    cfg = from_dict(job["config"])
-    t, c = cfg.train, cfg.cluster
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not c.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    w = common.setup(job, gradient_checkpointing=job["config"]["train"]["gradient_checkpointing"])
+    cfg, t, c, rank, world, log = w.cfg, w.t, w.c, w.rank, w.world, w.log
+    tokenizer, rows, schedule, model, run_dir = w.tokenizer, w.rows, w.schedule, w.model, w.run_dir
+    n_params, n_trainable = w.counts
     import deepspeed
     import torch
     import torch.distributed as dist
-    from transformers import AutoTokenizer, get_scheduler
-
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(msg, flush=True)
+    from transformers import get_scheduler
 
     device = ray.train.torch.get_device() if c.use_gpu else torch.device("cpu")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(job["prepared"], "tokenizer"))
-    rows = PreparedRows(job["prepared"])
-    eval_rows = PreparedRows(job["prepared"], "eval") if job.get("has_eval") else None
-    schedule = Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
-                        dtype=t.dtype, attn_implementation=cfg.model.attn_implementation,
-                        trust_remote_code=cfg.model.trust_remote_code,
-                        gradient_checkpointing=t.gradient_checkpointing)
-    model = apply_lora(model, t.lora, vocab_grew=job.get("vocab_grew", False))
-    n_params, n_trainable = parameter_counts(model)
     ds_config = deepspeed_config(t, c.use_gpu, world)
-    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     good = ckpt.latest_good(run_dir, warn=log)
     universal = job.get("universal")  # the driver converted a checkpoint of another worker count (launch.py)
     universal = universal if universal and good == universal["checkpoint"] else None
@@ -204,17 +183,8 @@ def train_loop(job: dict) -> None:
         dist.all_reduce(stats)
         metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0,
                         scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
-        if eval_rows is not None and common.due(step, schedule.total_steps, t.eval_every_steps):
-            engine.eval()
-            metrics.update(common.evaluate(forward, eval_rows, rank, world, t.micro_batch_size,
-                                           tokenizer.pad_token_id, device))
-            engine.train()
         final = step == schedule.total_steps
-        checkpoint_due = common.due(step, schedule.total_steps, cfg.checkpoint.every_steps)
-        if step % t.log_every_steps == 0 or checkpoint_due or step == start_step + 1 or "eval_loss" in metrics:
-            log(step_line(metrics))
-            if writer:
-                writer.write(metrics)
+        checkpoint_due = common.eval_and_log(metrics, w, forward, engine, device, start_step, writer)
         if checkpoint_due:
             save_checkpoint(step, metrics, final)
             gate.last = time.time()

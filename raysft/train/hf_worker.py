@@ -90,45 +90,25 @@ def train_loop(job: dict) -> None:
     import ray.train
 
     from raysft import checkpoint as ckpt
-    from raysft.config import from_dict
-    from raysft.modeling import apply_lora, build_model, collate, param_groups, parameter_counts
+    from raysft.modeling import collate, param_groups
     from raysft.train import common
     from raysft.train.deepspeed_worker import deepspeed_config
-    from raysft.train.metrics import MetricsWriter, step_line
-    from raysft.train.rows import PreparedRows
-    from raysft.train.schedule import Schedule
+    from raysft.train.metrics import MetricsWriter
 
-    cfg = from_dict(job["config"])
-    t, c = cfg.train, cfg.cluster
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not c.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    w = common.setup(job, gradient_checkpointing=False)  # the Trainer turns it on (gradient_checkpointing below)
+    cfg, t, c, rank, world, log = w.cfg, w.t, w.c, w.rank, w.world, w.log
+    tokenizer, rows, schedule, model, run_dir = w.tokenizer, w.rows, w.schedule, w.model, w.run_dir
+    n_params, n_trainable = w.counts
     import torch
     import torch.distributed as dist
     from torch.utils.data import DataLoader
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(msg, flush=True)
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(job["prepared"], "tokenizer"))
-    rows = PreparedRows(job["prepared"])
-    eval_rows = PreparedRows(job["prepared"], "eval") if job.get("has_eval") else None
-    schedule = Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps)
-    torch.manual_seed(t.seed)
-    model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
-                        dtype=t.dtype, attn_implementation=cfg.model.attn_implementation,
-                        trust_remote_code=cfg.model.trust_remote_code)  # the Trainer turns on checkpointing
-    model = apply_lora(model, t.lora, vocab_grew=job.get("vocab_grew", False))
-    n_params, n_trainable = parameter_counts(model)
     ds_config = deepspeed_config(t, c.use_gpu, world)
     del ds_config["optimizer"]  # the Trainer's torch AdamW on the same groups (create_optimizer below)
     accumulation = ds_config["gradient_accumulation_steps"]
-    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     good = ckpt.latest_good(run_dir, warn=log)
     start_step, samples_seen, tokens_seen = 0, 0, 0
     if good is not None:
@@ -194,17 +174,8 @@ def train_loop(job: dict) -> None:
             engine = trainer.model_wrapped
             m = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - self.t0,
                       trainer.lr_scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
-            if eval_rows is not None and common.due(step, schedule.total_steps, t.eval_every_steps):
-                engine.eval()
-                m.update(common.evaluate(forward, eval_rows, rank, world, t.micro_batch_size,
-                                         tokenizer.pad_token_id, args.device))
-                engine.train()
+            due = common.eval_and_log(m, w, forward, engine, args.device, start_step, writer)
             self.metrics = m
-            due = common.due(step, schedule.total_steps, cfg.checkpoint.every_steps)
-            if step % t.log_every_steps == 0 or due or step == start_step + 1 or "eval_loss" in m:
-                log(step_line(m))
-                if writer:
-                    writer.write(m)
             if due:
                 control.should_save = True  # the Trainer saves, then calls on_save
                 return control
