@@ -42,8 +42,9 @@ def test_new_chatml_tokens_train_their_embeddings_with_the_adapter(tiny_pretrain
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("backend", ["deepspeed", "hf"])
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+# every ZeRO stage on at least one backend, both backends at stage 3 (hf at stage 2: the shipped-config test below);
+# the other four pairs pass too (run with this list set to the full 2 x 4 product), left out to keep CI short
+@pytest.mark.parametrize("backend, zero_stage", [("deepspeed", 1), ("deepspeed", 3), ("hf", 0), ("hf", 3)])
 def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path, tiny_pretrained_dir, ray_session,
                                                                         backend, zero_stage, capsys):
     from peft import PeftModel

@@ -361,7 +361,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
                                                                                 "vocab_size": len(tokenizer)},
                 "rejects_file": "rejects.jsonl" if _merge_rejects(work) else None,
                 "seconds": round(time.time() - t0, 2)}
-    shutil.rmtree(os.path.join(work, "stats"), ignore_errors=True)
+    for sub in ("stats", "errors"):
+        shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
     if train["rows"] == 0:
         shutil.rmtree(work, ignore_errors=True)
         raise UserError(f"data.train_files: no training rows from {train['records_read']} records "
