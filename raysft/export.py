@@ -125,15 +125,12 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
 
 def _with_adapter(cfg, tokenizer, adapter: dict, checkpoint_path: str):
     """The base model (from model.name_or_path, as the workers built it) with the checkpoint's adapter loaded."""
-    from transformers import AutoConfig
+    from raysft.modeling import apply_lora, build_model, vocab_grows
 
-    from raysft.modeling import apply_lora, build_model
-
-    base_vocab = AutoConfig.from_pretrained(cfg.model.name_or_path,
-                                            trust_remote_code=cfg.model.trust_remote_code).get_text_config().vocab_size
     base = build_model(cfg.model.name_or_path, len(tokenizer), seed=cfg.train.seed, dtype="fp32",
                        trust_remote_code=cfg.model.trust_remote_code)
-    model = apply_lora(base, cfg.train.lora, vocab_grew=len(tokenizer) > base_vocab)
+    model = apply_lora(base, cfg.train.lora, vocab_grew=vocab_grows(cfg.model.name_or_path, len(tokenizer),
+                                                                    cfg.model.trust_remote_code))
     model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
     missing, unexpected = model.load_state_dict(adapter, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

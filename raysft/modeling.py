@@ -88,6 +88,14 @@ def peft_config(lora):
                       target_modules="all-linear" if targets == ["all-linear"] else list(targets))
 
 
+def vocab_grows(name_or_path: str, vocab_size: int, trust_remote_code: bool = False) -> bool:
+    """Whether a tokenizer of `vocab_size` tokens (the ChatML tokens added) outgrows the model's embeddings."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return vocab_size > getattr(config.get_text_config(), "vocab_size", 0)
+
+
 def apply_lora(model, lora, vocab_grew: bool = False):
     """The model with LoRA adapters (only they train), or the model itself when train.lora.r is 0.
 

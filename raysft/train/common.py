@@ -15,9 +15,10 @@ GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "B200": 2250e12}
 
 
-def setup(job: dict, gradient_checkpointing: bool):
+def setup(job: dict, trainer_checkpoints_activations: bool = False):
     """What both workers start with: config, rank and world, rank-0 log, tokenizer, rows, schedule, and the model
-    (seeded, LoRA applied); returned as a namespace. Sets DS_ACCELERATOR before anything imports DeepSpeed."""
+    (seeded, LoRA applied); returned as a namespace. Sets DS_ACCELERATOR before anything imports DeepSpeed.
+    `train.gradient_checkpointing` is turned on here, unless the Trainer turns it on itself."""
     from types import SimpleNamespace
 
     import ray.train
@@ -45,13 +46,29 @@ def setup(job: dict, gradient_checkpointing: bool):
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
                         dtype=t.dtype, attn_implementation=cfg.model.attn_implementation,
-                        trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=gradient_checkpointing)
+                        trust_remote_code=cfg.model.trust_remote_code,
+                        gradient_checkpointing=t.gradient_checkpointing and not trainer_checkpoints_activations)
     model = apply_lora(model, t.lora, vocab_grew=job.get("vocab_grew", False))
     return SimpleNamespace(
         cfg=cfg, t=t, c=cfg.cluster, rank=rank, world=world, log=log, tokenizer=tokenizer, rows=rows,
         eval_rows=PreparedRows(job["prepared"], "eval") if job.get("has_eval") else None,
         schedule=Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps), model=model,
         counts=parameter_counts(model), run_dir=os.path.join(cfg.checkpoint.storage_path, cfg.run_name))
+
+
+def lr_scheduler_name(name: str) -> str:
+    """train.lr_scheduler as transformers names it (its "constant" ignores warmup)."""
+    return "constant_with_warmup" if name == "constant" else name
+
+
+def checkpoint_state(w, job: dict, steps, step: int, backend: str) -> dict:
+    """The state.json of a checkpoint at `step` (the contract in raysft/checkpoint.py), for either backend."""
+    t, schedule = w.t, w.schedule
+    return {"step": step, "epoch": schedule.epoch_of(max(step - 1, 0)), "samples_seen": steps.samples_seen,
+            "tokens_seen": steps.tokens_seen, "seed": t.seed, "fingerprint": job["fingerprint"],
+            "world_size": w.world, "backend": backend, "zero_stage": t.zero_stage, "lora": bool(t.lora.r),
+            "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size,
+            "final": step == schedule.total_steps}
 
 
 def gpu_peak(use_gpu: bool):
@@ -204,23 +221,25 @@ def write_run_files(local: str, cfg, job: dict, state: dict) -> None:
     shutil.copytree(os.path.join(job["prepared"], "tokenizer"), os.path.join(local, "tokenizer"))
 
 
-def report_checkpoint(local: str, step: int, metrics: dict, cfg, job: dict, rank: int, world: int, log) -> None:
+def report_checkpoint(local: str, step: int, metrics: dict, w, job: dict, gate: "ReportGate") -> None:
     """Every rank: list its files and report its folder. Rank 0: once Ray has committed every rank's files,
-    check them and write the manifest (only then is it a checkpoint), and prune older ones."""
+    check them and write the manifest (only then is it a checkpoint), and prune older ones. The report counts for
+    `gate`: the next metrics-only report waits its interval."""
     import ray.train
     from ray.train import Checkpoint, CheckpointConsistencyMode
 
     from raysft import checkpoint as ckpt
 
-    ckpt.write_rank_files(local, rank)
+    ckpt.write_rank_files(local, w.rank)
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=ckpt.dir_name(step))
-    pause_in_checkpoint(job, cfg, step, rank)  # tests: every rank's files are in storage, the manifest is not
-    if rank == 0:
+    gate.last = time.time()
+    pause_in_checkpoint(job, w.cfg, step, w.rank)  # tests: every rank's files are in storage, the manifest is not
+    if w.rank == 0:
         reported = ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         path = next(r.checkpoint.path for r in reported if r.checkpoint.path.endswith(ckpt.dir_name(step)))
-        ckpt.commit(path, world)
-        log(f"checkpoint: step {step} committed at {path}")
-        ckpt.prune(os.path.join(cfg.checkpoint.storage_path, cfg.run_name), cfg.checkpoint.keep, log)
+        ckpt.commit(path, w.world)
+        w.log(f"checkpoint: step {step} committed at {path}")
+        ckpt.prune(w.run_dir, w.cfg.checkpoint.keep, w.log)
     shutil.rmtree(local, ignore_errors=True)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import tempfile
 import time
 
@@ -83,7 +82,7 @@ def train_loop(job: dict) -> None:
     from raysft.train import common
     from raysft.train.metrics import MetricsWriter
 
-    w = common.setup(job, gradient_checkpointing=job["config"]["train"]["gradient_checkpointing"])
+    w = common.setup(job)
     cfg, t, c, rank, world, log = w.cfg, w.t, w.c, w.rank, w.world, w.log
     tokenizer, rows, schedule, model, run_dir = w.tokenizer, w.rows, w.schedule, w.model, w.run_dir
     n_params, n_trainable = w.counts
@@ -95,10 +94,10 @@ def train_loop(job: dict) -> None:
     device = ray.train.torch.get_device() if c.use_gpu else torch.device("cpu")
     ds_config = deepspeed_config(t, c.use_gpu, world)
     good = ckpt.latest_good(run_dir, warn=log)
+    state = ckpt.read_state(good) if good is not None else None
     universal = job.get("universal")  # the driver converted a checkpoint of another worker count (launch.py)
     universal = universal if universal and good == universal["checkpoint"] else None
-    if good is not None and universal is None:
-        state = ckpt.read_state(good)
+    if state is not None and universal is None:
         if state["world_size"] != world and state.get("zero_stage", 0) >= 1:  # elastic mode restarted on another size
             from raysft.train.launch import to_universal, universal_location
 
@@ -111,8 +110,8 @@ def train_loop(job: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, config=ds_config, dist_init_required=False,
         model_parameters=param_groups(model, t.weight_decay),
-        lr_scheduler=lambda opt: get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else
-                                               "constant_with_warmup", opt, num_warmup_steps=t.warmup_steps,
+        lr_scheduler=lambda opt: get_scheduler(common.lr_scheduler_name(t.lr_scheduler), opt,
+                                               num_warmup_steps=t.warmup_steps,
                                                num_training_steps=schedule.total_steps))
     log(common.setup_line(n_params, n_trainable, t.lora.r, len(rows), schedule, world, t.micro_batch_size,
                           ds_config["gradient_accumulation_steps"], t.zero_stage, t.dtype, "deepspeed"))
@@ -120,8 +119,7 @@ def train_loop(job: dict) -> None:
     # ------------------------------------------------------------------ restore
     start_step, samples_seen, tokens_seen = 0, 0, 0
     lora = bool(t.lora.r)  # checkpoints hold the adapter only: the frozen base is the model folder's
-    if good is not None:
-        state = ckpt.read_state(good)
+    if state is not None:
         if universal:  # written by another number of workers: DeepSpeed re-partitions the optimizer state
             engine.load_checkpoint(universal["load_dir"], tag=universal["tag"], load_optimizer_states=True,
                                    load_lr_scheduler_states=True, load_module_strict=not lora)
@@ -153,12 +151,8 @@ def train_loop(job: dict) -> None:
                 torch.save(probe, os.path.join(local, "probe.pt"))
             (engine.module.get_base_model() if lora else engine.module).config.save_pretrained(
                 os.path.join(local, "model"))
-            common.write_run_files(local, cfg, job, {
-                "step": step, "epoch": schedule.epoch_of(max(step - 1, 0)), "samples_seen": steps.samples_seen,
-                "tokens_seen": steps.tokens_seen, "seed": t.seed, "fingerprint": job["fingerprint"],
-                "world_size": world, "backend": "deepspeed", "zero_stage": t.zero_stage, "lora": lora,
-                "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size, "final": final})
-        common.report_checkpoint(local, step, metrics, cfg, job, rank, world, log)
+            common.write_run_files(local, cfg, job, common.checkpoint_state(w, job, steps, step, "deepspeed"))
+        common.report_checkpoint(local, step, metrics, w, job, gate)
 
     # ------------------------------------------------------------------ loop
     writer = MetricsWriter(cfg.output_dir) if rank == 0 else None
@@ -187,7 +181,6 @@ def train_loop(job: dict) -> None:
         checkpoint_due = common.eval_and_log(metrics, w, forward, engine, device, start_step, writer)
         if checkpoint_due:
             save_checkpoint(step, metrics, final)
-            gate.last = time.time()
         elif step % t.log_every_steps == 0 or "eval_loss" in metrics:
             gate.report(metrics, stats[3].item())
         common.maybe_fail(job, cfg, step, rank)

@@ -69,11 +69,13 @@ def sft_config(cfg, output_dir: str, ds_config: dict, accumulation: int, total_s
     """The SFTConfig of a run: raysft's settings, then train.hf_args (checked by `check_hf_args`)."""
     from trl import SFTConfig
 
+    from raysft.train.common import lr_scheduler_name
+
     t = cfg.train
     return SFTConfig(
         output_dir=output_dir, per_device_train_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=accumulation, max_steps=total_steps,
-        learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
+        learning_rate=t.lr, lr_scheduler_type=lr_scheduler_name(t.lr_scheduler),
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         optim="adamw_torch", bf16=t.dtype == "bf16", fp16=t.dtype == "fp16", seed=t.seed, data_seed=t.seed,
         deepspeed=ds_config, gradient_checkpointing=t.gradient_checkpointing,
@@ -87,15 +89,13 @@ def sft_config(cfg, output_dir: str, ds_config: dict, accumulation: int, total_s
 def train_loop(job: dict) -> None:
     """Ray Train entry point; `job` as for the deepspeed worker (launch.fit)."""
     # ------------------------------------------------------------------ setup
-    import ray.train
-
     from raysft import checkpoint as ckpt
     from raysft.modeling import collate, param_groups
     from raysft.train import common
     from raysft.train.deepspeed_worker import deepspeed_config
     from raysft.train.metrics import MetricsWriter
 
-    w = common.setup(job, gradient_checkpointing=False)  # the Trainer turns it on (gradient_checkpointing below)
+    w = common.setup(job, trainer_checkpoints_activations=True)  # SFTConfig's gradient_checkpointing (sft_config)
     cfg, t, c, rank, world, log = w.cfg, w.t, w.c, w.rank, w.world, w.log
     tokenizer, rows, schedule, model, run_dir = w.tokenizer, w.rows, w.schedule, w.model, w.run_dir
     n_params, n_trainable = w.counts
@@ -195,13 +195,8 @@ def train_loop(job: dict) -> None:
             if rank == 0:
                 if final:
                     torch.save(probe, os.path.join(local, "probe.pt"))
-                common.write_run_files(local, cfg, job, {
-                    "step": step, "epoch": schedule.epoch_of(max(step - 1, 0)), "samples_seen": steps.samples_seen,
-                    "tokens_seen": steps.tokens_seen, "seed": t.seed, "fingerprint": job["fingerprint"],
-                    "world_size": world, "backend": "hf", "zero_stage": t.zero_stage, "lora": bool(t.lora.r),
-                    "total_steps": schedule.total_steps, "global_batch_size": t.global_batch_size, "final": final})
-            common.report_checkpoint(local, step, self.metrics, cfg, job, rank, world, log)
-            gate.last = time.time()
+                common.write_run_files(local, cfg, job, common.checkpoint_state(w, job, steps, step, "hf"))
+            common.report_checkpoint(local, step, self.metrics, w, job, gate)
             common.maybe_fail(job, cfg, step, rank)
             return control
 

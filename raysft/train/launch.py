@@ -154,7 +154,9 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
             universal = to_universal(good, state, cfg.output_dir, workers[0], log)
     if ckpt.forget_ray_snapshot(run_dir):
         log(f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints")
-    vocab_grew = manifest["tokenizer"]["vocab_size"] > _model_vocab(cfg)
+    from raysft.modeling import vocab_grows
+
+    vocab_grew = vocab_grows(cfg.model.name_or_path, manifest["tokenizer"]["vocab_size"], cfg.model.trust_remote_code)
     result = fit(cfg, prepared, manifest["fingerprint"], universal,
                  extra={"has_eval": bool(manifest.get("eval") and manifest["eval"]["rows"]), "vocab_grew": vocab_grew})
     good = ckpt.latest_good(run_dir, warn=log)
@@ -166,13 +168,6 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
     export(good, final_dir, log=log)
     log(f"train: loss curve {plot_loss(cfg.output_dir)}")
     return {"checkpoint": good, "final": final_dir, "trained": True, "step": schedule.total_steps}
-
-
-def _model_vocab(cfg: Config) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
-    return getattr(config.get_text_config(), "vocab_size", 0)
 
 
 def universal_location(good: str, state: dict, output_dir: str) -> dict:
