@@ -127,7 +127,7 @@ def peer(data: str, tokenizer_dir: str, num_proc: int, cache: str):
 
 def raysft_prepare(data: str, tokenizer_dir: str, out: str):
     from raysft.config import load_config
-    from raysft.data.pipeline import prepare
+    from raysft.prepare import prepare
 
     cfg = load_config(None, [f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=2048",
                              f"model.name_or_path={tokenizer_dir}", "cluster.num_workers=1",

@@ -51,9 +51,9 @@ def _bare_worker(rank: int, world: int, port: int, prepared: str, model_dir: str
     import torch
     import torch.distributed as dist
 
+    from raysft.data.prepared import PreparedRows
     from raysft.modeling import build_model, collate
-    from raysft.train.rows import PreparedRows
-    from raysft.train.schedule import Schedule
+    from raysft.train.schedule import BatchShape, Schedule
 
     torch.set_num_threads(1)  # as Ray gives each 1-CPU worker
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -71,7 +71,7 @@ def _bare_worker(rank: int, world: int, port: int, prepared: str, model_dir: str
     times = []
     for step in range(steps):
         t0 = time.time()
-        for micro in schedule.rank_micro_batches(step, rank, world, 2):
+        for micro in schedule.rank_micro_batches(step, rank, BatchShape(8, 2, world)):
             batch = collate(rows.get(micro), 0)
             loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
@@ -158,9 +158,9 @@ def padding() -> None:
     import ray
 
     from raysft.config import load_config
-    from raysft.data.pipeline import prepare
-    from raysft.train.rows import PreparedRows
-    from raysft.train.schedule import Schedule
+    from raysft.data.prepared import PreparedRows
+    from raysft.prepare import prepare
+    from raysft.train.schedule import BatchShape, Schedule
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
@@ -173,7 +173,7 @@ def padding() -> None:
             real = processed = 0
             for step in range(s.total_steps):  # exactly what collate processes: each micro-batch padded to its longest
                 for rank in range(2):
-                    for micro in s.rank_micro_batches(step, rank, 2, 2):
+                    for micro in s.rank_micro_batches(step, rank, BatchShape(8, 2, 2)):
                         lengths = rows.num_tokens[micro]
                         real += int(lengths.sum())
                         processed += int(lengths.max()) * len(micro)
@@ -203,8 +203,9 @@ def gpu(steps: int) -> None:
                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
                     tie_word_embeddings=True).save_pretrained(model_dir)
         data = os.path.join(work, "long.jsonl")  # long synthetic chats so that rows fill 2048 tokens
-        from make_assets import preference_record
         import random
+
+        from make_assets import preference_record
 
         rng = random.Random(0)
         with open(data, "w") as f:

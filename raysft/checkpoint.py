@@ -1,9 +1,11 @@
-"""The checkpoint folder contract: write, commit, verify, find the latest good one. The one place that knows it.
+"""The checkpoint folder contract: its entries, its state, commit, verify, prune, and conversion for another
+worker count. The one place that knows the layout:
 
     checkpoint_{step:08d}/
-      model/               backend-native state (DeepSpeed: its checkpoint folder, every rank's files)
-      rng/rank{r}.pt       each rank's RNG states
-      state.json           step, epoch, samples and tokens seen, seed, data fingerprint, world size, backend
+      model/               backend-native state: DeepSpeed's checkpoint folder (`latest`, `step{N}/`, the
+                           model's config.json), or the TRL Trainer's own checkpoint folder; every rank's files
+      rng/rank{r}.pt       each rank's RNG states (the deepspeed backend; the Trainer keeps its own in model/)
+      state.json           `RunState`: step, epoch, samples and tokens seen, seed, data fingerprint, world size, ...
       config.yaml          the resolved config
       tokenizer/           the tokenizer the rows were made with
       files.rank{r}.json   the files rank r wrote, with sizes and sha256
@@ -13,40 +15,110 @@ Every rank writes its own files into a local folder and reports it; Ray Train me
 storage and commits the checkpoint once every rank has reported. Only then does rank 0 check the ranks'
 file lists against storage and write `manifest.json`. A folder without a valid manifest is not a checkpoint:
 `latest_good` skips it (with a warning naming it) and falls back to the previous one.
-Storage is any path or URI pyarrow reads (local, NFS, s3://, gs://).
+Storage is any path or URI pyarrow reads (`raysft.storage`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pyarrow.fs as pafs
 
-MANIFEST = "manifest.json"
-STATE = "state.json"
+from raysft import storage
+
+MODEL, RNG, STATE, CONFIG = "model", "rng", "state.json", "config.yaml"
+TOKENIZER, MANIFEST = "tokenizer", "manifest.json"
+LATEST = "latest"  # DeepSpeed's file in model/ naming the tag it saved
 NAME = re.compile(r"^checkpoint_(\d{8})$")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints
 
 
 def dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def _fs(path: str):
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+def deepspeed_tag(step: int) -> str:
+    """The tag the deepspeed worker saves its engine under, in model/."""
+    return f"step{step}"
 
 
-def _sha256(fs, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class RunState:
+    """state.json: where a run stands at a checkpoint."""
+
+    step: int
+    epoch: int
+    samples_seen: int
+    tokens_seen: int
+    seed: int
+    fingerprint: str  # of the prepared data (data/prepared.py)
+    world_size: int
+    total_steps: int
+    global_batch_size: int
+    final: bool
+    backend: str = "deepspeed"  # the defaults read checkpoints written before these fields existed
+    zero_stage: int = 0
+    lora: bool = False
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "RunState":
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+# ------------------------------------------------------------------ writing (inside Ray Train workers)
+
+
+def save_rng(local: str, rank: int) -> None:
+    """This rank's Python, NumPy, torch (and CUDA) RNG states, into rng/rank{r}.pt."""
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    os.makedirs(os.path.join(local, RNG), exist_ok=True)
+    torch.save(state, os.path.join(local, RNG, f"rank{rank}.pt"))
+
+
+def restore_rng(path: str, rank: int) -> None:
+    """The RNG states `save_rng` wrote for this rank, if there are any."""
+    import random
+
+    import numpy as np
+    import torch
+
+    file = os.path.join(path, RNG, f"rank{rank}.pt")
+    if not os.path.exists(file):
+        return
+    state = torch.load(file, weights_only=True)
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_run_files(local: str, state: RunState, config_yaml: str, tokenizer_dir: str) -> None:
+    """Rank 0's part of a checkpoint besides the model: state.json, the resolved config, the tokenizer."""
+    with open(os.path.join(local, STATE), "w", encoding="utf-8") as f:
+        f.write(state.to_json())
+    with open(os.path.join(local, CONFIG), "w", encoding="utf-8") as f:
+        f.write(config_yaml)
+    shutil.copytree(tokenizer_dir, os.path.join(local, TOKENIZER))
 
 
 def list_files(local_dir: str) -> list[dict]:
@@ -57,13 +129,13 @@ def list_files(local_dir: str) -> list[dict]:
         for name in files:
             full = os.path.join(root, name)
             out.append({"path": os.path.relpath(full, local_dir), "bytes": os.path.getsize(full),
-                        "sha256": _sha256(fs, full)})
+                        "sha256": storage.sha256(fs, full)})
     return sorted(out, key=lambda f: f["path"])
 
 
 def write_rank_files(local_dir: str, rank: int) -> None:
     """The list of what this rank wrote; the last file it writes before reporting."""
-    files = list_files(local_dir)
+    files = list_files(local_dir)  # before the listing itself exists
     with open(os.path.join(local_dir, f"files.rank{rank}.json"), "w", encoding="utf-8") as f:
         json.dump({"rank": rank, "files": files}, f, indent=1)
 
@@ -75,11 +147,10 @@ def _read_json(fs, path: str) -> dict:
 
 def commit(path: str, world_size: int) -> dict:
     """After Ray committed the checkpoint at `path`: check every rank's files are there, write the manifest."""
-    fs, root = _fs(path)
+    fs, root = storage.filesystem(path)
     files = []
     for rank in range(world_size):
-        listing = _read_json(fs, f"{root}/files.rank{rank}.json")
-        files += listing["files"]
+        files += _read_json(fs, f"{root}/files.rank{rank}.json")["files"]
     seen = {}
     for f in files:
         if f["path"] in seen and seen[f["path"]] != f["sha256"]:
@@ -96,9 +167,12 @@ def commit(path: str, world_size: int) -> dict:
     return manifest
 
 
+# ------------------------------------------------------------------ reading (driver, workers, export)
+
+
 def verify(path: str, checksums: bool = True) -> Optional[str]:
     """None when the checkpoint at `path` is whole, else why not."""
-    fs, root = _fs(path)
+    fs, root = storage.filesystem(path)
     try:
         manifest = _read_json(fs, f"{root}/{MANIFEST}")
     except (OSError, ValueError) as exc:
@@ -110,22 +184,21 @@ def verify(path: str, checksums: bool = True) -> Optional[str]:
             return f"{f['path']} is missing"
         if info.size != f["bytes"]:
             return f"{f['path']} has {info.size} bytes, the manifest says {f['bytes']} (truncated?)"
-        if checksums and _sha256(fs, full) != f["sha256"]:
+        if checksums and storage.sha256(fs, full) != f["sha256"]:
             return f"{f['path']} does not match its sha256 checksum"
     return None
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every checkpoint folder under the run's storage folder, newest first."""
-    fs, root = _fs(run_dir)
+    fs, root = storage.filesystem(run_dir)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
     found = []
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
         m = NAME.match(info.base_name)
         if m and info.type == pafs.FileType.Directory:
-            prefix = run_dir.split("://")[0] + "://" if "://" in run_dir else ""
-            found.append((int(m.group(1)), prefix + info.path))
+            found.append((int(m.group(1)), storage.scheme(run_dir) + info.path))
     return sorted(found, reverse=True)
 
 
@@ -139,6 +212,11 @@ def latest_good(run_dir: str, warn: Callable[[str], None] = print) -> Optional[s
     return None
 
 
+def read_state(path: str) -> RunState:
+    fs, root = storage.filesystem(path)
+    return RunState.from_json(_read_json(fs, f"{root}/{STATE}"))
+
+
 def prune(run_dir: str, keep: int, log: Callable[[str], None] = print) -> list[str]:
     """Keep the newest `keep` good checkpoints; delete the rest (older ones, and broken ones), return them.
 
@@ -146,25 +224,17 @@ def prune(run_dir: str, keep: int, log: Callable[[str], None] = print) -> list[s
     committed and is never deleted. (Ray Train's own `num_to_keep` would delete the previous checkpoint as soon
     as a new one is *reported*, before raysft has verified it: a crash in between could leave none.)
     """
-    fs, _ = _fs(run_dir)
+    fs, _ = storage.filesystem(run_dir)
     kept, deleted = 0, []
     for _, path in list_checkpoints(run_dir):
         if kept < keep and verify(path, checksums=False) is None:
             kept += 1
             continue
-        fs.delete_dir(_fs(path)[1])
+        fs.delete_dir(storage.filesystem(path)[1])
         deleted.append(path)
     if deleted:
         log(f"checkpoint: removed {len(deleted)} older or incomplete checkpoint(s), keeping {kept}")
     return deleted
-
-
-def read_state(path: str) -> dict:
-    fs, root = _fs(path)
-    return _read_json(fs, f"{root}/{STATE}")
-
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints
 
 
 def forget_ray_snapshot(run_dir: str) -> bool:
@@ -175,7 +245,7 @@ def forget_ray_snapshot(run_dir: str) -> bool:
     not exist anymore"). Without the list Ray starts with a clean state, which it supports; raysft resumes from its
     own verified checkpoints (`latest_good`), never from Ray's list.
     """
-    fs, root = _fs(run_dir)
+    fs, root = storage.filesystem(run_dir)
     path = f"{root}/{RAY_SNAPSHOT}"
     if fs.get_file_info(path).type != pafs.FileType.File:
         return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
+from raysft import storage
 from raysft.config import Config, worker_range
 
 
@@ -61,7 +62,7 @@ def check_shared_storage(cfg: Config) -> None:
     if all(n["NodeID"] == here for n in nodes):
         return  # Ray runs on this machine only
     paths = {"output_dir": cfg.output_dir, "checkpoint.storage_path": cfg.checkpoint.storage_path}
-    paths = {k: v for k, v in paths.items() if "://" not in v}
+    paths = {k: v for k, v in paths.items() if not storage.is_uri(v)}
     token = uuid.uuid4().hex
     markers = {}
     for key, path in paths.items():

@@ -24,3 +24,16 @@ def format_error(where: str, what: str, got: object = None, fix: str = "") -> st
 
 class UserError(Exception):
     """A mistake in the user's input; its message is complete and meant to be shown as is."""
+
+
+CAUSE_MAX_CHARS = 160  # a library's message quoted inside ours: its first line, about a terminal line long
+
+
+def cause(exc: BaseException) -> str:
+    """`Type: first line of the message`, to quote a library's error in a UserError's fix.
+
+    >>> cause(OSError("no such file\\nmore detail"))
+    'OSError: no such file'
+    """
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:CAUSE_MAX_CHARS] if lines else ''}"

@@ -15,12 +15,13 @@ from raysft import checkpoint as ckpt
 from raysft.errors import UserError, format_error
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+MAX_STAND_INS = 20  # DeepSpeed pickles a handful of config classes; more means the file is something else
 
 
 def consolidated_state_dict(model_dir: str, zero_stage: int, trainable_only: bool = False) -> dict:
     """fp32 weights from a DeepSpeed checkpoint folder (every rank's files present); with `trainable_only`
     (LoRA) the adapter's weights, which are all such a checkpoint holds."""
-    with open(os.path.join(model_dir, "latest"), encoding="utf-8") as f:
+    with open(os.path.join(model_dir, ckpt.LATEST), encoding="utf-8") as f:
         tag = f.read().strip()
     if zero_stage == 0:
         return {k: v.float() for k, v in _module_weights(os.path.join(model_dir, tag, "mp_rank_00_model_states.pt"))
@@ -34,14 +35,14 @@ def _module_weights(path: str) -> dict:
     """The `module` tensors of DeepSpeed's ZeRO-0 model file, unpickling nothing but tensors and plain containers.
 
     The file also records DeepSpeed's config objects; `weights_only=True` refuses those, so the loader is given
-    stand-ins for exactly the classes named in the refusal (up to 20) and nothing else runs.
+    stand-ins for exactly the classes named in the refusal (up to MAX_STAND_INS) and nothing else runs.
     """
     import pickle
 
     import torch
 
     allowed = []
-    for _ in range(20):
+    for _ in range(MAX_STAND_INS):
         try:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)["module"]
@@ -84,12 +85,12 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     if problem is not None:
         raise UserError(format_error(checkpoint_path, "not a whole checkpoint", fix=f"{problem}; export another one"))
     state = ckpt.read_state(checkpoint_path)
-    with open(os.path.join(checkpoint_path, "config.yaml"), encoding="utf-8") as f:
+    with open(os.path.join(checkpoint_path, ckpt.CONFIG), encoding="utf-8") as f:
         cfg = from_dict(yaml.safe_load(f))
-    model_dir = os.path.join(checkpoint_path, "model")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_path, "tokenizer"))
-    weights = consolidated_state_dict(model_dir, state["zero_stage"], trainable_only=state.get("lora", False))
-    if state.get("lora", False):
+    model_dir = os.path.join(checkpoint_path, ckpt.MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_path, ckpt.TOKENIZER))
+    weights = consolidated_state_dict(model_dir, state.zero_stage, trainable_only=state.lora)
+    if state.lora:
         model = _with_adapter(cfg, tokenizer, weights, checkpoint_path)
         if merge:
             model = model.merge_and_unload()
@@ -117,9 +118,9 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     generation.save_pretrained(out_dir)  # an adapter folder has none of its own
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "raysft.json"), "w", encoding="utf-8") as f:
-        json.dump({"checkpoint": checkpoint_path, "step": state["step"], "fingerprint": state["fingerprint"]}, f)
-    kind = ("LoRA merged into the base" if merge else "LoRA adapter") if state.get("lora", False) else "model"
-    log(f"export: {checkpoint_path} -> {out_dir} ({kind}, step {state['step']})")
+        json.dump({"checkpoint": checkpoint_path, "step": state.step, "fingerprint": state.fingerprint}, f)
+    kind = ("LoRA merged into the base" if merge else "LoRA adapter") if state.lora else "model"
+    log(f"export: {checkpoint_path} -> {out_dir} ({kind}, step {state.step})")
     return out_dir
 
 

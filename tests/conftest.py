@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from helpers import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAYSFT_DASHBOARD", "0")  # tests do not need the dashboard; it costs a CPU on 2 cores

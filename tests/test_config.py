@@ -132,7 +132,7 @@ def test_readme_documents_every_config_key_with_its_default():
 
 
 def test_hf_args_are_checked_against_sftconfig():
-    from raysft.train.hf_worker import check_hf_args
+    from raysft.train.hf_args import check_hf_args
 
     check_hf_args({"neftune_noise_alpha": 5.0, "torch_compile": False})  # real SFTConfig fields pass
     with pytest.raises(ConfigError) as info:

@@ -11,6 +11,7 @@ import torch
 from raysft.train.launch import train
 from raysft.train.metrics import read_metrics
 
+from faults import Faults, load_probe
 from helpers import ROOT, base_config, config_file
 from test_train import train_in_thread, wait_for, weights
 
@@ -38,7 +39,7 @@ def runs(tmp_path_factory, tiny_model_dir, ray_session):
     out = {}
     for backend in ("deepspeed", "hf"):
         cfg = hf_config(tmp_path_factory.mktemp(backend), tiny_model_dir, "run", backend)
-        out[backend] = (cfg, train(None, [], cfg=cfg))
+        out[backend] = (cfg, train(None, [], cfg=cfg, hooks=Faults(probe=os.path.join(cfg.output_dir, "probe.pt"))))
     return out
 
 
@@ -63,8 +64,8 @@ def test_eval_loss_is_the_mean_over_every_eval_token_of_all_workers(runs):
     """The step-20 eval (2 workers, round-robin rows) equals one process's mean over all eval rows, final model."""
     from transformers import AutoModelForCausalLM
 
+    from raysft.data.prepared import PreparedRows
     from raysft.modeling import collate, token_loss_sum
-    from raysft.train.rows import PreparedRows
 
     cfg, result = runs["hf"]
     last = read_metrics(cfg.output_dir)[-1]
@@ -103,13 +104,13 @@ def test_hf_checkpoint_folder_export_and_generate(runs, capsys):
     ckpt = result["checkpoint"]
     assert os.path.basename(ckpt) == "checkpoint_00000020"
     assert sorted(os.listdir(ckpt)) == ["config.yaml", "files.rank0.json", "files.rank1.json", "manifest.json",
-                                        "model", "probe.pt", "state.json", "tokenizer"]
+                                        "model", "state.json", "tokenizer"]
     model_files = set(os.listdir(os.path.join(ckpt, "model")))
     assert {"latest", "global_step20", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth",
             "scheduler.pt"} <= model_files
     state = json.load(open(os.path.join(ckpt, "state.json")))
     assert (state["backend"], state["step"], state["samples_seen"], state["world_size"]) == ("hf", 20, 160, 2)
-    probe = torch.load(os.path.join(ckpt, "probe.pt"), weights_only=True)
+    probe = load_probe(os.path.join(cfg.output_dir, "probe.pt"))
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(result["final"])(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-5)
@@ -143,22 +144,18 @@ def test_hf_sigkill_of_a_worker_process_resumes_and_ends_identical(runs, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_hf_worker_killed_while_writing_a_checkpoint_never_uses_the_half_written_one(runs, tmp_path, tiny_model_dir,
-                                                                                     monkeypatch):
+def test_hf_worker_killed_while_writing_a_checkpoint_never_uses_the_half_written_one(runs, tmp_path, tiny_model_dir):
     """Rank 0 stops inside its step-10 checkpoint, after every rank uploaded its files and before the manifest, and
     is SIGKILLed: storage holds a step-10 folder Ray has committed but raysft never verified; the run resumes from
     step 5, not 10, and ends identical to the uninterrupted run."""
     import signal
 
     from raysft import checkpoint as ckpt
-    from raysft.train.launch import PAUSE_IN_CHECKPOINT_STEP
-
     ref_cfg, ref = runs["hf"]
-    monkeypatch.setenv(PAUSE_IN_CHECKPOINT_STEP, "10")
     cfg = hf_config(tmp_path, tiny_model_dir, "halfckpt", "hf")
     marker = os.path.join(cfg.output_dir, ".paused-in-checkpoint-step10")
     step10 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(10))
-    thread, outcome = train_in_thread(cfg)
+    thread, outcome = train_in_thread(cfg, Faults(cfg.output_dir, pause_in_checkpoint_step=10))
     wait_for(lambda: os.path.exists(marker) and open(marker).read().strip()
              and os.path.exists(os.path.join(step10, "files.rank0.json"))
              and os.path.exists(os.path.join(step10, "files.rank1.json")), thread)

@@ -11,6 +11,7 @@ from raysft.modeling import apply_lora, build_model, parameter_counts
 from raysft.train.launch import train
 from raysft.train.metrics import read_metrics
 
+from faults import Faults, load_probe
 from helpers import ROOT, base_config, config_file
 
 SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
@@ -22,14 +23,15 @@ SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
     (["all-linear"], 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))),
 ])
 def test_trainable_parameter_count_printed_at_start(tiny_pretrained_dir, targets, expected):
-    from raysft.train.common import setup_line
-    from raysft.train.schedule import Schedule
+    from raysft.train.metrics import setup_line
+    from raysft.train.schedule import BatchShape, Schedule
 
     model = apply_lora(build_model(tiny_pretrained_dir, 386), LoraConfig(r=4, alpha=8, target_modules=targets))
     total, trainable = parameter_counts(model)
     assert (total, trainable) == (123456 + expected, expected)  # the base model has 123,456 parameters
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
-    line = setup_line(total, trainable, 4, 100, Schedule(100, 8, 0, max_steps=4), 2, 2, 2, 2, "fp32", "hf")
+    line = setup_line(total, trainable, 4, 100, Schedule(100, 8, 0, max_steps=4), BatchShape(8, 2, 2), 2, "fp32",
+                      "hf")
     assert line.startswith(f"setup: {total / 1e6:.2f}M parameters, {expected:,} trainable ({expected / total:.2%}, LoRA r=4), "
                            "100 rows, 12 steps/epoch, 4 steps, 2 workers x 2 rows x 2 accumulation = 8 rows/step")
 
@@ -62,7 +64,8 @@ def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path
     raw["checkpoint"] = {"every_steps": 2}
     raw["run_name"] = "run"
     cfg = load_config(config_file(tmp_path, raw))
-    result = train(None, [], cfg=cfg)
+    probe_file = os.path.join(cfg.output_dir, "probe.pt")
+    result = train(None, [], cfg=cfg, hooks=Faults(probe=probe_file))
     losses = [m["loss"] for m in read_metrics(cfg.output_dir)]
     assert len(losses) == 4 and losses[-1] < losses[0]
     # the checkpoint holds the adapter only
@@ -84,7 +87,7 @@ def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path
     merged_dir = str(tmp_path / "merged")
     assert main(["export", result["checkpoint"], merged_dir, "--merge"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    probe = torch.load(os.path.join(result["checkpoint"], "probe.pt"), weights_only=True)
+    probe = load_probe(probe_file)
     with torch.no_grad():
         a = merged(input_ids=probe["input_ids"]).logits
         b = with_adapter(input_ids=probe["input_ids"]).logits

@@ -5,7 +5,7 @@ import torch
 
 from raysft.data.packing import make_rows
 from raysft.modeling import build_model, collate, token_loss_sum
-from raysft.train.schedule import Schedule
+from raysft.train.schedule import BatchShape, Schedule
 
 
 def examples(n=4, seed=0):
@@ -64,7 +64,7 @@ def test_row_ids_seen_are_the_same_with_1_and_2_workers():
     for world in (1, 2, 4):
         micro = 8 // world // 2 or 1
         seen[world] = [r for step in range(s.total_steps) for rank in range(world)
-                       for mb in s.rank_micro_batches(step, rank, world, micro) for r in mb]
+                       for mb in s.rank_micro_batches(step, rank, BatchShape(8, micro, world)) for r in mb]
     assert seen[1] == seen[2] == seen[4]
     assert len(seen[1]) == 3 * (103 // 8) * 8
     first_epoch = seen[1][: 12 * 8]

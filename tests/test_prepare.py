@@ -9,9 +9,9 @@ import pytest
 from raysft.cli import main
 from raysft.config import load_config
 from raysft.data.chatml import render_example
-from raysft.data.pipeline import prepare
 from raysft.data.records import RecordError, split_record
 from raysft.data.tokenize import tokenize_rendered
+from raysft.prepare import prepare
 
 from helpers import base_config, config_file, write_jsonl
 
@@ -91,7 +91,7 @@ def test_same_input_gives_the_same_rows_in_the_same_order(tmp_path, tiny_model_d
 
 
 def test_eval_fraction_holds_out_the_same_records_every_time(tmp_path, tiny_model_dir, tokenizer, ray_session):
-    from raysft.data.pipeline import held_out
+    from raysft.data.chunks import held_out
 
     records = [{"messages": msgs(f"q{i}", f"a{i}")} for i in range(200)]
     data = write_jsonl(tmp_path / "train.jsonl", records)

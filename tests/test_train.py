@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from raysft.config import load_config
-from raysft.train.launch import FAIL_AFTER_STEP, train
+from raysft.train.launch import train
 from raysft.train.metrics import read_metrics
 
+from faults import Faults, load_probe
 from helpers import ROOT, base_config, config_file
 
 pytestmark = pytest.mark.ray
@@ -37,7 +38,7 @@ def weights(final_dir):
 def reference(tmp_path_factory, tiny_model_dir, ray_session):
     tmp = tmp_path_factory.mktemp("ref")
     cfg = run_config(tmp, tiny_model_dir, "ref")
-    return cfg, train(None, [], cfg=cfg)
+    return cfg, train(None, [], cfg=cfg, hooks=Faults(probe=os.path.join(cfg.output_dir, "probe.pt")))
 
 
 def test_loss_goes_down_and_run_folder_is_complete(reference):
@@ -47,7 +48,7 @@ def test_loss_goes_down_and_run_folder_is_complete(reference):
     ckpt_dir = result["checkpoint"]
     assert os.path.basename(ckpt_dir) == "checkpoint_00000006"
     assert sorted(os.listdir(ckpt_dir)) == ["config.yaml", "files.rank0.json", "files.rank1.json", "manifest.json",
-                                            "model", "probe.pt", "rng", "state.json", "tokenizer"]
+                                            "model", "rng", "state.json", "tokenizer"]
     state = json.load(open(os.path.join(ckpt_dir, "state.json")))
     assert {k: state[k] for k in ("step", "samples_seen", "world_size", "backend", "final")} == {
         "step": 6, "samples_seen": 48, "world_size": 2, "backend": "deepspeed", "final": True}
@@ -60,12 +61,10 @@ def test_loss_goes_down_and_run_folder_is_complete(reference):
                                                    "data_wait", "step_time", "eta_s"}
 
 
-def test_injected_failure_resumes_on_the_next_sample_and_ends_identical(reference, tmp_path, tiny_model_dir,
-                                                                        monkeypatch):
+def test_injected_failure_resumes_on_the_next_sample_and_ends_identical(reference, tmp_path, tiny_model_dir):
     ref_cfg, ref = reference
     cfg = run_config(tmp_path, tiny_model_dir, "failing")
-    monkeypatch.setenv(FAIL_AFTER_STEP, "3")  # after step 3; the last checkpoint is step 2
-    result = train(None, [], cfg=cfg)
+    result = train(None, [], cfg=cfg, hooks=Faults(cfg.output_dir, fail_after_step=3))  # the last checkpoint: 2
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
         logged = [json.loads(line)["step"] for line in f]
     assert logged == [1, 2, 3, 3, 4, 5, 6]  # step 3 ran twice: before the failure and after resuming at step 2
@@ -91,7 +90,7 @@ def test_export_matches_trained_model_and_chat_template(reference):
     final = result["final"]
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"} <= set(
         os.listdir(final))
-    probe = torch.load(os.path.join(result["checkpoint"], "probe.pt"), weights_only=True)
+    probe = load_probe(os.path.join(cfg.output_dir, "probe.pt"))
     model = AutoModelForCausalLM.from_pretrained(final)
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits
@@ -245,14 +244,14 @@ def test_no_secret_from_the_environment_reaches_configs_logs_or_checkpoints(refe
     assert leaks == []
 
 
-def train_in_thread(cfg):
+def train_in_thread(cfg, hooks=None):
     import threading
 
     outcome = {}
 
     def run():
         try:
-            outcome["result"] = train(None, [], cfg=cfg, log=lambda s: None)
+            outcome["result"] = train(None, [], cfg=cfg, log=lambda s: None, hooks=hooks)
         except BaseException as exc:
             outcome["error"] = exc
 
@@ -299,16 +298,13 @@ def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_p
 
 
 def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_checkpoint(reference, tmp_path,
-                                                                                        tiny_model_dir, monkeypatch):
+                                                                                        tiny_model_dir):
     import signal
 
     from raysft import checkpoint as ckpt
-    from raysft.train.launch import PAUSE_IN_CHECKPOINT_STEP
-
-    monkeypatch.setenv(PAUSE_IN_CHECKPOINT_STEP, "4")
     cfg = run_config(tmp_path, tiny_model_dir, "halfckpt", cluster={"max_failures": 2})
     marker = os.path.join(cfg.output_dir, ".paused-in-checkpoint-step4")
-    thread, outcome = train_in_thread(cfg)
+    thread, outcome = train_in_thread(cfg, Faults(cfg.output_dir, pause_in_checkpoint_step=4))
     step4 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(4))
     wait_for(lambda: os.path.exists(marker) and open(marker).read().strip(), thread)
     # every rank's files are in storage (Ray committed them), the manifest is not: rank 0 dies before verifying
@@ -321,7 +317,7 @@ def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_che
     assert_same_as_reference(reference, cfg, outcome["result"])
 
 
-def test_a_failed_run_started_again_after_pruning_resumes(reference, tmp_path, tiny_model_dir, monkeypatch):
+def test_a_failed_run_started_again_after_pruning_resumes(reference, tmp_path, tiny_model_dir):
     """keep=1: after committing step 4 raysft deletes step 2, which Ray Train's own checkpoint list still names. The
     run fails (no retries left); starting it again must resume from step 4 (Ray refused to start a run whose list
     names a missing checkpoint, until raysft cleared that list) and end identical."""
@@ -329,13 +325,11 @@ def test_a_failed_run_started_again_after_pruning_resumes(reference, tmp_path, t
 
     cfg = run_config(tmp_path, tiny_model_dir, "pruned", cluster={"max_failures": 0})
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, keep=1))
-    monkeypatch.setenv(FAIL_AFTER_STEP, "4")
     with pytest.raises(Exception, match="injected failure after step 4"):
-        train(None, [], cfg=cfg, log=lambda s: None)
+        train(None, [], cfg=cfg, log=lambda s: None, hooks=Faults(cfg.output_dir, fail_after_step=4))
     run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     assert sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint_0")) == ["checkpoint_00000004"]
     assert "checkpoint_00000002" in open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")).read()
-    monkeypatch.delenv(FAIL_AFTER_STEP)
     logs = []
     result = train(None, [], cfg=cfg, log=logs.append)
     assert f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints" \
@@ -378,15 +372,11 @@ def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(re
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_continues_on_another_number_of_workers(reference, tmp_path, tiny_model_dir, monkeypatch, before, after):
+def test_a_run_continues_on_another_number_of_workers(reference, tmp_path, tiny_model_dir, before, after):
     """ZeRO-2 state of N workers resumed by M (DeepSpeed universal checkpoint): same samples, same losses."""
-    from raysft.train.launch import FAIL_AFTER_STEP
-
     first = run_config(tmp_path, tiny_model_dir, "resize", cluster={"num_workers": before, "max_failures": 0})
-    monkeypatch.setenv(FAIL_AFTER_STEP, "4")  # the first run stops after its step-4 checkpoint
-    with pytest.raises(Exception, match="injected failure after step 4"):
-        train(None, [], cfg=first, log=lambda s: None)
-    monkeypatch.delenv(FAIL_AFTER_STEP)
+    with pytest.raises(Exception, match="injected failure after step 4"):  # after its step-4 checkpoint
+        train(None, [], cfg=first, log=lambda s: None, hooks=Faults(first.output_dir, fail_after_step=4))
     second = run_config(tmp_path, tiny_model_dir, "resize", cluster={"num_workers": after})
     logs = []
     train(None, [], cfg=second, log=logs.append)

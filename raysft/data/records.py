@@ -66,13 +66,14 @@ def parse_line(line: str | bytes) -> dict:
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise RecordError("invalid_utf8", f"not valid UTF-8 at byte {exc.start}; fix: save the file as UTF-8")
+            raise RecordError("invalid_utf8",
+                              f"not valid UTF-8 at byte {exc.start}; fix: save the file as UTF-8") from None
     line = line.lstrip("\ufeff").strip()
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         raise RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; "
-                                          "fix: one JSON object per line")
+                                          "fix: one JSON object per line") from None
     if not isinstance(value, dict):
         raise RecordError("not_an_object", f"a JSON {type(value).__name__} is not a record "
                                            f"(got {_short(value)}); fix: one JSON object per line")

@@ -21,11 +21,11 @@ from typing import Iterator, Optional
 
 import pyarrow.fs as pafs
 
+from raysft import storage
 from raysft.data.records import RecordError, drop_nulls, parse_line
 from raysft.errors import UserError, format_error
 
 FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".parquet": "parquet"}
-READ_BLOCK = 8 << 20
 HF_ROWS_PER_CHUNK = 20_000
 
 
@@ -42,12 +42,6 @@ class Chunk:
         return asdict(self)
 
 
-def _fs(path: str):
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
 def file_format(path: str) -> Optional[str]:
     return next((fmt for ext, fmt in FORMATS.items() if path.endswith(ext)), None)
 
@@ -57,13 +51,12 @@ def expand(specs: list[str], key: str) -> list[str]:
     out: list[str] = []
     problems = []
     for spec in specs:
-        if "://" in spec:
-            fs, path = pafs.FileSystem.from_uri(spec)
-            scheme = spec.split("://", 1)[0]
+        if storage.is_uri(spec):
+            fs, path = storage.filesystem(spec)
             if any(c in path for c in "*?["):
                 base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
                 infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                found = sorted(f"{scheme}://{i.path}" for i in infos
+                found = sorted(storage.scheme(spec) + i.path for i in infos
                                if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
             else:
                 found = [spec] if fs.get_file_info(path).type == pafs.FileType.File else []
@@ -91,7 +84,7 @@ def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> list[Chunk]:
     chunk_start, chunk_line = 0, 1
     pos = newlines = 0
     with fs.open_input_stream(path, compression=None) as f:
-        while block := f.read(READ_BLOCK):
+        while block := f.read(storage.READ_BLOCK):
             h.update(block)
             search_from = 0
             while chunk_start + chunk_bytes < pos + len(block):
@@ -112,7 +105,7 @@ def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> list[Chunk]:
 def _hash_file(fs, path: str, h) -> int:
     size = 0
     with fs.open_input_stream(path, compression=None) as f:
-        while block := f.read(READ_BLOCK):
+        while block := f.read(storage.READ_BLOCK):
             h.update(block)
             size += len(block)
     return size
@@ -125,7 +118,7 @@ def plan(files: list[str], chunk_bytes: int) -> tuple[list[Chunk], list[dict]]:
     chunks: list[Chunk] = []
     inputs = []
     for source in files:
-        fs, path = _fs(source)
+        fs, path = storage.filesystem(source)
         fmt = file_format(source)
         h = hashlib.sha256()
         if fmt == "jsonl":
@@ -188,21 +181,21 @@ def _parsed(numbered, source: str):
 def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, object]]:
     """(where, line or row number, raw text, record dict or RecordError) for each record of the chunk, in order."""
     if chunk.fmt == "jsonl":
-        fs, path = _fs(chunk.source)
+        fs, path = storage.filesystem(chunk.source)
         with fs.open_input_file(path) as f:
             f.seek(chunk.start)
             data = f.read(chunk.end - chunk.start)
         yield from _parsed(_lines(data, chunk.first_line), chunk.source)
         return
     if chunk.fmt == "jsonl.gz":  # streamed: memory stays flat whatever the file's size
-        fs, path = _fs(chunk.source)
+        fs, path = storage.filesystem(chunk.source)
         with fs.open_input_stream(path, compression=None) as raw, gzip.GzipFile(fileobj=raw) as lines:
             yield from _parsed(((n, line) for n, line in enumerate(lines, 1) if line.strip()), chunk.source)
         return
     if chunk.fmt == "parquet":
         import pyarrow.parquet as pq
 
-        fs, path = _fs(chunk.source)
+        fs, path = storage.filesystem(chunk.source)
         with fs.open_input_file(path) as f:
             rows = pq.ParquetFile(f).read_row_group(chunk.start).to_pylist()
     else:

@@ -9,6 +9,7 @@ This module imports neither ray nor torch.
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 from raysft.data.chatml import CONTROL_TOKENS, Rendered, Segment
@@ -37,7 +38,9 @@ def _merged(segments: Sequence[Segment]) -> list[Segment]:
     return out
 
 
-_MEMO_MAX_CHARS = 24
+_MEMO_MAX_CHARS = 24  # short strings repeat in every example ("\n", "assistant\n")
+_MEMO_MAX_ENTRIES = 100_000
+_memos: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {text: ids}
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -47,8 +50,7 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     what `tokenizer(texts, split_special_tokens=True)` does, without transformers' per-encoding Python
     conversion (half the time of the whole prepare step, measured by bench/prepare.py).
     """
-    # short strings repeat in every example ("\n", "assistant\n"): tokenize them once per tokenizer
-    memo = tokenizer.__dict__.setdefault("_raysft_memo", {})
+    memo = _memos.setdefault(tokenizer, {})  # short strings are tokenized once per tokenizer
     todo = list(dict.fromkeys(t for t in texts if t not in memo))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not todo:
@@ -64,7 +66,7 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
         fresh = tokenizer(todo, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     found = dict(zip(todo, fresh))
     for text, ids in found.items():
-        if len(text) <= _MEMO_MAX_CHARS and len(memo) < 100_000:
+        if len(text) <= _MEMO_MAX_CHARS and len(memo) < _MEMO_MAX_ENTRIES:
             memo[text] = ids
     return [memo[t] if t in memo else found[t] for t in texts]
 
@@ -100,13 +102,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: st
     """A tokenizer from a hub id or folder, with the ChatML tokens; a clear UserError when it cannot load."""
     from transformers import AutoTokenizer
 
-    from raysft.errors import UserError, format_error
+    from raysft.errors import UserError, cause, format_error
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         raise UserError(format_error(where, "cannot load tokenizer", name_or_path,
                                      f"give a local folder with tokenizer files or a hub id you can reach "
-                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")) from exc
+                                     f"({cause(exc)})")) from exc
     add_chatml_tokens(tokenizer)
     return tokenizer

@@ -1,4 +1,4 @@
-"""The DeepSpeed worker: one Ray Train worker function that reads top to bottom — set up, restore, loop, report.
+"""The DeepSpeed worker: one Ray Train worker function that reads top to bottom — start, restore, loop, end.
 
 Loss: every micro-batch contributes the *sum* of its trained tokens' cross-entropy divided by the number
 of trained tokens in the whole global batch (all micro-batches, all workers). That count is known to every
@@ -11,162 +11,112 @@ whatever the packing, accumulation and worker count.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 import time
+from typing import Optional
 
-import numpy as np
+from raysft import checkpoint as ckpt
+from raysft.train import context, resize
+from raysft.train.context import Worker, WorkerJob
+from raysft.train.evaluate import due, evaluate
+from raysft.train.metrics import StepLog, StepMetrics, gpu_peak, setup_line
+from raysft.train.optim import deepspeed_config, lr_scheduler_name
+from raysft.train.report import ReportGate
 
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def deepspeed_config(train, use_gpu: bool, world_size: int) -> dict:
-    """DeepSpeed config generated from `train.*`, with the user's `train.deepspeed_config` merged over it."""
-    accumulation = train.global_batch_size // (train.micro_batch_size * world_size)
-    zero = {"stage": train.zero_stage}
-    if train.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-    if train.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    config = {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": train.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": train.dtype == "bf16"},
-        "fp16": {"enabled": train.dtype == "fp16", "loss_scale": 0},
-        # torch's AdamW: no fused/CPU-Adam extension to compile; the same optimizer as the hf backend
-        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
-                                                  "torch_adam": True}},
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,
-    }
-    return deep_merge(config, train.deepspeed_config)
+BACKEND = "deepspeed"
 
 
-def _rng_state() -> dict:
-    import torch
+def resume_point(w: Worker) -> tuple[Optional[str], Optional[ckpt.RunState], Optional[resize.Universal]]:
+    """The checkpoint to resume from, its state, and its universal form when it was written by another number of
+    workers (converted by the driver, or here by rank 0 when an elastic run restarted on another size)."""
+    import torch.distributed as dist
 
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    good = ckpt.latest_good(w.run_dir, warn=w.log)
+    if good is None:
+        return None, None, None
+    state = ckpt.read_state(good)
+    if w.job.universal is not None and w.job.universal.checkpoint == good:
+        return good, state, w.job.universal
+    if state.world_size == w.world or state.zero_stage == 0:
+        return good, state, None
+    if w.rank == 0:
+        resize.to_universal(good, state, w.cfg.output_dir, w.world, w.log)
+    dist.barrier()
+    return good, state, resize.location(good, state, w.cfg.output_dir)
 
 
-def train_loop(job: dict) -> None:
-    """Ray Train entry point. `job`: {"config": resolved config dict, "prepared": folder, "fingerprint": ...}."""
-    # ------------------------------------------------------------------ setup
-    import ray.train
+def save_checkpoint(engine, w: Worker, step: int, state: ckpt.RunState, metrics: dict, gate: ReportGate) -> None:
+    """Every rank's engine state and RNG, rank 0's run files; then report and commit (report.py)."""
+    lora = state.lora  # the adapter only: the frozen base is the model folder's
+    local = tempfile.mkdtemp(prefix="raysft-ckpt-")
+    engine.save_checkpoint(os.path.join(local, ckpt.MODEL), tag=ckpt.deepspeed_tag(step),
+                           exclude_frozen_parameters=lora)
+    ckpt.save_rng(local, w.rank)
+    if w.rank == 0:
+        from raysft.config import to_yaml
+        from raysft.data.prepared import TOKENIZER
 
-    from raysft import checkpoint as ckpt
-    from raysft.modeling import collate, param_groups, token_loss_sum
-    from raysft.train import common
-    from raysft.train.metrics import MetricsWriter
+        (engine.module.get_base_model() if lora else engine.module).config.save_pretrained(
+            os.path.join(local, ckpt.MODEL))
+        ckpt.write_run_files(local, state, to_yaml(w.cfg), os.path.join(w.job.prepared, TOKENIZER))
+    gate.report_checkpoint(local, step, metrics, w.rank, w.world, w.run_dir, w.cfg.checkpoint.keep, w.log,
+                           w.job.hooks)
 
-    w = common.setup(job)
-    cfg, t, c, rank, world, log = w.cfg, w.t, w.c, w.rank, w.world, w.log
-    tokenizer, rows, schedule, model, run_dir = w.tokenizer, w.rows, w.schedule, w.model, w.run_dir
-    n_params, n_trainable = w.counts
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train entry point. `loop_config["job"]`: the `WorkerJob` from launch.fit."""
+    # ------------------------------------------------------------------ start
+    job: WorkerJob = loop_config["job"]
+    w = context.start(job)
+    cfg, t, rank, world, rows, schedule = w.cfg, w.cfg.train, w.rank, w.world, w.rows, w.schedule
     import deepspeed
     import torch
     import torch.distributed as dist
     from transformers import get_scheduler
 
-    device = ray.train.torch.get_device() if c.use_gpu else torch.device("cpu")
-    ds_config = deepspeed_config(t, c.use_gpu, world)
-    good = ckpt.latest_good(run_dir, warn=log)
-    state = ckpt.read_state(good) if good is not None else None
-    universal = job.get("universal")  # the driver converted a checkpoint of another worker count (launch.py)
-    universal = universal if universal and good == universal["checkpoint"] else None
-    if state is not None and universal is None:
-        if state["world_size"] != world and state.get("zero_stage", 0) >= 1:  # elastic mode restarted on another size
-            from raysft.train.launch import to_universal, universal_location
+    from raysft.modeling import collate, param_groups, token_loss_sum
 
-            if rank == 0:
-                to_universal(good, state, cfg.output_dir, world, log)
-            dist.barrier()
-            universal = universal_location(good, state, cfg.output_dir)
+    device = context.device(cfg.cluster.use_gpu)
+    good, state, universal = resume_point(w)
+    ds_config = deepspeed_config(t, cfg.cluster.use_gpu, w.shape)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, config=ds_config, dist_init_required=False,
-        model_parameters=param_groups(model, t.weight_decay),
-        lr_scheduler=lambda opt: get_scheduler(common.lr_scheduler_name(t.lr_scheduler), opt,
+        model=w.model, config=ds_config, dist_init_required=False,
+        model_parameters=param_groups(w.model, t.weight_decay),
+        lr_scheduler=lambda opt: get_scheduler(lr_scheduler_name(t.lr_scheduler), opt,
                                                num_warmup_steps=t.warmup_steps,
                                                num_training_steps=schedule.total_steps))
-    log(common.setup_line(n_params, n_trainable, t.lora.r, len(rows), schedule, world, t.micro_batch_size,
-                          ds_config["gradient_accumulation_steps"], t.zero_stage, t.dtype, "deepspeed"))
-
-    # ------------------------------------------------------------------ restore
-    start_step, samples_seen, tokens_seen = 0, 0, 0
-    lora = bool(t.lora.r)  # checkpoints hold the adapter only: the frozen base is the model folder's
-    if state is not None:
-        if universal:  # written by another number of workers: DeepSpeed re-partitions the optimizer state
-            engine.load_checkpoint(universal["load_dir"], tag=universal["tag"], load_optimizer_states=True,
-                                   load_lr_scheduler_states=True, load_module_strict=not lora)
-        else:
-            engine.load_checkpoint(os.path.join(good, "model"), load_optimizer_states=True,
-                                   load_lr_scheduler_states=True, load_module_strict=not lora)
-        rng_file = os.path.join(good, "rng", f"rank{rank}.pt")
-        if os.path.exists(rng_file):
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        start_step, samples_seen, tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
-        log(f"resume: from {good} at step {start_step} (epoch {state['epoch']}, {samples_seen} rows seen"
-            + (f", written by {state['world_size']} workers, loaded as a universal checkpoint)" if universal else ")"))
+    w.log(setup_line(w.n_params, w.n_trainable, t.lora.r, len(rows), schedule, w.shape, t.zero_stage, t.dtype,
+                     BACKEND))
 
     def forward(batch):
         return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
-    # ------------------------------------------------------------------ checkpoint
-    def save_checkpoint(step: int, metrics: dict, final: bool) -> None:
-        local = tempfile.mkdtemp(prefix="raysft-ckpt-")
-        engine.save_checkpoint(os.path.join(local, "model"), tag=f"step{step}", exclude_frozen_parameters=lora)
-        os.makedirs(os.path.join(local, "rng"))
-        torch.save(_rng_state(), os.path.join(local, "rng", f"rank{rank}.pt"))
-        if final:
-            engine.module.eval()
-            probe = common.probe(forward, rows, device)
-            engine.module.train()
-        if rank == 0:
-            if final:
-                torch.save(probe, os.path.join(local, "probe.pt"))
-            (engine.module.get_base_model() if lora else engine.module).config.save_pretrained(
-                os.path.join(local, "model"))
-            common.write_run_files(local, cfg, job, common.checkpoint_state(w, job, steps, step, "deepspeed"))
-        common.report_checkpoint(local, step, metrics, w, job, gate)
+    # ------------------------------------------------------------------ restore
+    start_step, samples_seen, tokens_seen = 0, 0, 0
+    if state is not None:
+        load_dir, tag = (universal.load_dir, universal.tag) if universal else (os.path.join(good, ckpt.MODEL), None)
+        engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                               load_module_strict=not state.lora)
+        ckpt.restore_rng(good, rank)
+        start_step, samples_seen, tokens_seen = state.step, state.samples_seen, state.tokens_seen
+        w.log(f"resume: from {good} at step {start_step} (epoch {state.epoch}, {samples_seen} rows seen"
+              + (f", written by {state.world_size} workers, loaded as a universal checkpoint)" if universal else ")"))
 
     # ------------------------------------------------------------------ loop
-    writer = MetricsWriter(cfg.output_dir) if rank == 0 else None
-    steps = common.StepMetrics(schedule, rows, world, n_params, model.config, common.gpu_peak(c.use_gpu), start_step,
-                               samples_seen, tokens_seen)
-    gate = common.ReportGate(rank)
+    steps = StepMetrics(schedule, rows, world, w.n_params, w.model.config, gpu_peak(cfg.cluster.use_gpu), start_step,
+                        samples_seen, tokens_seen)
+    step_log = StepLog(rank, cfg.output_dir, t.log_every_steps, start_step, w.log)
+    gate = ReportGate(rank)
     engine.train()
     for step in range(start_step + 1, schedule.total_steps + 1):
         t0 = time.time()
-        n_trained = common.trained_tokens(rows, schedule, step)
+        n_trained = int(rows.num_trained[schedule.global_batch(step - 1)].sum())  # the loss's denominator
         data_time, loss_sum, processed = 0.0, torch.zeros((), device=device), 0
-        for micro in schedule.rank_micro_batches(step - 1, rank, world, t.micro_batch_size):
+        for micro in schedule.rank_micro_batches(step - 1, rank, w.shape):
             td = time.time()
-            batch = collate(rows.get(micro), tokenizer.pad_token_id, device)
+            batch = collate(rows.get(micro), w.tokenizer.pad_token_id, device)
             data_time += time.time() - td
             loss = token_loss_sum(forward(batch), batch["labels"]) / n_trained
             engine.backward(loss * world, scale_wrt_gas=False)
@@ -177,12 +127,21 @@ def train_loop(job: dict) -> None:
         dist.all_reduce(stats)
         metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0,
                         scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
-        final = step == schedule.total_steps
-        checkpoint_due = common.eval_and_log(metrics, w, forward, engine, device, start_step, writer)
+        if w.eval_rows is not None and due(step, schedule.total_steps, t.eval_every_steps):
+            engine.eval()
+            metrics.update(evaluate(forward, w.eval_rows, rank, world, t.micro_batch_size, w.tokenizer.pad_token_id,
+                                    device))
+            engine.train()
+        checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
+        step_log(metrics, checkpoint_due)
         if checkpoint_due:
-            save_checkpoint(step, metrics, final)
-        elif step % t.log_every_steps == 0 or "eval_loss" in metrics:
+            save_checkpoint(engine, w, step, w.run_state(step, steps.samples_seen, steps.tokens_seen, BACKEND),
+                            metrics, gate)
+        elif step_log.reportable(metrics):
             gate.report(metrics, stats[3].item())
-        common.maybe_fail(job, cfg, step, rank)
-    if writer:
-        writer.close()
+        job.hooks.after_step(step, rank)
+
+    # ------------------------------------------------------------------ end
+    engine.eval()
+    job.hooks.finished(forward, rows, rank, device)
+    step_log.close()

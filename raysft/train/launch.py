@@ -14,22 +14,26 @@ import uuid
 from typing import Callable, Optional
 
 from raysft import checkpoint as ckpt
+from raysft import storage
+from raysft.cluster import auth_line, check_shared_storage, ensure_ray, logical_cpus
 from raysft.config import Config, load_config, to_dict, worker_range
-from raysft.errors import UserError, format_error
+from raysft.data.prepared import has_eval, short, summary
+from raysft.data.sources import expand
+from raysft.errors import UserError, cause, format_error
+from raysft.export import export
+from raysft.modeling import vocab_grows
+from raysft.prepare import prepare
+from raysft.train import deepspeed_worker, hf_worker
+from raysft.train.context import WorkerJob
+from raysft.train.hf_args import check_hf_args
+from raysft.train.hooks import WorkerHooks
+from raysft.train.metrics import plot_loss
+from raysft.train.resize import Universal, to_universal
+from raysft.train.schedule import Schedule
 
-FAIL_AFTER_STEP = "RAYSFT_FAIL_AFTER_STEP"  # tests: a worker raises after this step, on the first attempt only
-FAIL_RANK = "RAYSFT_FAIL_RANK"
-PAUSE_IN_CHECKPOINT_STEP = "RAYSFT_PAUSE_IN_CHECKPOINT_STEP"  # tests: a worker stops mid-checkpoint, to be killed
+# The worker function of each backend. Each imports its framework inside the function, on the worker.
+WORKERS = {"deepspeed": deepspeed_worker.train_loop, "hf": hf_worker.train_loop}
 ELASTIC_MONITOR_S = "RAYSFT_ELASTIC_MONITOR_S"  # elastic mode: how often Ray Train considers growing the group
-
-
-def _worker(backend: str):
-    """The worker function of a backend (imported lazily: each imports its framework)."""
-    if backend == "deepspeed":
-        from raysft.train.deepspeed_worker import train_loop
-    else:
-        from raysft.train.hf_worker import train_loop
-    return train_loop
 
 
 def preflight(cfg: Config) -> None:
@@ -46,9 +50,9 @@ def preflight(cfg: Config) -> None:
     except Exception as exc:
         raise UserError(format_error("model.name_or_path", "cannot load the model's config", cfg.model.name_or_path,
                                      f"give a local model folder or a hub id you can reach "
-                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")) from exc
+                                     f"({cause(exc)})")) from exc
     for key, path in (("output_dir", cfg.output_dir), ("checkpoint.storage_path", cfg.checkpoint.storage_path)):
-        if "://" in path:
+        if storage.is_uri(path):
             continue
         try:
             os.makedirs(path, exist_ok=True)
@@ -59,14 +63,10 @@ def preflight(cfg: Config) -> None:
         except OSError as exc:
             raise UserError(format_error(key, "storage is not writable", path,
                                          f"choose a folder you can write ({exc.strerror})")) from exc
-    from raysft.data.sources import expand
-
     for key, files in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
         if files:
             expand(files, key)  # a path or glob that matches nothing fails here, before Ray starts
     if cfg.train.backend == "hf":
-        from raysft.train.hf_worker import check_hf_args
-
         check_hf_args(cfg.train.hf_args)
 
 
@@ -103,11 +103,9 @@ def check_resources(cfg: Config) -> None:
 
 
 def train(config_path: Optional[str], overrides: list[str], log: Callable[[str], None] = print,
-          cfg: Optional[Config] = None) -> dict:
-    """Run (or resume, or recognise as finished) the training run; returns a summary dict."""
-    from raysft.cluster import auth_line, check_shared_storage, ensure_ray, logical_cpus
-    from raysft.data.pipeline import prepare, summary
-    from raysft.train.schedule import Schedule
+          cfg: Optional[Config] = None, hooks: Optional[WorkerHooks] = None) -> dict:
+    """Run (or resume, or recognise as finished) the training run; returns a summary dict.
+    `hooks`: called inside every worker (tests inject faults with them); none for a normal run."""
 
     cfg = cfg or load_config(config_path, overrides)
     preflight(cfg)
@@ -125,98 +123,57 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
     run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
     final_dir = os.path.join(cfg.output_dir, "final")
     good = ckpt.latest_good(run_dir, warn=log)
-    universal = None
+    universal: Optional[Universal] = None
     if good is not None:
         state = ckpt.read_state(good)
-        if state["fingerprint"] != manifest["fingerprint"] and not cfg.checkpoint.allow_data_change:
+        if state.fingerprint != manifest["fingerprint"] and not cfg.checkpoint.allow_data_change:
             raise UserError(format_error("checkpoint", f"{good} was trained on other data or data settings",
-                                         manifest["fingerprint"][:16],
-                                         f"it has fingerprint {state['fingerprint'][:16]}; use another output_dir or "
+                                         short(manifest["fingerprint"]),
+                                         f"it has fingerprint {short(state.fingerprint)}; use another output_dir or "
                                          "run_name, or set checkpoint.allow_data_change=true to continue anyway"))
-        if state["step"] >= schedule.total_steps:
-            log(f"train: run {cfg.run_name!r} already finished at step {state['step']} ({good}); nothing to train")
+        if state.step >= schedule.total_steps:
+            log(f"train: run {cfg.run_name!r} already finished at step {state.step} ({good}); nothing to train")
             if not os.path.exists(os.path.join(final_dir, "config.json")):
-                from raysft.export import export
-                export(good, final_dir, log=log)
-            return {"checkpoint": good, "final": final_dir, "trained": False, "step": state["step"]}
-        if state.get("backend", "deepspeed") != t.backend:
-            raise UserError(format_error("train.backend", f"{good} was written by the {state.get('backend')} backend",
-                                         t.backend, f"resume with train.backend={state.get('backend')}, or export it "
+                            export(good, final_dir, log=log)
+            return {"checkpoint": good, "final": final_dir, "trained": False, "step": state.step}
+        if state.backend != t.backend:
+            raise UserError(format_error("train.backend", f"{good} was written by the {state.backend} backend",
+                                         t.backend, f"resume with train.backend={state.backend}, or export it "
                                          "(raysft export) and start a new run from the exported model"))
         workers = worker_range(cfg.cluster)
-        if state["world_size"] != cfg.cluster.num_workers and t.backend == "hf":
-            raise UserError(format_error("cluster.num_workers", f"{good} was written by {state['world_size']} workers "
+        if state.world_size != cfg.cluster.num_workers and t.backend == "hf":
+            raise UserError(format_error("cluster.num_workers", f"{good} was written by {state.world_size} workers "
                                          "and the hf backend resumes only on as many", cfg.cluster.num_workers,
-                                         f"resume with cluster.num_workers={state['world_size']} (the deepspeed "
+                                         f"resume with cluster.num_workers={state.world_size} (the deepspeed "
                                          "backend converts to DeepSpeed's universal checkpoint for another count)"))
-        if workers[0] == workers[1] != state["world_size"] and state.get("zero_stage", 0) >= 1:
+        if workers[0] == workers[1] != state.world_size and state.zero_stage >= 1:
             # only when there is training left to do; in elastic mode rank 0 converts once the size is known
             universal = to_universal(good, state, cfg.output_dir, workers[0], log)
     if ckpt.forget_ray_snapshot(run_dir):
         log(f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints")
-    from raysft.modeling import vocab_grows
-
     vocab_grew = vocab_grows(cfg.model.name_or_path, manifest["tokenizer"]["vocab_size"], cfg.model.trust_remote_code)
-    result = fit(cfg, prepared, manifest["fingerprint"], universal,
-                 extra={"has_eval": bool(manifest.get("eval") and manifest["eval"]["rows"]), "vocab_grew": vocab_grew})
+    job = WorkerJob(config=to_dict(cfg), prepared=prepared, fingerprint=manifest["fingerprint"],
+                    has_eval=has_eval(manifest), vocab_grew=vocab_grew, universal=universal,
+                    hooks=hooks or WorkerHooks())
+    result = fit(cfg, job)
     good = ckpt.latest_good(run_dir, warn=log)
-    if good is None or ckpt.read_state(good)["step"] < schedule.total_steps:
+    if good is None or ckpt.read_state(good).step < schedule.total_steps:
         raise RuntimeError(f"training ended without a final checkpoint in {run_dir} ({result.error})")
-    from raysft.export import export
-    from raysft.train.metrics import plot_loss
-
     export(good, final_dir, log=log)
     log(f"train: loss curve {plot_loss(cfg.output_dir)}")
     return {"checkpoint": good, "final": final_dir, "trained": True, "step": schedule.total_steps}
 
 
-def universal_location(good: str, state: dict, output_dir: str) -> dict:
-    """Where the universal form of checkpoint `good` goes (under output_dir, which every node sees)."""
-    tag = f"step{state['step']}"
-    out_dir = os.path.join(output_dir, "universal", os.path.basename(good))
-    return {"load_dir": out_dir, "tag": f"{tag}_universal", "checkpoint": good}
-
-
-def to_universal(good: str, state: dict, output_dir: str, workers: int, log: Callable[[str], None]) -> dict:
-    """A ZeRO checkpoint of N workers made loadable by M: DeepSpeed's universal checkpoint, converted once.
-    Called by the driver for a fixed worker count, and by rank 0 when an elastic run restarts on another."""
-    import subprocess
-    import sys
-
-    where = universal_location(good, state, output_dir)
-    target = os.path.join(where["load_dir"], where["tag"])
-    if not os.path.exists(os.path.join(target, "zero")):
-        log(f"train: {good} was written by {state['world_size']} workers, resuming on {workers}: "
-            f"converting it to DeepSpeed's universal checkpoint in {target}")
-        os.makedirs(where["load_dir"], exist_ok=True)
-        done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               os.path.join(good, "model", f"step{state['step']}"), "--output_folder",
-                               target + ".tmp", "--num_extract_workers", "1", "--num_merge_workers", "1",
-                               "--inject_missing_state"],
-                              capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-        if done.returncode != 0:
-            raise UserError(format_error("cluster.num_workers", f"{good} was written by {state['world_size']} workers "
-                                         "and DeepSpeed could not convert it for another count", workers,
-                                         f"resume with cluster.num_workers={state['world_size']}, or export it "
-                                         f"(raysft export) and start a new run from the exported model "
-                                         f"({done.stderr.strip().splitlines()[-1][:200] if done.stderr else ''})"))
-        os.replace(target + ".tmp", target)
-    return where
-
-
-def fit(cfg: Config, prepared: str, fingerprint: str, universal: Optional[dict] = None, extra: Optional[dict] = None):
+def fit(cfg: Config, job: WorkerJob):
+    """Ray Train runs the backend's worker function on the cluster with `job`; Ray's result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     c = cfg.cluster
     resources = dict(c.resources_per_worker) or None
     trainer = TorchTrainer(
-        _worker(cfg.train.backend),
-        train_loop_config={"config": to_dict(cfg), "prepared": prepared, "fingerprint": fingerprint,
-                           "fail_after_step": int(os.environ.get(FAIL_AFTER_STEP, "0")),
-                           "fail_rank": int(os.environ.get(FAIL_RANK, "0")),
-                           "pause_in_checkpoint_step": int(os.environ.get(PAUSE_IN_CHECKPOINT_STEP, "0")),
-                           "universal": universal, **(extra or {})},
+        WORKERS[cfg.train.backend],
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=c.num_workers if isinstance(c.num_workers, int) else
                                      tuple(c.num_workers), use_gpu=c.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=float(os.environ.get(ELASTIC_MONITOR_S, 60))),

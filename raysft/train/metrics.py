@@ -1,9 +1,94 @@
-"""What a user sees of training: one grep-friendly line per logged step, metrics.jsonl, TensorBoard, a loss PNG."""
+"""What a user sees of training: the setup line, one grep-friendly line per logged step, metrics.jsonl,
+TensorBoard, a loss PNG; and the per-step metrics themselves (throughput, padding, data wait, MFU, ETA).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
+from typing import Callable, Optional
+
+# bf16 dense peak FLOP/s by GPU name, for MFU
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
+                 "B200": 2250e12}
+
+
+def gpu_peak(use_gpu: bool) -> Optional[float]:
+    """This worker's GPU's peak bf16 FLOP/s, when it is one of GPU_PEAK_BF16's."""
+    if not use_gpu:
+        return None
+    import torch
+
+    return next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
+
+
+def setup_line(n_params: int, n_trainable: int, lora_r: int, rows: int, schedule, shape, zero_stage: int,
+               dtype: str, backend: str) -> str:
+    """The line rank 0 prints before the first step."""
+    return (f"setup: {n_params / 1e6:.2f}M parameters, {n_trainable:,} trainable ({n_trainable / n_params:.2%}"
+            f"{', LoRA r=' + str(lora_r) if lora_r else ''}), {rows} rows, {schedule.steps_per_epoch} steps/epoch, "
+            f"{schedule.total_steps} steps, {shape.world_size} workers x {shape.micro_batch_size} rows x "
+            f"{shape.accumulation} accumulation = {shape.global_batch_size} rows/step, ZeRO-{zero_stage}, {dtype}, "
+            f"backend {backend}")
+
+
+class StepMetrics:
+    """Turns one optimizer step's sums (already reduced over ranks) into the metrics dict both workers log."""
+
+    def __init__(self, schedule, rows, world: int, n_params: int, model_config, peak: Optional[float],
+                 start_step: int, samples_seen: int, tokens_seen: int):
+        self.schedule, self.rows, self.world, self.n_params = schedule, rows, world, n_params
+        self.layers, self.hidden = model_config.num_hidden_layers, model_config.hidden_size
+        self.peak, self.resumed_from = peak, start_step
+        self.samples_seen, self.tokens_seen = samples_seen, tokens_seen
+        self.t_start, self.steps_timed = time.time(), 0
+
+    def __call__(self, step: int, loss: float, processed: float, data_time: float, step_time: float, lr: float,
+                 grad_norm: float) -> dict:
+        global_rows = self.schedule.global_batch(step - 1)
+        real_tokens = int(self.rows.num_tokens[global_rows].sum())
+        self.samples_seen += len(global_rows)
+        self.tokens_seen += real_tokens
+        self.steps_timed += 1
+        m = {"step": step, "total_steps": self.schedule.total_steps, "epoch": self.schedule.epoch_of(step - 1),
+             "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": real_tokens / step_time,
+             "padding_fraction": 1 - real_tokens / processed, "data_wait": data_time / self.world / step_time,
+             "step_time": step_time,
+             "eta_s": (time.time() - self.t_start) / self.steps_timed * (self.schedule.total_steps - step),
+             "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen, "resumed_from": self.resumed_from,
+             "time": time.time()}
+        if self.peak:
+            # 6N per token for the weights, plus attention's 6 x layers x hidden x (mean context)
+            flops_per_token = 6 * self.n_params + 6 * self.layers * self.hidden * processed / len(global_rows)
+            m["mfu"] = real_tokens / step_time * flops_per_token / (self.peak * self.world)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss}. fix: lower train.lr, or use bf16/fp32")
+        return m
+
+
+class StepLog:
+    """Rank 0's record of steps: the step line and metrics.jsonl/TensorBoard, for the steps that are logged
+    (every `every` steps, the first step of an attempt, evaluated steps and checkpointed steps)."""
+
+    def __init__(self, rank: int, output_dir: str, every: int, start_step: int, log: Callable[[str], None]):
+        self.every, self.start_step, self.log = every, start_step, log
+        self.writer = MetricsWriter(output_dir) if rank == 0 else None
+
+    def reportable(self, m: dict) -> bool:
+        """Whether step `m` goes to Ray as a metrics-only report (when not checkpointed)."""
+        return m["step"] % self.every == 0 or "eval_loss" in m
+
+    def __call__(self, m: dict, checkpointed: bool) -> None:
+        if self.reportable(m) or checkpointed or m["step"] == self.start_step + 1:
+            self.log(step_line(m))
+            if self.writer:
+                self.writer.write(m)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
 
 
 def _eta(seconds: float) -> str:

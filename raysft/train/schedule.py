@@ -11,7 +11,10 @@ restarts after a failure, even on another number of workers, continues on the ex
 (2, 4)
 >>> sorted(s.global_batch(0) + s.global_batch(1)) == sorted(set(s.global_batch(0) + s.global_batch(1)))
 True
->>> s.rank_micro_batches(0, rank=1, world_size=2, micro_batch_size=1) == [[r] for r in s.global_batch(0)[2:]]
+>>> shape = BatchShape(global_batch_size=4, micro_batch_size=1, world_size=2)
+>>> shape.per_rank, shape.accumulation
+(2, 2)
+>>> s.rank_micro_batches(0, rank=1, shape=shape) == [[r] for r in s.global_batch(0)[2:]]
 True
 """
 
@@ -26,6 +29,34 @@ import numpy as np
 @lru_cache(maxsize=4)
 def epoch_permutation(seed: int, epoch: int, num_rows: int) -> tuple[int, ...]:
     return tuple(int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_rows))
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """How a global batch is cut: the one place that computes per-rank rows and gradient accumulation."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+
+    @property
+    def rows_per_pass(self) -> int:
+        """Rows of one forward pass on every worker together."""
+        return self.micro_batch_size * self.world_size
+
+    @property
+    def divides(self) -> bool:
+        """Whether the global batch is a whole number of passes (checked by the config)."""
+        return self.global_batch_size % self.rows_per_pass == 0
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch_size // self.world_size
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return self.global_batch_size // self.rows_per_pass
 
 
 @dataclass(frozen=True)
@@ -53,8 +84,8 @@ class Schedule:
         perm = epoch_permutation(self.seed, epoch, self.num_rows)
         return list(perm[k * self.global_batch_size:(k + 1) * self.global_batch_size])
 
-    def rank_micro_batches(self, step: int, rank: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
-        """This rank's rows of step `step`, as micro-batches (gradient accumulation = their count)."""
-        per_rank = self.global_batch_size // world_size
-        mine = self.global_batch(step)[rank * per_rank:(rank + 1) * per_rank]
-        return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+    def rank_micro_batches(self, step: int, rank: int, shape: BatchShape) -> list[list[int]]:
+        """This rank's rows of step `step` (0-based), as `shape.accumulation` micro-batches."""
+        n, micro = shape.per_rank, shape.micro_batch_size
+        mine = self.global_batch(step)[rank * n:(rank + 1) * n]
+        return [mine[i:i + micro] for i in range(0, n, micro)]

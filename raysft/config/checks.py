@@ -1,0 +1,94 @@
+"""Cross-field checks of a loaded config, each problem with its fix (run by `load_config`, before Ray starts)."""
+
+from __future__ import annotations
+
+import math
+
+from raysft.config.schema import Config, worker_range
+from raysft.errors import format_error
+from raysft.train.schedule import BatchShape
+
+
+def check(cfg: Config, where, problems: list[str]) -> None:
+    """Cross-field checks, each with its fix."""
+    def bad(key, what, got, fix):
+        problems.append(format_error(where(key), what, got, fix))
+
+    if not cfg.output_dir:
+        bad("output_dir", "must be set", None, "add `output_dir: runs/my-run`")
+    if not cfg.data.train_files and not cfg.data.hf_dataset:
+        bad("data.train_files", "no training data", None, "set data.train_files to a .jsonl file or data.hf_dataset")
+    if not cfg.model.name_or_path:
+        bad("model.name_or_path", "must be set", None, "a hub id such as Qwen/Qwen2.5-0.5B or a local model folder")
+    if cfg.data.max_seq_len < 8:
+        bad("data.max_seq_len", "must be at least 8", cfg.data.max_seq_len, "use e.g. 2048")
+    t = cfg.train
+    for key in ("micro_batch_size", "global_batch_size", "epochs", "log_every_steps"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key}", "must be at least 1", getattr(t, key), "use a positive integer")
+    for key in ("max_steps", "warmup_steps"):
+        if getattr(t, key) < 0:
+            bad(f"train.{key}", "must not be negative", getattr(t, key), "use 0 or a positive integer")
+    if t.lr <= 0:
+        bad("train.lr", "must be > 0", t.lr, "use e.g. 2e-5")
+    if t.weight_decay < 0 or t.max_grad_norm < 0:
+        bad("train.weight_decay" if t.weight_decay < 0 else "train.max_grad_norm", "must not be negative",
+            min(t.weight_decay, t.max_grad_norm), "use 0 to turn it off")
+    if t.zero_stage not in (0, 1, 2, 3):
+        bad("train.zero_stage", "must be 0, 1, 2 or 3", t.zero_stage, "use 2 (or 3 for models that do not fit)")
+    if t.offload_params and t.zero_stage != 3:
+        bad("train.offload_params", "needs ZeRO stage 3", t.zero_stage,
+            "set train.zero_stage=3 or offload_params=false")
+    if t.offload_optimizer and t.zero_stage == 0:
+        bad("train.offload_optimizer", "needs ZeRO stage 1-3", t.zero_stage, "set train.zero_stage=2")
+    if t.eval_every_steps < 0:
+        bad("train.eval_every_steps", "must not be negative", t.eval_every_steps, "use 0 for only at the end")
+    d = cfg.data
+    if not 0 <= d.eval_fraction < 0.5:
+        bad("data.eval_fraction", "must be at least 0 and below 0.5", d.eval_fraction, "use e.g. 0.05")
+    elif d.eval_fraction and d.eval_files:
+        bad("data.eval_fraction", "set together with data.eval_files", d.eval_fraction,
+            "use one source of eval data: remove data.eval_files or set data.eval_fraction=0")
+    lora = t.lora
+    if lora.r < 0 or (lora.r and lora.alpha < 1):
+        bad("train.lora.r" if lora.r < 0 else "train.lora.alpha", "must be positive", lora.r if lora.r < 0 else
+            lora.alpha, "use e.g. train.lora.r=16 train.lora.alpha=32 (r=0 turns LoRA off)")
+    if not 0 <= lora.dropout < 1:
+        bad("train.lora.dropout", "must be at least 0 and below 1", lora.dropout, "use e.g. 0.05")
+    if lora.r and not lora.target_modules:
+        bad("train.lora.target_modules", "is empty", lora.target_modules, "use [all-linear] or e.g. [q_proj, v_proj]")
+    if lora.r and cfg.model.from_scratch:
+        bad("train.lora.r", "LoRA needs pretrained base weights, but model.from_scratch is true", lora.r,
+            "set model.from_scratch=false (LoRA adapts a saved model), or train.lora.r=0 for full fine-tuning")
+    if t.hf_args and t.backend != "hf":
+        bad("train.hf_args", "only the hf backend reads it", t.backend, "set train.backend=hf or remove train.hf_args")
+    c = cfg.cluster
+    elastic = isinstance(c.num_workers, list)
+    if elastic and (len(c.num_workers) != 2 or not 1 <= c.num_workers[0] <= c.num_workers[1]):
+        bad("cluster.num_workers", "a range must be [min, max] with 1 <= min <= max", c.num_workers,
+            "write e.g. [2, 4], or one number for a fixed count")
+    elif elastic and t.backend == "hf":
+        bad("cluster.num_workers", "a range (elastic mode) needs train.backend=deepspeed", c.num_workers,
+            "the hf backend resumes only on the same worker count: give one number, or use the deepspeed backend")
+    elif not elastic and c.num_workers < 1:
+        bad("cluster.num_workers", "must be at least 1", c.num_workers, "use 1 or more")
+    elif t.micro_batch_size >= 1:
+        low, high = worker_range(c)
+        shapes = [BatchShape(t.global_batch_size, t.micro_batch_size, n) for n in range(low, high + 1)]
+        odd = [s.world_size for s in shapes if not s.divides]
+        if odd and not elastic:
+            per_step = shapes[0].rows_per_pass
+            bad("train.global_batch_size", f"must be a multiple of micro_batch_size x num_workers = "
+                f"{t.micro_batch_size} x {c.num_workers} = {per_step}", t.global_batch_size,
+                f"use {max(per_step, t.global_batch_size // per_step * per_step)} or change train.micro_batch_size")
+        elif odd:
+            lcm = math.lcm(*(s.rows_per_pass for s in shapes))
+            bad("train.global_batch_size", f"must be a multiple of micro_batch_size x workers for every worker count "
+                f"in cluster.num_workers={c.num_workers}, and is not for {odd}", t.global_batch_size,
+                f"use {-(-t.global_batch_size // lcm) * lcm}, or a range whose counts all divide it")
+    if c.max_failures < -1:
+        bad("cluster.max_failures", "must be -1 (unlimited) or more", c.max_failures, "use e.g. 2")
+    if cfg.checkpoint.keep < 1:
+        bad("checkpoint.keep", "must be at least 1", cfg.checkpoint.keep, "use e.g. 2")
+    if cfg.checkpoint.every_steps < 0:
+        bad("checkpoint.every_steps", "must not be negative", cfg.checkpoint.every_steps, "use 0 for only at the end")

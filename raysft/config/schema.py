@@ -1,0 +1,172 @@
+"""The config tree: typed dataclasses, one line of doc per field, and every default.
+
+Loaded and validated by `raysft.config.load` (file:line in every error), checked across fields by
+`raysft.config.checks`. `describe()` lists every key for the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+from raysft.errors import UserError
+
+
+def doc(text: str, **kw) -> dict:
+    return {"doc": text, **kw}
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(
+        default_factory=list,
+        metadata=doc("training data: a path, a glob or a URI (s3://, gs://), or a list of them; "
+                     ".jsonl, .jsonl.gz or .parquet"),
+    )
+    eval_files: list[str] = field(default_factory=list, metadata=doc("evaluation data, same forms as train_files"))
+    eval_fraction: float = field(default=0.0, metadata=doc("share of train_files records held out for evaluation "
+                                                           "(chosen by a hash of file name and line: deterministic)"))
+    hf_dataset: str = field(default="",
+                            metadata=doc("a Hugging Face dataset: a folder saved by `datasets` or a hub id"))
+    hf_split: str = field(default="train", metadata=doc("split of `hf_dataset` to train on"))
+    max_seq_len: int = field(default=2048, metadata=doc("tokens per training row"))
+    packing: bool = field(default=True, metadata=doc("pack several examples per row (best-fit decreasing); false pads"))
+    loss_on: Literal["completion", "all"] = field(
+        default="completion", metadata=doc("train on the completion's assistant turns, or on every token")
+    )
+    system_message: Optional[str] = field(default=None, metadata=doc("system message put first when a record has none"))
+    on_bad_record: Literal["error", "skip"] = field(
+        default="error", metadata=doc("stop at the first bad record, or skip it (counted, written to rejects)")
+    )
+    on_overlong: Literal["truncate", "drop"] = field(
+        default="truncate", metadata=doc("what to do with an example longer than max_seq_len (counted either way)")
+    )
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(default="", metadata=doc("hub id or local folder of a causal LM"))
+    from_scratch: bool = field(default=False, metadata=doc("initialise weights randomly from the model's config"))
+    trust_remote_code: bool = field(default=False, metadata=doc("allow the model folder's own Python code to run"))
+    attn_implementation: str = field(default="sdpa",
+                                     metadata=doc("transformers attention: sdpa, eager, flash_attention_2"))
+
+
+@dataclass
+class TokenizerConfig:
+    name_or_path: str = field(default="", metadata=doc("hub id or local folder; empty = the model's"))
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=0, metadata=doc("LoRA rank; 0 = full fine-tuning"))
+    alpha: int = field(default=16, metadata=doc("LoRA scaling numerator (scale = alpha / r)"))
+    dropout: float = field(default=0.0, metadata=doc("dropout on the LoRA input"))
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"],
+                                      metadata=doc("module names to adapt, or all-linear (every linear layer but the "
+                                                   "output head)"))
+
+
+@dataclass
+class TrainConfig:
+    backend: Literal["deepspeed", "hf"] = field(default="deepspeed", metadata=doc(
+        "worker: deepspeed (raysft's own loop on a DeepSpeed engine) or hf (TRL's SFTTrainer); same rows, same order"))
+    seed: int = field(default=42, metadata=doc("seed for weights, data order and dropout"))
+    micro_batch_size: int = field(default=1, metadata=doc("rows per forward pass on one worker"))
+    global_batch_size: int = field(default=8, metadata=doc("rows per optimizer step over all workers"))
+    epochs: int = field(default=1, metadata=doc("passes over the data (when max_steps is 0)"))
+    max_steps: int = field(default=0, metadata=doc("optimizer steps; 0 = derived from epochs"))
+    lr: float = field(default=2e-5, metadata=doc("peak learning rate"))
+    lr_scheduler: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata=doc("decay after warmup"))
+    warmup_steps: int = field(default=0, metadata=doc("linear warmup steps"))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=doc("gradient clipping; 0 = off"))
+    gradient_checkpointing: bool = field(default=False, metadata=doc("recompute activations in backward"))
+    dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata=doc("training precision"))
+    zero_stage: int = field(default=2, metadata=doc("DeepSpeed ZeRO stage 0-3"))
+    offload_optimizer: bool = field(default=False, metadata=doc("ZeRO: optimizer state in CPU memory"))
+    offload_params: bool = field(default=False, metadata=doc("ZeRO-3: parameters in CPU memory"))
+    deepspeed_config: dict = field(default_factory=dict,
+                                   metadata=doc("your DeepSpeed config, merged over the generated one"))
+    log_every_steps: int = field(default=1, metadata=doc("print and report metrics every N steps"))
+    eval_every_steps: int = field(default=0, metadata=doc("eval loss every N steps (and at the end, when there is "
+                                                          "eval data); 0 = only at the end"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    hf_args: dict = field(default_factory=dict, metadata=doc("hf backend: further trl.SFTConfig fields, checked "
+                                                             "against SFTConfig"))
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = field(default=0, metadata=doc("checkpoint every N steps; 0 = only at the end"))
+    keep: int = field(default=2, metadata=doc("newest good checkpoints kept; the last good one is never deleted"))
+    storage_path: str = field(default="", metadata=doc("Ray Train storage; empty = {output_dir}/ray"))
+    allow_data_change: bool = field(default=False, metadata=doc("resume even if the prepared data changed"))
+
+
+@dataclass
+class ClusterConfig:
+    address: str = field(default="", metadata=doc("Ray address; empty = start Ray in this process"))
+    num_workers: int | list[int] = field(default=2, metadata=doc(
+        "Ray Train workers, or [min, max] for Ray Train's elastic mode (deepspeed backend)"))
+    use_gpu: bool = field(default=False, metadata=doc("one GPU per worker"))
+    resources_per_worker: dict = field(default_factory=dict, metadata=doc("e.g. {CPU: 4, GPU: 1}"))
+    max_failures: int = field(default=0, metadata=doc("worker-group restarts before giving up"))
+    num_cpus: int = field(default=0, metadata=doc("logical CPUs of an in-process Ray; 0 = enough for workers and data "
+                                                  "tasks"))
+
+
+def worker_range(cluster: ClusterConfig) -> tuple[int, int]:
+    """(min, max) Train workers: equal for a fixed count."""
+    n = cluster.num_workers
+    return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+
+@dataclass
+class Config:
+    output_dir: str = field(default="", metadata=doc("where prepared data, checkpoints and the final model go"))
+    run_name: str = field(default="", metadata=doc("stable Ray Train run name; empty = output_dir's last folder"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+class ConfigError(UserError):
+    """All the problems of one config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every config key: the README's table comes from here."""
+    rows = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((f"{prefix}{f.name}", repr(default), f.metadata.get("doc", "")))
+
+    walk(Config, "")
+    return rows

@@ -1,0 +1,133 @@
+"""One chunk of input -> training examples and rows: the work of one Ray Data task, as plain functions.
+
+`chunk_to_examples` reads a chunk's records, renders, tokenizes and fits them (`records`, `chatml`,
+`tokenize`, `packing`), counting what it keeps and rejecting bad records by policy; `rows_table` packs
+examples into Arrow rows of the prepared schema. `Settings` are the data settings that shape the rows (and
+so are part of the prepared data's fingerprint). This module imports neither ray nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from raysft.data.chatml import render_example
+from raysft.data.packing import fit_length, make_rows
+from raysft.data.prepared import LIST_COLUMNS, ROW_SCHEMA
+from raysft.data.records import RecordError, split_record
+from raysft.data.sources import Chunk, read_chunk
+from raysft.data.tokenize import count_trained, tokenize_rendered
+
+TOKENIZE_BATCH = 512  # examples per tokenizer call: large enough to amortise the call, small for memory
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The data settings that shape the rows (`data.*`)."""
+
+    max_seq_len: int
+    packing: bool
+    loss_on: str
+    system_message: Optional[str]
+    on_bad_record: str
+    on_overlong: str
+    hf_split: str
+    eval_fraction: float
+
+    @classmethod
+    def from_config(cls, data) -> "Settings":
+        return cls(**{f.name: getattr(data, f.name) for f in dataclasses.fields(cls)})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ChunkResult:
+    examples: list = field(default_factory=list)  # (input_ids, labels) fit to max_seq_len
+    held_out: list = field(default_factory=list)  # per example: held out for eval (data.eval_fraction)
+    counts: dict = field(default_factory=dict)  # records_read, records_kept, ..., rejected_by_reason
+    rejects: list = field(default_factory=list)  # {where, line, reason, error, raw} per rejected record
+
+
+def held_out(where: str, fraction: float) -> bool:
+    """data.eval_fraction: whether the record at `where` (file:line) is held out for eval. A hash of the file's
+    name and the line, so the split is the same on every run, whatever the chunking, and no record is in both.
+
+    >>> held_out("data/a.jsonl:3", 0.0)
+    False
+    """
+    if not fraction:
+        return False
+    digest = hashlib.blake2b(os.path.basename(where).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResult:
+    """One chunk -> examples, counts and rejects. Raises RecordError under on_bad_record=error."""
+    s = settings
+    counts: Counter = Counter()
+    by_reason: Counter = Counter()
+    out = ChunkResult()
+
+    def bad(err: RecordError, line: int, raw: str) -> None:
+        if s.on_bad_record == "error":
+            raise err
+        by_reason[err.reason] += 1
+        out.rejects.append({"where": err.where, "line": line, "reason": err.reason, "error": err.message, "raw": raw})
+
+    pending = []  # (where, line, raw, rendered)
+    for where, line, raw, record in read_chunk(chunk, s.hf_split):
+        counts["records_read"] += 1
+        try:
+            if isinstance(record, RecordError):
+                raise record
+            pending.append((where, line, raw, render_example(split_record(record), s.system_message)))
+        except RecordError as exc:
+            bad(exc if exc.where else exc.at(where), line, raw)
+    for i in range(0, len(pending), TOKENIZE_BATCH):
+        batch = pending[i: i + TOKENIZE_BATCH]
+        for (where, line, raw, _), (ids, labels) in zip(batch, tokenize_rendered([b[3] for b in batch], tokenizer,
+                                                                                  s.loss_on)):
+            fitted = fit_length(ids, labels, s.max_seq_len, s.on_overlong)
+            if fitted is None:
+                counts["examples_dropped"] += 1
+                continue
+            if len(fitted[0]) < len(ids):
+                counts["examples_truncated"] += 1
+            if count_trained(fitted[1]) == 0:
+                bad(RecordError("no_trained_tokens", "no token to train on" + (
+                    f" within max_seq_len={s.max_seq_len}" if len(fitted[0]) < len(ids) else "")
+                    + "; fix: give the record an assistant answer, or raise data.max_seq_len", where), line, raw)
+                continue
+            out.examples.append(fitted)
+            out.held_out.append(held_out(where, s.eval_fraction))
+            counts["records_kept" if not out.held_out[-1] else "records_held_out"] += 1
+    counts["records_rejected"] = sum(by_reason.values())
+    out.rejects.sort(key=lambda r: r["line"])  # file order (token-level rejects are found after parse errors)
+    out.counts = {**counts, "rejected_by_reason": dict(by_reason)}
+    return out
+
+
+def _list_column(values: list[list[int]]) -> pa.Array:
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(values), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def rows_table(examples: list, max_seq_len: int, packing: bool) -> pa.Table:
+    """Examples -> training rows (packed, or one example per row) in the prepared schema."""
+    rows = make_rows(examples, max_seq_len, packing)
+    columns = [_list_column(getattr(rows, c)) for c in LIST_COLUMNS]
+    columns.append(pa.array([sum(n) for n in rows.seq_lengths], pa.int32()))
+    columns.append(pa.array([count_trained(lab) for lab in rows.labels], pa.int32()))
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)

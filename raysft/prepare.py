@@ -1,0 +1,114 @@
+"""`raysft prepare` (and the first stage of `raysft train`): input files -> the prepared dataset, on the driver.
+
+The driver plans chunks (hashing the inputs on the way), computes the fingerprint, and reuses the prepared
+folder of that fingerprint when it is complete (`data/prepared.py` owns the layout). Otherwise it starts Ray
+(only now: a reused dataset needs none), runs the Ray Data pipeline (`data/pipeline.py`) over each split in a
+work folder, writes the manifest last, and renames the folder into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Callable, Optional
+
+from raysft import storage
+from raysft.config import Config
+from raysft.data import pipeline, prepared
+from raysft.data.chunks import Settings
+from raysft.data.sources import Chunk, expand, plan, plan_hf
+from raysft.data.tokenize import load_tokenizer
+from raysft.errors import UserError
+
+MAX_CHUNK_BYTES = 4 << 20  # fixed beyond small inputs: per-task memory must not grow with the input
+MIN_CHUNK_BYTES = 256 << 10
+CHUNKS_PER_CPU = 4  # enough tasks that a slow chunk does not leave the other CPUs idle
+
+
+def chunk_bytes(total: int, cpus: int) -> int:
+    """Enough chunks to keep every CPU busy, none so big that memory grows with the input.
+
+    >>> chunk_bytes(100 << 20, 2) == MAX_CHUNK_BYTES, chunk_bytes(1000, 2) == MIN_CHUNK_BYTES
+    (True, True)
+    """
+    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, total // max(1, CHUNKS_PER_CPU * cpus))))
+
+
+def plan_inputs(cfg: Config, cpus: int) -> tuple[list[Chunk], list[Chunk], dict]:
+    """Expand, hash and chunk every input; returns (train chunks, eval chunks, inputs for the fingerprint)."""
+    d = cfg.data
+    train_files = expand(d.train_files, "data.train_files") if d.train_files else []
+    eval_files = expand(d.eval_files, "data.eval_files") if d.eval_files else []
+    total = sum(os.path.getsize(p) for p in train_files + eval_files if not storage.is_uri(p))
+    size = chunk_bytes(total, cpus)
+    train_chunks, train_inputs = plan(train_files, size)
+    if d.hf_dataset:
+        hf_chunks, hf_inputs = plan_hf(d.hf_dataset, d.hf_split)
+        train_chunks = [Chunk(**{**c.as_row(), "index": i}) for i, c in enumerate(train_chunks + hf_chunks)]
+        train_inputs += hf_inputs
+    eval_chunks, eval_inputs = plan(eval_files, size)
+    return train_chunks, eval_chunks, {"train": train_inputs, "eval": eval_inputs}
+
+
+def _counts(work: str, split: str, max_seq_len: int) -> dict:
+    return {**pipeline.side_counts(work, split), **prepared.split_statistics(work, split, max_seq_len)}
+
+
+def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional[Callable[[], None]] = None,
+            cpus: int = 0) -> tuple[str, dict]:
+    """Prepare (or reuse) the dataset for `cfg`; returns (prepared folder, manifest)."""
+    t0 = time.time()
+    tokenizer = load_tokenizer(cfg.tokenizer.name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code,
+                               "tokenizer.name_or_path" if cfg.tokenizer.name_or_path else "model.name_or_path")
+    train_chunks, eval_chunks, inputs = plan_inputs(cfg, cpus or os.cpu_count() or 1)
+    settings = Settings.from_config(cfg.data)
+    staging = tempfile.mkdtemp(prefix="raysft-tok-")
+    try:
+        tokenizer.save_pretrained(staging)
+        tok_hash = prepared.hash_dir(staging)
+        fingerprint = prepared.fingerprint(inputs, settings.as_dict(), tok_hash)
+        final = prepared.location(cfg.output_dir, fingerprint)
+        manifest = prepared.read_manifest(final)
+        if manifest and manifest.get("fingerprint") == fingerprint:
+            log(f"prepare: reusing {final} (fingerprint {prepared.short(fingerprint)}, same inputs, settings and "
+                "tokenizer)")
+            return final, manifest
+        if start_ray:
+            start_ray()
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        work = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        pipeline.make_work_dir(work)
+        shutil.copytree(staging, os.path.join(work, prepared.TOKENIZER))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = f"{sum(i.get('bytes', 0) for i in inputs['train'] + inputs['eval']) / 1e6:.1f} MB"
+    log(f"prepare: {len(train_chunks)} train chunks + {len(eval_chunks)} eval chunks ({size}) -> {final}")
+    try:
+        for split, chunks in ((prepared.TRAIN, train_chunks), (prepared.EVAL, eval_chunks)):
+            error = pipeline.run_split(pipeline.Task(settings, work, split), chunks) if chunks else None
+            if error is not None:
+                raise error
+        train = _counts(work, prepared.TRAIN, settings.max_seq_len)
+        if train["rows"] == 0:
+            raise UserError(f"data.train_files: no training rows from {train['records_read']} records "
+                            f"(rejected: {train['rejected_by_reason'] or 'none'}). fix: check the data's format")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train,
+                "eval": (_counts(work, prepared.EVAL, settings.max_seq_len)
+                         if eval_chunks or settings.eval_fraction else None),
+                "settings": settings.as_dict(), "inputs": inputs,
+                "tokenizer": {"dir": prepared.TOKENIZER, "sha256": tok_hash, "vocab_size": len(tokenizer)},
+                "rejects_file": prepared.REJECTS if pipeline.merge_rejects(work, prepared.REJECTS) else None,
+                "seconds": round(time.time() - t0, 2)}
+    pipeline.remove_side_files(work)
+    storage.write_atomic(os.path.join(work, prepared.MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
+    if os.path.exists(final):  # an incomplete earlier attempt (no valid manifest): replace it
+        shutil.rmtree(final)
+    os.rename(work, final)
+    return final, manifest

@@ -1,0 +1,114 @@
+"""What the driver hands each Train worker (`WorkerJob`), and what a worker knows once started (`Worker`),
+built by one function, `start`, that both workers call first.
+
+`start` reads the config; the helpers a worker calls afterwards take plain values from `Worker`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from raysft.checkpoint import RunState
+from raysft.config import Config
+from raysft.data.prepared import PreparedRows
+from raysft.train.hooks import WorkerHooks
+from raysft.train.resize import Universal
+from raysft.train.schedule import BatchShape, Schedule
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a Train worker is given by the driver (launch.fit), pickled into `train_loop_config`."""
+
+    config: dict  # the resolved config, `to_dict` of it
+    prepared: str  # the prepared dataset's folder (data/prepared.py)
+    fingerprint: str  # of the prepared data, recorded in every checkpoint
+    has_eval: bool = False
+    vocab_grew: bool = False  # the tokenizer outgrew the model's embeddings (LoRA trains them too)
+    universal: Optional[Universal] = None  # the driver converted the checkpoint for this worker count
+    hooks: WorkerHooks = field(default_factory=WorkerHooks)
+
+
+@dataclass
+class Worker:
+    """A started worker: its place in the group, its data, schedule and model."""
+
+    job: WorkerJob
+    cfg: Config
+    rank: int
+    world: int
+    log: Callable[[str], None]  # rank 0 prints; the others stay quiet
+    tokenizer: object
+    rows: PreparedRows  # the train split
+    eval_rows: Optional[PreparedRows]
+    schedule: Schedule
+    shape: BatchShape
+    model: object
+    n_params: int
+    n_trainable: int
+    run_dir: str  # the run's checkpoint folder in storage
+
+    def run_state(self, step: int, samples_seen: int, tokens_seen: int, backend: str) -> RunState:
+        """The state.json of a checkpoint at `step`."""
+        t = self.cfg.train
+        return RunState(step=step, epoch=self.schedule.epoch_of(max(step - 1, 0)), samples_seen=samples_seen,
+                        tokens_seen=tokens_seen, seed=t.seed, fingerprint=self.job.fingerprint,
+                        world_size=self.world, total_steps=self.schedule.total_steps,
+                        global_batch_size=t.global_batch_size, final=step == self.schedule.total_steps,
+                        backend=backend, zero_stage=t.zero_stage, lora=bool(t.lora.r))
+
+
+def start(job: WorkerJob, trainer_checkpoints_activations: bool = False) -> Worker:
+    """Config, rank and world, rank-0 log, tokenizer, rows, schedule, and the model (seeded, LoRA applied).
+
+    Sets DS_ACCELERATOR before anything imports DeepSpeed. `train.gradient_checkpointing` is turned on here,
+    unless the Trainer turns it on itself (`trainer_checkpoints_activations`).
+    """
+    import ray.train
+
+    from raysft.config import from_dict
+
+    cfg = from_dict(job.config)
+    if not cfg.cluster.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch
+
+    from raysft.data.prepared import EVAL, load_tokenizer
+    from raysft.modeling import apply_lora, build_model, parameter_counts
+
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    tokenizer = load_tokenizer(job.prepared)
+    rows = PreparedRows(job.prepared)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
+                        dtype=t.dtype, attn_implementation=cfg.model.attn_implementation,
+                        trust_remote_code=cfg.model.trust_remote_code,
+                        gradient_checkpointing=t.gradient_checkpointing and not trainer_checkpoints_activations)
+    model = apply_lora(model, t.lora, vocab_grew=job.vocab_grew)
+    n_params, n_trainable = parameter_counts(model)
+    return Worker(job=job, cfg=cfg, rank=rank, world=world, log=log, tokenizer=tokenizer, rows=rows,
+                  eval_rows=PreparedRows(job.prepared, EVAL) if job.has_eval else None,
+                  schedule=Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps),
+                  shape=BatchShape(t.global_batch_size, t.micro_batch_size, world), model=model,
+                  n_params=n_params, n_trainable=n_trainable,
+                  run_dir=os.path.join(cfg.checkpoint.storage_path, cfg.run_name))
+
+
+def device(use_gpu: bool):
+    """This worker's torch device."""
+    import torch
+
+    if use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")

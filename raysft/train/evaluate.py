@@ -1,0 +1,54 @@
+"""Eval loss on the held-out rows, on every rank together, and when evals and checkpoints fall due."""
+
+from __future__ import annotations
+
+import math
+
+from raysft.data.tokenize import IGNORE_INDEX
+
+MAX_LOG_PPL = 50.0  # perplexity is reported as exp(min(loss, this)): an untrained model's loss would overflow it
+
+
+def due(step: int, total_steps: int, every: int) -> bool:
+    """Checkpoints and evals: every `every` steps (0 = never) and at the last step.
+
+    >>> [s for s in range(1, 8) if due(s, 7, 3)]
+    [3, 6, 7]
+    """
+    return step == total_steps or bool(every and step % every == 0)
+
+
+def eval_batches(num_rows: int, rank: int, world: int, micro_batch_size: int) -> list[list[int]]:
+    """This rank's eval micro-batches: rows dealt round-robin; every rank runs the same number of forward passes
+    (ZeRO-3 gathers parameters collectively), a rank short of rows repeating row 0 with weight 0 (id -1).
+
+    >>> eval_batches(5, rank=1, world=2, micro_batch_size=2)
+    [[1, 3], [-1]]
+    """
+    mine = list(range(rank, num_rows, world))
+    per_rank = -(-num_rows // world)
+    mine += [-1] * (per_rank - len(mine))
+    return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def evaluate(forward, eval_rows, rank: int, world: int, micro_batch_size: int, pad_id: int, device) -> dict:
+    """Eval loss (mean over every trained token of the eval rows, all ranks) and perplexity.
+
+    `forward(batch) -> logits`. The model is put in eval mode by the caller.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from raysft.modeling import collate, token_loss_sum
+
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for micro in eval_batches(len(eval_rows), rank, world, micro_batch_size):
+            batch = collate(eval_rows.get([max(i, 0) for i in micro]), pad_id, device)
+            keep = torch.tensor([i >= 0 for i in micro], device=device)
+            batch["labels"][~keep] = IGNORE_INDEX  # filler rows count for nothing
+            sums[0] += token_loss_sum(forward(batch), batch["labels"]).double()
+            sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    dist.all_reduce(sums)
+    loss = (sums[0] / sums[1]).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, MAX_LOG_PPL)), "eval_tokens": int(sums[1].item())}

@@ -1,0 +1,92 @@
+"""What raysft hands TRL: an SFTTrainer on raysft's schedule, a timed collate, and the callback that calls the
+hf worker's step and save functions at the Trainer's step boundaries.
+
+Imports trl and transformers at the top: import it only inside a Train worker, after `context.start` (which
+sets DS_ACCELERATOR before DeepSpeed is imported).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from raysft.modeling import collate, param_groups
+
+ROW_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+class TimedCollate:
+    """The DataLoader's collate_fn: prepared rows -> padded tensors, timing itself (the step's data wait)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id, self.seconds = pad_id, 0.0
+
+    def __call__(self, items: list[dict]) -> dict:
+        t0 = time.time()
+        batch = collate({k: [it[k] for it in items] for k in ROW_COLUMNS}, self.pad_id)
+        self.seconds += time.time() - t0
+        return batch
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+class ScheduledSFTTrainer(SFTTrainer):
+    """SFTTrainer reading this rank's micro-batches from `loader` (not re-sharded by accelerate: the schedule
+    already gave this rank its rows), with torch AdamW on raysft's parameter groups, summing each step's loss and
+    processed tokens for raysft's metrics."""
+
+    def __init__(self, *args, loader, lr: float, weight_decay: float, world: int, **kwargs):
+        self.loader, self.lr, self.weight_decay, self.world = loader, lr, weight_decay, world
+        self.step_loss, self.processed = 0.0, 0
+        super().__init__(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        return self.loader
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr)
+        return self.optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.processed += inputs["input_ids"].numel()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_loss += loss.item() / self.world  # TRL multiplied the global-token mean by the world size
+        return loss
+
+    def take_step_sums(self) -> tuple[float, int]:
+        """(loss, processed tokens) of this rank since the last call."""
+        sums = (self.step_loss, self.processed)
+        self.step_loss, self.processed = 0.0, 0
+        return sums
+
+    def forward(self, batch: dict):
+        return self.model_wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  use_cache=False).logits
+
+
+class StepCallback(TrainerCallback):
+    """`step_end(step, seconds) -> save?` after every optimizer step; `saved(step, folder)` after the Trainer saved
+    the checkpoint folder that `step_end` asked for."""
+
+    def __init__(self, step_end: Callable[[int, float], bool], saved: Callable[[int, str], None]):
+        self.step_end, self.saved, self.t0 = step_end, saved, time.time()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.t0 = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step_end(state.global_step, time.time() - self.t0):
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved(state.global_step, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        return control

@@ -1,0 +1,56 @@
+"""The optimizer side both backends share: the generated DeepSpeed config and the scheduler's name.
+
+The deepspeed worker hands the config to `deepspeed.initialize`; the hf worker hands it, minus the optimizer
+block (the Trainer builds the same torch AdamW), to TRL's SFTConfig. Batch sizes come from `BatchShape`.
+"""
+
+from __future__ import annotations
+
+from raysft.train.schedule import BatchShape
+
+NO_PRINT = 2**31 - 1  # DeepSpeed's steps_per_print: raysft prints its own step lines
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, nested mappings merged key by key.
+
+    >>> deep_merge({"zero": {"stage": 2, "x": 1}}, {"zero": {"stage": 3}})
+    {'zero': {'stage': 3, 'x': 1}}
+    """
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(train, use_gpu: bool, shape: BatchShape) -> dict:
+    """DeepSpeed config generated from `train.*`, with the user's `train.deepspeed_config` merged over it."""
+    zero = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    config = {
+        "train_batch_size": shape.global_batch_size,
+        "train_micro_batch_size_per_gpu": shape.micro_batch_size,
+        "gradient_accumulation_steps": shape.accumulation,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.dtype == "bf16"},
+        "fp16": {"enabled": train.dtype == "fp16", "loss_scale": 0},
+        # torch's AdamW: no fused/CPU-Adam extension to compile; the same optimizer as the hf backend
+        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
+                                                  "torch_adam": True}},
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": NO_PRINT,
+    }
+    return deep_merge(config, train.deepspeed_config)
+
+
+def lr_scheduler_name(name: str) -> str:
+    """train.lr_scheduler as transformers names it (its "constant" ignores warmup).
+
+    >>> lr_scheduler_name("constant"), lr_scheduler_name("cosine")
+    ('constant_with_warmup', 'cosine')
+    """
+    return "constant_with_warmup" if name == "constant" else name

@@ -1,0 +1,68 @@
+"""Fault injection and probes for the training tests, passed to `launch.train(..., hooks=...)`: they run inside the
+Ray Train workers through the `WorkerHooks` points, and are no part of a shipped run.
+
+This module is pickled by value (workers cannot import tests/), so it imports only what workers have.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import ray.cloudpickle
+
+from raysft.train.hooks import WorkerHooks
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PROBE_TOKENS = 64
+PAUSE_S = 300  # long enough for the test to kill the paused process
+
+
+@dataclass
+class Faults(WorkerHooks):
+    """`fail_after_step`: rank `rank` raises after that step, on the first attempt only (a marker file in
+    `marker_dir` remembers it). `pause_in_checkpoint_step`: rank `rank` holds still after every rank uploaded that
+    checkpoint's files and before rank 0 verified them, its pid in `{marker_dir}/.paused-in-checkpoint-step{N}`,
+    to be killed. `probe`: at the end, the trained model's logits of the first row's first tokens go to this file,
+    for export to be checked against."""
+
+    marker_dir: str = ""
+    fail_after_step: int = 0
+    pause_in_checkpoint_step: int = 0
+    rank: int = 0
+    probe: str = ""
+
+    def after_step(self, step: int, rank: int) -> None:
+        if self.fail_after_step == step and rank == self.rank:
+            marker = os.path.join(self.marker_dir, f".injected-failure-step{step}")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                raise RuntimeError(f"raysft test: injected failure after step {step}")
+
+    def checkpoint_uploaded(self, step: int, rank: int) -> None:
+        if self.pause_in_checkpoint_step == step and rank == self.rank:
+            marker = os.path.join(self.marker_dir, f".paused-in-checkpoint-step{step}")
+            if not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(str(os.getpid()))
+                time.sleep(PAUSE_S)
+
+    def finished(self, forward, rows, rank: int, device) -> None:
+        if not self.probe:
+            return
+        import torch
+
+        ids = torch.tensor([rows.get([0])["input_ids"][0][:PROBE_TOKENS]], device=device)
+        with torch.no_grad():  # every rank: ZeRO-3 gathers parameters collectively
+            logits = forward({"input_ids": ids, "position_ids": torch.arange(ids.shape[1], device=device)[None]})
+        if rank == 0:
+            torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu()}, self.probe)
+
+
+def load_probe(path: str) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)

@@ -1,0 +1,84 @@
+"""The package's shape: no import cycle between raysft's modules (counting imports inside functions too), every
+module imports on its own in a fresh interpreter, the pure data modules import neither ray nor torch, and
+docs/ARCHITECTURE.md names every module."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+PACKAGE = os.path.join(ROOT, "raysft")
+PURE = ["raysft.data.records", "raysft.data.chatml", "raysft.data.tokenize", "raysft.data.packing",
+        "raysft.data.sources", "raysft.data.chunks", "raysft.data.prepared", "raysft.storage", "raysft.errors"]
+
+
+def modules() -> dict[str, str]:
+    """Module name -> file, for every module of the package."""
+    out = {}
+    for root, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, name), ROOT)[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = os.path.join(root, name)
+    return out
+
+
+def imports(path: str, known: set[str], top_level_only: bool = False) -> set[str]:
+    """raysft modules (and, for the purity check, any top-level package) that a file imports."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known}
+    return found
+
+
+def test_no_import_cycle_between_raysft_modules():
+    mods = modules()
+    graph = {m: {i for i in imports(f, set(mods)) if i in mods and i != m and not m.startswith(i + ".")}
+             for m, f in mods.items()}
+    # packages' __init__ re-export their modules: an edge into a package is an edge into what it re-exports
+    state, cycles = {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                cycles.append(path[path.index(n):] + [n] if n in path else path + [n])
+            elif n not in state:
+                visit(n, path + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []
+
+
+def test_pure_data_modules_import_neither_ray_nor_torch():
+    mods = modules()
+    heavy = {m: sorted(i for i in imports(mods[m], set(mods), top_level_only=True)
+                       if i.split(".")[0] in ("ray", "torch", "transformers", "deepspeed", "trl"))
+             for m in PURE}
+    assert heavy == {m: [] for m in PURE}
+
+
+@pytest.mark.parametrize("module", sorted(modules()))
+def test_every_module_imports_alone_in_a_fresh_interpreter(module):
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_architecture_doc_names_every_module():
+    with open(os.path.join(ROOT, "docs", "ARCHITECTURE.md"), encoding="utf-8") as f:
+        doc = f.read()
+    files = sorted(os.path.relpath(f, ROOT) for f in modules().values() if not f.endswith("__init__.py"))
+    assert [f for f in files if f"`{f}`" not in doc] == []
