@@ -1,5 +1,5 @@
-"""The checkpoint folder contract: its entries, its state, commit, verify, prune, and conversion for another
-worker count. The one place that knows the layout:
+"""The checkpoint folder contract: its entries, its state, commit, verify, prune. The one place that knows the
+layout (train/resize.py converts a checkpoint for another worker count through the paths named here):
 
     checkpoint_{step:08d}/
       model/               backend-native state: DeepSpeed's checkpoint folder (`latest`, `step{N}/`, the
@@ -46,6 +46,21 @@ def dir_name(step: int) -> str:
 def deepspeed_tag(step: int) -> str:
     """The tag the deepspeed worker saves its engine under, in model/."""
     return f"step{step}"
+
+
+def run_dir(storage_path: str, run_name: str) -> str:
+    """The folder in storage that holds a run's checkpoints (Ray Train's `storage_path/name`)."""
+    return os.path.join(storage_path, run_name)
+
+
+def model_dir(path: str) -> str:
+    """model/ of the checkpoint at `path`: the backend's own state."""
+    return os.path.join(path, MODEL)
+
+
+def deepspeed_dir(path: str, step: int) -> str:
+    """The deepspeed worker's engine state of step `step` in the checkpoint at `path`."""
+    return os.path.join(path, MODEL, deepspeed_tag(step))
 
 
 @dataclass(frozen=True)

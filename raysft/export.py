@@ -87,7 +87,7 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     state = ckpt.read_state(checkpoint_path)
     with open(os.path.join(checkpoint_path, ckpt.CONFIG), encoding="utf-8") as f:
         cfg = from_dict(yaml.safe_load(f))
-    model_dir = os.path.join(checkpoint_path, ckpt.MODEL)
+    model_dir = ckpt.model_dir(checkpoint_path)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(checkpoint_path, ckpt.TOKENIZER))
     weights = consolidated_state_dict(model_dir, state.zero_stage, trainable_only=state.lora)
     if state.lora:

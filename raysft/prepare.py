@@ -82,7 +82,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
         os.makedirs(os.path.dirname(final), exist_ok=True)
         work = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         pipeline.make_work_dir(work)
-        shutil.copytree(staging, os.path.join(work, prepared.TOKENIZER))
+        shutil.copytree(staging, prepared.tokenizer_dir(work))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = f"{sum(i.get('bytes', 0) for i in inputs['train'] + inputs['eval']) / 1e6:.1f} MB"
@@ -96,12 +96,11 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
         if train["rows"] == 0:
             raise UserError(f"data.train_files: no training rows from {train['records_read']} records "
                             f"(rejected: {train['rejected_by_reason'] or 'none'}). fix: check the data's format")
+        evals = _counts(work, prepared.EVAL, settings.max_seq_len) if eval_chunks or settings.eval_fraction else None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train,
-                "eval": (_counts(work, prepared.EVAL, settings.max_seq_len)
-                         if eval_chunks or settings.eval_fraction else None),
+    manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train, "eval": evals,
                 "settings": settings.as_dict(), "inputs": inputs,
                 "tokenizer": {"dir": prepared.TOKENIZER, "sha256": tok_hash, "vocab_size": len(tokenizer)},
                 "rejects_file": prepared.REJECTS if pipeline.merge_rejects(work, prepared.REJECTS) else None,

@@ -35,6 +35,10 @@ class Faults(WorkerHooks):
     rank: int = 0
     probe: str = ""
 
+    def __post_init__(self):
+        if (self.fail_after_step or self.pause_in_checkpoint_step) and not os.path.isabs(self.marker_dir):
+            raise ValueError("Faults: give marker_dir, an absolute folder every worker sees (e.g. cfg.output_dir)")
+
     def after_step(self, step: int, rank: int) -> None:
         if self.fail_after_step == step and rank == self.rank:
             marker = os.path.join(self.marker_dir, f".injected-failure-step{step}")

@@ -144,3 +144,15 @@ def test_hf_args_are_checked_against_sftconfig():
         "train.hf_args.max_length: is set by raysft from data.max_seq_len (got 512). fix: set data.max_seq_len "
         "instead",
     ]
+
+
+def test_deepspeed_batch_keys_are_raysfts(tmp_path):
+    """The batch shape is computed once (schedule.BatchShape): train.deepspeed_config may not set it apart."""
+    (tmp_path / "c.yaml").write_text(GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "c.yaml"), ["train.deepspeed_config.gradient_accumulation_steps=4",
+                                               "train.deepspeed_config.zero_allow_untested_optimizer=true"])
+    assert info.value.problems == [
+        "command line: train.deepspeed_config.gradient_accumulation_steps: is set by raysft from "
+        "train.global_batch_size (accumulation = global / (micro x workers)) (got 4). fix: set "
+        "train.global_batch_size (accumulation = global / (micro x workers)) instead"]

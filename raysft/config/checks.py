@@ -8,6 +8,11 @@ from raysft.config.schema import Config, worker_range
 from raysft.errors import format_error
 from raysft.train.schedule import BatchShape
 
+# DeepSpeed batch keys raysft derives (BatchShape); the schedule and both workers rely on them
+DEEPSPEED_OWNED = {"train_batch_size": "train.global_batch_size",
+                   "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                   "gradient_accumulation_steps": "train.global_batch_size (accumulation = global / (micro x workers))"}
+
 
 def check(cfg: Config, where, problems: list[str]) -> None:
     """Cross-field checks, each with its fix."""
@@ -60,6 +65,9 @@ def check(cfg: Config, where, problems: list[str]) -> None:
     if lora.r and cfg.model.from_scratch:
         bad("train.lora.r", "LoRA needs pretrained base weights, but model.from_scratch is true", lora.r,
             "set model.from_scratch=false (LoRA adapts a saved model), or train.lora.r=0 for full fine-tuning")
+    for key in sorted(set(t.deepspeed_config) & set(DEEPSPEED_OWNED)):
+        bad(f"train.deepspeed_config.{key}", f"is set by raysft from {DEEPSPEED_OWNED[key]}", t.deepspeed_config[key],
+            f"set {DEEPSPEED_OWNED[key]} instead")
     if t.hf_args and t.backend != "hf":
         bad("train.hf_args", "only the hf backend reads it", t.backend, "set train.backend=hf or remove train.hf_args")
     c = cfg.cluster

@@ -15,6 +15,7 @@ the user's data.) Anything else is a bug in raysft and fails the task with its t
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysft.data.chunks import Settings, chunk_to_examples, rows_table
-from raysft.data.prepared import EVAL, ROW_SCHEMA, TOKENIZER, TRAIN
+from raysft.data.prepared import EVAL, ROW_SCHEMA, TRAIN, saved_tokenizer, split_dir
 from raysft.data.records import RecordError
 from raysft.data.sources import Chunk
 from raysft.errors import UserError
@@ -45,15 +46,8 @@ class Task:
 
 # ------------------------------------------------------------------ the task side (runs in Ray workers)
 
-_tokenizers: dict = {}
-
-
-def _tokenizer(path: str):
-    if path not in _tokenizers:  # once per Ray worker process, reused across its tasks
-        from transformers import AutoTokenizer
-
-        _tokenizers[path] = AutoTokenizer.from_pretrained(path)
-    return _tokenizers[path]
+# once per Ray worker process and prepared folder, reused across its tasks
+_tokenizer = functools.lru_cache(maxsize=4)(saved_tokenizer)
 
 
 def _error_json(exc: UserError) -> str:
@@ -77,7 +71,7 @@ def process_chunks(batch: dict, task: Task) -> pa.Table:
             continue
         name = f"{task.split}-{chunk.index:06d}"
         try:
-            result = chunk_to_examples(chunk, s, _tokenizer(os.path.join(work, TOKENIZER)))
+            result = chunk_to_examples(chunk, s, _tokenizer(work))
         except UserError as exc:
             write_atomic(os.path.join(work, ERRORS, f"{name}.json"), _error_json(exc))
             continue
@@ -87,9 +81,9 @@ def process_chunks(batch: dict, task: Task) -> pa.Table:
         examples = result.examples
         if any(result.held_out):  # data.eval_fraction: the held-out examples' rows go straight to the eval split
             held = [e for e, h in zip(examples, result.held_out) if h]
-            os.makedirs(os.path.join(work, EVAL), exist_ok=True)
+            os.makedirs(split_dir(work, EVAL), exist_ok=True)
             pq.write_table(rows_table(held, s.max_seq_len, s.packing),
-                           os.path.join(work, EVAL, f"held-out-{chunk.index:06d}.parquet"))
+                           os.path.join(split_dir(work, EVAL), f"held-out-{chunk.index:06d}.parquet"))
             n = result.counts["records_held_out"]
             write_atomic(os.path.join(work, STATS, f"{EVAL}-held-out-{chunk.index:06d}.json"),
                          json.dumps({"records_read": n, "records_kept": n, "rejected_by_reason": {}}))
@@ -125,12 +119,12 @@ def run_split(task: Task, chunks: list[Chunk]) -> Optional[UserError]:
     ctx.execution_options.preserve_order = True  # same input, same row order: the schedule relies on it
     ds = ray.data.from_items([c.as_row() for c in chunks], override_num_blocks=len(chunks))
     ds = ds.map_batches(process_chunks, batch_size=1, batch_format="numpy", fn_kwargs={"task": task})
-    ds.write_parquet(os.path.join(task.work_dir, task.split), min_rows_per_file=1)
+    ds.write_parquet(split_dir(task.work_dir, task.split), min_rows_per_file=1)
     return first_error(task.work_dir)
 
 
 def side_counts(work: str, split: str) -> dict:
-    """The tasks' counts of one split, added up; rejects merged into rejects.jsonl. Side folders removed after."""
+    """The tasks' counts of one split, added up."""
     from collections import Counter
 
     counts: Counter = Counter()

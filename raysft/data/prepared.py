@@ -73,7 +73,7 @@ def split_statistics(prepared_dir: str, split: str, max_seq_len: int) -> dict:
     """Rows, tokens, padding and example lengths of one split's Parquet files, for the manifest."""
     import pyarrow.parquet as pq
 
-    files = sorted(glob.glob(os.path.join(prepared_dir, split, "*.parquet")))
+    files = sorted(glob.glob(os.path.join(split_dir(prepared_dir, split), "*.parquet")))
     table = pa.concat_tables([pq.read_table(f, columns=["num_tokens", "num_trained", "seq_lengths"]) for f in files]) \
         if files else ROW_SCHEMA.empty_table()
     rows = len(table)
@@ -110,11 +110,20 @@ def summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def load_tokenizer(prepared_dir: str):
+def tokenizer_dir(prepared_dir: str) -> str:
+    return os.path.join(prepared_dir, TOKENIZER)
+
+
+def split_dir(prepared_dir: str, split: str) -> str:
+    """A split's Parquet folder."""
+    return os.path.join(prepared_dir, split)
+
+
+def saved_tokenizer(prepared_dir: str):
     """The tokenizer the rows were made with."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.join(prepared_dir, TOKENIZER))
+    return AutoTokenizer.from_pretrained(tokenizer_dir(prepared_dir))
 
 
 class PreparedRows:
@@ -128,7 +137,7 @@ class PreparedRows:
     def __init__(self, prepared_dir: str, split: str = TRAIN):
         import datasets
 
-        files = sorted(glob.glob(os.path.join(prepared_dir, split, "*.parquet")))
+        files = sorted(glob.glob(os.path.join(split_dir(prepared_dir, split), "*.parquet")))
         if not files:
             raise FileNotFoundError(f"{prepared_dir}/{split}: no prepared Parquet files")
         datasets.disable_progress_bars()

@@ -1,7 +1,8 @@
 """What the driver hands each Train worker (`WorkerJob`), and what a worker knows once started (`Worker`),
 built by one function, `start`, that both workers call first.
 
-`start` reads the config; the helpers a worker calls afterwards take plain values from `Worker`.
+The worker files read the config through `Worker.cfg`; the shared helpers they call (metrics, evaluate, report,
+checkpoint) take plain values.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from raysft import checkpoint as ckpt
 from raysft.checkpoint import RunState
 from raysft.config import Config
 from raysft.data.prepared import PreparedRows
@@ -75,7 +77,7 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False) -> Work
         os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
 
-    from raysft.data.prepared import EVAL, load_tokenizer
+    from raysft.data.prepared import EVAL, saved_tokenizer
     from raysft.modeling import apply_lora, build_model, parameter_counts
 
     t = cfg.train
@@ -86,7 +88,7 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False) -> Work
         if rank == 0:
             print(msg, flush=True)
 
-    tokenizer = load_tokenizer(job.prepared)
+    tokenizer = saved_tokenizer(job.prepared)
     rows = PreparedRows(job.prepared)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
@@ -100,7 +102,7 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False) -> Work
                   schedule=Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps),
                   shape=BatchShape(t.global_batch_size, t.micro_batch_size, world), model=model,
                   n_params=n_params, n_trainable=n_trainable,
-                  run_dir=os.path.join(cfg.checkpoint.storage_path, cfg.run_name))
+                  run_dir=ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name))
 
 
 def device(use_gpu: bool):

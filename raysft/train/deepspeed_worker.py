@@ -10,7 +10,6 @@ whatever the packing, accumulation and worker count.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from typing import Optional
@@ -49,16 +48,14 @@ def save_checkpoint(engine, w: Worker, step: int, state: ckpt.RunState, metrics:
     """Every rank's engine state and RNG, rank 0's run files; then report and commit (report.py)."""
     lora = state.lora  # the adapter only: the frozen base is the model folder's
     local = tempfile.mkdtemp(prefix="raysft-ckpt-")
-    engine.save_checkpoint(os.path.join(local, ckpt.MODEL), tag=ckpt.deepspeed_tag(step),
-                           exclude_frozen_parameters=lora)
+    engine.save_checkpoint(ckpt.model_dir(local), tag=ckpt.deepspeed_tag(step), exclude_frozen_parameters=lora)
     ckpt.save_rng(local, w.rank)
     if w.rank == 0:
         from raysft.config import to_yaml
-        from raysft.data.prepared import TOKENIZER
+        from raysft.data.prepared import tokenizer_dir
 
-        (engine.module.get_base_model() if lora else engine.module).config.save_pretrained(
-            os.path.join(local, ckpt.MODEL))
-        ckpt.write_run_files(local, state, to_yaml(w.cfg), os.path.join(w.job.prepared, TOKENIZER))
+        (engine.module.get_base_model() if lora else engine.module).config.save_pretrained(ckpt.model_dir(local))
+        ckpt.write_run_files(local, state, to_yaml(w.cfg), tokenizer_dir(w.job.prepared))
     gate.report_checkpoint(local, step, metrics, w.rank, w.world, w.run_dir, w.cfg.checkpoint.keep, w.log,
                            w.job.hooks)
 
@@ -96,9 +93,9 @@ def train_loop(loop_config: dict) -> None:
     # ------------------------------------------------------------------ restore
     start_step, samples_seen, tokens_seen = 0, 0, 0
     if state is not None:
-        load_dir, tag = (universal.load_dir, universal.tag) if universal else (os.path.join(good, ckpt.MODEL), None)
+        load_dir, tag = (universal.load_dir, universal.tag) if universal else (ckpt.model_dir(good), None)
         engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-                               load_module_strict=not state.lora)
+                               load_module_strict=not t.lora.r)  # a LoRA checkpoint holds the adapter only
         ckpt.restore_rng(good, rank)
         start_step, samples_seen, tokens_seen = state.step, state.samples_seen, state.tokens_seen
         w.log(f"resume: from {good} at step {start_step} (epoch {state.epoch}, {samples_seen} rows seen"

@@ -51,13 +51,13 @@ def check_hf_args(hf_args: dict) -> None:
         raise ConfigError(problems)
 
 
-def sft_config(cfg, output_dir: str, ds_config: dict, shape: BatchShape, total_steps: int):
-    """The SFTConfig of a run: raysft's settings, then train.hf_args (checked by `check_hf_args`)."""
+def sft_config(t, use_gpu: bool, output_dir: str, ds_config: dict, shape: BatchShape, total_steps: int):
+    """The SFTConfig of a run from `train.*` (`t`): raysft's settings, then train.hf_args (checked by
+    `check_hf_args`)."""
     from trl import SFTConfig
 
-    t = cfg.train
     return SFTConfig(
-        output_dir=output_dir, per_device_train_batch_size=t.micro_batch_size,
+        output_dir=output_dir, per_device_train_batch_size=shape.micro_batch_size,
         gradient_accumulation_steps=shape.accumulation, max_steps=total_steps,
         learning_rate=t.lr, lr_scheduler_type=lr_scheduler_name(t.lr_scheduler),
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
@@ -65,7 +65,7 @@ def sft_config(cfg, output_dir: str, ds_config: dict, shape: BatchShape, total_s
         deepspeed=ds_config, gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=t.log_every_steps,
-        report_to="none", disable_tqdm=True, use_cpu=not cfg.cluster.use_gpu, dataloader_num_workers=0,
+        report_to="none", disable_tqdm=True, use_cpu=not use_gpu, dataloader_num_workers=0,
         packing=False, max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
         average_tokens_across_devices=True, save_only_model=False, **t.hf_args)
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from raysft.modeling import collate, param_groups
@@ -88,5 +89,5 @@ class StepCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        self.saved(state.global_step, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        self.saved(state.global_step, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
         return control

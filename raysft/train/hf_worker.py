@@ -18,7 +18,6 @@ What raysft hands the Trainer (hf_trainer.py):
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 
@@ -46,7 +45,7 @@ def train_loop(loop_config: dict) -> None:
     from transformers.trainer_callback import PrinterCallback
 
     from raysft.config import to_yaml
-    from raysft.data.prepared import TOKENIZER
+    from raysft.data.prepared import tokenizer_dir
     from raysft.train.hf_trainer import ScheduledSFTTrainer, StepCallback, TimedCollate
 
     ds_config = deepspeed_config(t, cfg.cluster.use_gpu, w.shape)
@@ -57,7 +56,7 @@ def train_loop(loop_config: dict) -> None:
     loader = DataLoader(rows.ds, batch_sampler=micro_batches, collate_fn=collate_rows, num_workers=0)
     trainer_dir = tempfile.mkdtemp(prefix=f"raysft-hf-rank{rank}-")  # per rank: checkpoints move out at once
     trainer = ScheduledSFTTrainer(
-        model=w.model, args=sft_config(cfg, trainer_dir, ds_config, w.shape, schedule.total_steps),
+        model=w.model, args=sft_config(t, cfg.cluster.use_gpu, trainer_dir, ds_config, w.shape, schedule.total_steps),
         train_dataset=rows.ds, processing_class=w.tokenizer, loader=loader, lr=t.lr, weight_decay=t.weight_decay,
         world=world)
     trainer.remove_callback(PrinterCallback)  # raysft prints its own step lines
@@ -96,6 +95,7 @@ def train_loop(loop_config: dict) -> None:
             engine.train()
         checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
         step_log(metrics, checkpoint_due)
+        last_metrics.clear()  # the checkpoint report carries this step's metrics only
         last_metrics.update(metrics)
         if checkpoint_due:
             return True
@@ -107,16 +107,16 @@ def train_loop(loop_config: dict) -> None:
     def saved(step: int, folder: str) -> None:
         """The Trainer's checkpoint folder becomes model/ of raysft's checkpoint; report and commit it."""
         local = tempfile.mkdtemp(prefix="raysft-ckpt-")
-        shutil.move(folder, os.path.join(local, ckpt.MODEL))
+        shutil.move(folder, ckpt.model_dir(local))
         if rank == 0:
             state = w.run_state(step, steps.samples_seen, steps.tokens_seen, BACKEND)
-            ckpt.write_run_files(local, state, to_yaml(cfg), os.path.join(job.prepared, TOKENIZER))
+            ckpt.write_run_files(local, state, to_yaml(cfg), tokenizer_dir(job.prepared))
         gate.report_checkpoint(local, step, dict(last_metrics), rank, world, w.run_dir, cfg.checkpoint.keep, w.log,
                                job.hooks)
         job.hooks.after_step(step, rank)
 
     trainer.add_callback(StepCallback(step_end, saved))
-    trainer.train(resume_from_checkpoint=os.path.join(good, ckpt.MODEL) if good else None)
+    trainer.train(resume_from_checkpoint=ckpt.model_dir(good) if good else None)
 
     # ------------------------------------------------------------------ end
     trainer.model_wrapped.eval()

@@ -9,7 +9,8 @@ from typing import Callable
 
 
 class WorkerHooks:
-    """Called on every rank, in this order of a run; subclass and override what you need (picklable)."""
+    """Called on every rank; subclass and override what you need (it is pickled to the workers). For a step with
+    a checkpoint, `checkpoint_uploaded` comes before that step's `after_step`."""
 
     def after_step(self, step: int, rank: int) -> None:
         """After optimizer step `step` (1-based) and its checkpoint, if one was due."""

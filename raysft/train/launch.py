@@ -34,6 +34,7 @@ from raysft.train.schedule import Schedule
 # The worker function of each backend. Each imports its framework inside the function, on the worker.
 WORKERS = {"deepspeed": deepspeed_worker.train_loop, "hf": hf_worker.train_loop}
 ELASTIC_MONITOR_S = "RAYSFT_ELASTIC_MONITOR_S"  # elastic mode: how often Ray Train considers growing the group
+ELASTIC_MONITOR_DEFAULT_S = 60.0
 
 
 def preflight(cfg: Config) -> None:
@@ -93,11 +94,11 @@ def check_resources(cfg: Config) -> None:
         limit, verb = ray.cluster_resources(), "has"
     n = worker_range(cfg.cluster)[0]  # elastic mode starts with as many as fit, at least min
     need = {k: v * n for k, v in worker_resources(cfg).items()}
-    short = {k: v for k, v in need.items() if v > limit.get(k, 0)}
-    if short:
-        have = {k: limit.get(k, 0) for k in short}
-        key = "cluster.use_gpu" if "GPU" in short and not cfg.cluster.resources_per_worker else "cluster.num_workers"
-        raise UserError(format_error(key, f"{n} workers need {short} but the cluster {verb} {have}",
+    lacking = {k: v for k, v in need.items() if v > limit.get(k, 0)}
+    if lacking:
+        have = {k: limit.get(k, 0) for k in lacking}
+        key = "cluster.use_gpu" if "GPU" in lacking and not cfg.cluster.resources_per_worker else "cluster.num_workers"
+        raise UserError(format_error(key, f"{n} workers need {lacking} but the cluster {verb} {have}",
                                      fix="lower cluster.num_workers or cluster.resources_per_worker, or add nodes "
                                      "(`ray status` shows what the cluster has)"))
 
@@ -120,7 +121,7 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
     if schedule.steps_per_epoch < 1:
         raise UserError(format_error("train.global_batch_size", f"larger than the {manifest['rows']} prepared rows",
                                      t.global_batch_size, "lower it, or add data"))
-    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
+    run_dir = ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name)
     final_dir = os.path.join(cfg.output_dir, "final")
     good = ckpt.latest_good(run_dir, warn=log)
     universal: Optional[Universal] = None
@@ -134,7 +135,7 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
         if state.step >= schedule.total_steps:
             log(f"train: run {cfg.run_name!r} already finished at step {state.step} ({good}); nothing to train")
             if not os.path.exists(os.path.join(final_dir, "config.json")):
-                            export(good, final_dir, log=log)
+                export(good, final_dir, log=log)
             return {"checkpoint": good, "final": final_dir, "trained": False, "step": state.step}
         if state.backend != t.backend:
             raise UserError(format_error("train.backend", f"{good} was written by the {state.backend} backend",
@@ -171,12 +172,13 @@ def fit(cfg: Config, job: WorkerJob):
 
     c = cfg.cluster
     resources = dict(c.resources_per_worker) or None
+    elastic_monitor_s = float(os.environ.get(ELASTIC_MONITOR_S, ELASTIC_MONITOR_DEFAULT_S))
     trainer = TorchTrainer(
         WORKERS[cfg.train.backend],
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=c.num_workers if isinstance(c.num_workers, int) else
                                      tuple(c.num_workers), use_gpu=c.use_gpu, resources_per_worker=resources,
-                                     elastic_resize_monitor_interval_s=float(os.environ.get(ELASTIC_MONITOR_S, 60))),
+                                     elastic_resize_monitor_interval_s=elastic_monitor_s),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              # raysft prunes after each commit (checkpoint.prune): Ray's num_to_keep would delete the

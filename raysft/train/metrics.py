@@ -108,6 +108,9 @@ def step_line(m: dict) -> str:
     return line + f" eta {_eta(m['eta_s'])}"
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricsWriter:
     """Rank 0's metrics: appended to {output_dir}/metrics.jsonl and TensorBoard events in {output_dir}/tensorboard."""
 
@@ -115,7 +118,7 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.jsonl = open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8")
         self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def write(self, m: dict) -> None:
@@ -133,7 +136,7 @@ class MetricsWriter:
 
 def read_metrics(output_dir: str) -> list[dict]:
     """Logged steps in order, the last record of each step winning (a resumed run logs some steps twice)."""
-    path = os.path.join(output_dir, "metrics.jsonl")
+    path = os.path.join(output_dir, METRICS_FILE)
     by_step = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:

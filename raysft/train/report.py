@@ -12,6 +12,8 @@ from typing import Callable
 from raysft import checkpoint as ckpt
 from raysft.train.hooks import WorkerHooks
 
+RAY_HEALTH_CHECK_DEFAULT_S = 2.0  # Ray Train 2.60's default controller poll
+
 
 class ReportGate:
     """When a metrics-only `ray.train.report` may go out without stalling training.
@@ -26,7 +28,7 @@ class ReportGate:
 
     def __init__(self, rank: int):
         self.rank, self.last = rank, 0.0
-        self.interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+        self.interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_HEALTH_CHECK_DEFAULT_S))
 
     def vote(self) -> float:
         return float(self.rank == 0 and time.time() - self.last >= self.interval)

@@ -42,7 +42,7 @@ def to_universal(good: str, state: ckpt.RunState, output_dir: str, workers: int,
         f"converting it to DeepSpeed's universal checkpoint in {target}")
     os.makedirs(where.load_dir, exist_ok=True)
     done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           os.path.join(good, ckpt.MODEL, ckpt.deepspeed_tag(state.step)), "--output_folder",
+                           ckpt.deepspeed_dir(good, state.step), "--output_folder",
                            target + ".tmp", "--num_extract_workers", "1", "--num_merge_workers", "1",
                            "--inject_missing_state"],
                           capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})

@@ -86,6 +86,8 @@ class Schedule:
 
     def rank_micro_batches(self, step: int, rank: int, shape: BatchShape) -> list[list[int]]:
         """This rank's rows of step `step` (0-based), as `shape.accumulation` micro-batches."""
+        if shape.global_batch_size != self.global_batch_size:
+            raise ValueError(f"{shape} does not cut this schedule's global batch of {self.global_batch_size}")
         n, micro = shape.per_rank, shape.micro_batch_size
         mine = self.global_batch(step)[rank * n:(rank + 1) * n]
         return [mine[i:i + micro] for i in range(0, n, micro)]
