@@ -2,7 +2,7 @@
 
     python bench/train.py overhead     # CPU: raysft worker vs bare DeepSpeed over torch.distributed (no Ray)
     python bench/train.py padding      # real tokens / processed tokens, packed vs padded, on the sample data
-    python bench/train.py gpu          # GPU: ~0.5B Qwen2-shaped model, bf16, 2048-token packed rows, ZeRO-2
+    python bench/train.py gpu          # GPU: raysft vs TRL SFTTrainer, Qwen2 0.5B/1.5B shapes (bench/gpu.py)
 
 overhead: the same model (Llama, hidden 256, 4 layers), the same prepared rows in the same order, the same
 batch (2 workers x micro-batch 2 x accumulation 2), ZeRO-2, fp32, one thread per worker. The peer is the loop
@@ -182,56 +182,18 @@ def padding() -> None:
     ray.shutdown()
 
 
-def gpu(steps: int) -> None:
-    """~0.5B Qwen2-shaped model (random init), bf16, 2048-token packed rows, ZeRO-2, one GPU."""
-    import json as _json
-
-    import ray
-
-    from raysft.config import load_config
-    from raysft.train.launch import train
-    from raysft.train.metrics import read_metrics
-
-    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
-        from transformers import Qwen2Config
-
-        from make_assets import make_tokenizer
-
-        model_dir = os.path.join(work, "qwen2-0.5b-shape")
-        make_tokenizer().save_pretrained(model_dir)
-        Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                    tie_word_embeddings=True).save_pretrained(model_dir)
-        data = os.path.join(work, "long.jsonl")  # long synthetic chats so that rows fill 2048 tokens
-        import random
-
-        from make_assets import preference_record
-
-        rng = random.Random(0)
-        with open(data, "w") as f:
-            for _ in range(6000):
-                r = preference_record(rng)
-                r["chosen"][-1]["content"] = (r["chosen"][-1]["content"] + " ") * 20
-                f.write(_json.dumps(r) + "\n")
-        ray.init(include_dashboard=False, logging_level="ERROR")
-        cfg = load_config(None, [f"output_dir={work}/run", f"data.train_files={data}", "data.max_seq_len=2048",
-                                 f"model.name_or_path={model_dir}", "model.from_scratch=true",
-                                 "model.attn_implementation=sdpa", "train.micro_batch_size=4",
-                                 "train.global_batch_size=16", f"train.max_steps={steps}", "train.dtype=bf16",
-                                 "train.zero_stage=2", "train.gradient_checkpointing=false", "cluster.num_workers=1",
-                                 "cluster.use_gpu=true", "checkpoint.every_steps=0", "train.log_every_steps=1"])
-        train(None, [], cfg=cfg)
-        ms = read_metrics(cfg.output_dir)[WARMUP:]
-        import torch
-
-        print(f"GPU {torch.cuda.get_device_name()}: median tokens/s {statistics.median(m['tokens_per_s'] for m in ms):.0f},"
-              f" median MFU {statistics.median(m.get('mfu', 0) for m in ms):.1%}")
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["overhead", "padding", "gpu"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--log-every", type=int, default=1, help="overhead: raysft's train.log_every_steps")
+    ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"], help="gpu: Qwen2 shapes (0.5b, 1.5b)")
+    ap.add_argument("--smoke", action="store_true", help="gpu: a tiny shape on CPU for 3 steps (checks the script)")
     args = ap.parse_args()
-    {"overhead": lambda: overhead(args.steps, args.log_every), "padding": padding, "gpu": lambda: gpu(args.steps)}[args.what]()
+    if args.what == "gpu":
+        sys.path.insert(0, HERE)
+        from gpu import main as gpu_main  # bench/gpu.py
+
+        gpu_main(args.steps, args.shapes, args.smoke)
+    else:
+        {"overhead": lambda: overhead(args.steps, args.log_every), "padding": padding}[args.what]()

@@ -6,14 +6,15 @@ tensors: padded to the micro-batch's longest row, labels padded with -100, and p
 per example, with no attention mask and no KV cache, so that transformers keeps attention inside each
 packed example (`masking_utils.find_packed_sequence_indices`, which it only applies when both are absent;
 flash-attention's varlen path reads the same position_ids). Tested: a packed row's logits equal each
-example's logits alone.
-`token_loss_sum` is the summed next-token loss over trained tokens, the numerator of the global mean.
+example's logits alone. `resolve_attention` turns `model.attn_implementation: auto` into a kernel.
+The loss is `raysft.loss`'s.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
-import torch.nn.functional as F
 
 from raysft.data.tokenize import IGNORE_INDEX
 
@@ -60,10 +61,26 @@ def collate(rows: dict, pad_id: int, device="cpu") -> dict:
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device)}
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over trained tokens (labels != -100)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+def resolve_attention(requested: str, on_cuda: bool) -> tuple[str, str]:
+    """(implementation, why) for `model.attn_implementation`. Every choice keeps a packed row's examples apart:
+    flash-attention reads the restarting position_ids as sequence boundaries (varlen), sdpa and flex_attention get
+    transformers' block-diagonal mask. `auto`: flash_attention_3 (Hopper and newer) or flash_attention_2 when the
+    package is installed on a CUDA worker, else sdpa (on CPU the fastest exact one, bench/attention.py).
+
+    >>> resolve_attention("auto", on_cuda=False)
+    ('sdpa', 'auto: no CUDA')
+    >>> resolve_attention("eager", on_cuda=True)
+    ('eager', 'as configured')
+    """
+    if requested != "auto":
+        return requested, "as configured"
+    if not on_cuda:
+        return "sdpa", "auto: no CUDA"
+    if importlib.util.find_spec("flash_attn_interface") and torch.cuda.get_device_capability()[0] >= 9:
+        return "flash_attention_3", "auto: flash-attn 3 installed, Hopper or newer"
+    if importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2", "auto: flash-attn 2 installed"
+    return "sdpa", "auto: no flash-attn package installed (sdpa with a block-diagonal mask)"
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

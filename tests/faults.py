@@ -27,13 +27,14 @@ class Faults(WorkerHooks):
     `marker_dir` remembers it). `pause_in_checkpoint_step`: rank `rank` holds still after every rank uploaded that
     checkpoint's files and before rank 0 verified them, its pid in `{marker_dir}/.paused-in-checkpoint-step{N}`,
     to be killed. `probe`: at the end, the trained model's logits of the first row's first tokens go to this file,
-    for export to be checked against."""
+    for export to be checked against. `dynamo_stats`: at the end, rank 0's torch.compile counters go to this file."""
 
     marker_dir: str = ""
     fail_after_step: int = 0
     pause_in_checkpoint_step: int = 0
     rank: int = 0
     probe: str = ""
+    dynamo_stats: str = ""
 
     def __post_init__(self):
         if (self.fail_after_step or self.pause_in_checkpoint_step) and not os.path.isabs(self.marker_dir):
@@ -55,6 +56,13 @@ class Faults(WorkerHooks):
                 time.sleep(PAUSE_S)
 
     def finished(self, forward, rows, rank: int, device) -> None:
+        if self.dynamo_stats and rank == 0:  # how many graphs torch.compile made in this worker
+            import json
+
+            from torch._dynamo.utils import counters
+
+            with open(self.dynamo_stats, "w") as f:
+                json.dump(dict(counters["stats"]), f)
         if not self.probe:
             return
         import torch

@@ -134,15 +134,16 @@ def test_readme_documents_every_config_key_with_its_default():
 def test_hf_args_are_checked_against_sftconfig():
     from raysft.train.hf_args import check_hf_args
 
-    check_hf_args({"neftune_noise_alpha": 5.0, "torch_compile": False})  # real SFTConfig fields pass
+    check_hf_args({"neftune_noise_alpha": 5.0, "torch_compile_mode": "max-autotune"})  # real SFTConfig fields pass
     with pytest.raises(ConfigError) as info:
-        check_hf_args({"neftune_noise_alfa": 5.0, "learning_rate": 1e-4, "max_length": 512})
+        check_hf_args({"neftune_noise_alfa": 5.0, "learning_rate": 1e-4, "max_length": 512, "torch_compile": True})
     assert info.value.problems == [
         "train.hf_args.neftune_noise_alfa: is not a trl.SFTConfig field (got 5.0). fix: did you mean "
         "neftune_noise_alpha?",
         "train.hf_args.learning_rate: is set by raysft from train.lr (got 0.0001). fix: set train.lr instead",
         "train.hf_args.max_length: is set by raysft from data.max_seq_len (got 512). fix: set data.max_seq_len "
         "instead",
+        "train.hf_args.torch_compile: is set by raysft from train.compile (got True). fix: set train.compile instead",
     ]
 
 
@@ -156,3 +157,24 @@ def test_deepspeed_batch_keys_are_raysfts(tmp_path):
         "command line: train.deepspeed_config.gradient_accumulation_steps: is set by raysft from "
         "train.global_batch_size (accumulation = global / (micro x workers)) (got 4). fix: set "
         "train.global_batch_size (accumulation = global / (micro x workers)) instead"]
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["train.fused_loss=liger"], "command line: train.fused_loss: liger-kernel's fused loss runs on CUDA only, and "
+     "cluster.use_gpu is false (got 'liger'). fix: use train.fused_loss=chunked (the default) on CPU"),
+    (["train.fused_loss=fast"], "command line: train.fused_loss: must be one of chunked, liger, none (got 'fast'). "
+     "fix: give chunked | liger | none (train.fused_loss: loss from the hidden states: chunked (TRL's tiled head, no "
+     "full logits), liger (liger-kernel, CUDA), none (full fp32 logits))"),
+    (["train.prefetch_batches=-1"], "command line: train.prefetch_batches: must not be negative (got -1). fix: use 0 "
+     "to turn it off, or e.g. 2"),
+    (["model.attn_implementation=flash"], "command line: model.attn_implementation: must be one of auto, sdpa, "
+     "eager, flex_attention, flash_attention_2, flash_attention_3 (got 'flash'). fix: give auto | sdpa | eager | "
+     "flex_attention | flash_attention_2 | flash_attention_3 (model.attn_implementation: transformers attention; "
+     "auto = flash_attention_3/2 on CUDA when installed, else sdpa (all exact for packed rows); the choice is printed "
+     "at start)"),
+])
+def test_loss_attention_and_prefetch_settings_are_checked(tmp_path, overrides, problem):
+    (tmp_path / "c.yaml").write_text(GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "c.yaml"), overrides)
+    assert info.value.problems == [problem]

@@ -65,7 +65,8 @@ def test_eval_loss_is_the_mean_over_every_eval_token_of_all_workers(runs):
     from transformers import AutoModelForCausalLM
 
     from raysft.data.prepared import PreparedRows
-    from raysft.modeling import collate, token_loss_sum
+    from raysft.loss import token_loss_sum
+    from raysft.modeling import collate
 
     cfg, result = runs["hf"]
     last = read_metrics(cfg.output_dir)[-1]
@@ -197,3 +198,17 @@ def test_resuming_an_hf_run_on_another_worker_count_or_backend_is_refused_before
         f"train.backend: {good} was written by the hf backend (got 'deepspeed'). fix: resume with train.backend=hf, "
         "or export it (raysft export) and start a new run from the exported model")
     assert max(m["step"] for m in read_metrics(out)) == 20  # nothing trained
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "hf"])
+def test_train_compile_gives_the_same_losses(runs, tmp_path, tiny_model_dir, backend):
+    """train.compile: true (torch.compile through DeepSpeed / the Trainer) trains the same 20 steps as without."""
+    cfg = hf_config(tmp_path, tiny_model_dir, "compiled", backend, train={"compile": True})
+    stats = os.path.join(str(tmp_path), "dynamo.json")
+    train(None, [], cfg=cfg, hooks=Faults(dynamo_stats=stats))
+    with open(stats) as f:
+        assert json.load(f).get("unique_graphs", 0) > 0  # it really was compiled
+    plain, compiled = read_metrics(runs[backend][0].output_dir), read_metrics(cfg.output_dir)
+    assert [m["step"] for m in compiled] == list(range(1, 21))
+    for x, y in zip(plain, compiled):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x["step"], x["loss"], y["loss"])

@@ -1,10 +1,13 @@
 """Packing keeps examples apart: logits and loss of a packed row equal those of its examples alone."""
 
+import importlib.util
+
 import pytest
 import torch
 
 from raysft.data.packing import make_rows
-from raysft.modeling import build_model, collate, token_loss_sum
+from raysft.loss import token_loss_sum
+from raysft.modeling import build_model, collate
 from raysft.train.schedule import BatchShape, Schedule
 
 
@@ -23,20 +26,35 @@ def as_rows(rows_obj):
     return {"input_ids": rows_obj.input_ids, "labels": rows_obj.labels, "position_ids": rows_obj.position_ids}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def attention_here() -> list[str]:
+    """Every attention implementation that runs on this machine: the CPU ones, and on a CUDA machine the flash
+    kernels whose package is installed (the same test then checks them there)."""
+    found = ["sdpa", "eager", "flex_attention"]
+    if torch.cuda.is_available():
+        found += [impl for impl, package in (("flash_attention_2", "flash_attn"),
+                                              ("flash_attention_3", "flash_attn_interface"))
+                  if importlib.util.find_spec(package)]
+    return found
+
+
+@pytest.mark.parametrize("attn", attention_here())
 def test_packed_row_logits_equal_each_example_alone(tiny_model_dir, attn):
-    model = build_model(tiny_model_dir, 386, from_scratch=True, seed=0, attn_implementation=attn).eval()
+    flash = attn.startswith("flash")  # CUDA only, and half precision only
+    device, dtype, tol = ("cuda", "bf16", 2e-2) if flash else ("cpu", "fp32", 1e-5)
+    model = build_model(tiny_model_dir, 386, from_scratch=True, seed=0, attn_implementation=attn,
+                        dtype=dtype).eval().to(device)
     exs = examples()
-    packed = collate(as_rows(make_rows(exs, 128, packing=True)), pad_id=0)
+    packed = collate(as_rows(make_rows(exs, 128, packing=True)), pad_id=0, device=device)
     assert packed["input_ids"].shape[0] == 1  # all four share one row
     with torch.no_grad():
         # no use_cache=False here: build_model must have turned the KV cache off (else the packed mask is skipped)
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0].float()
         start = 0
         row = make_rows(exs, 128, packing=True)
         for n in row.seq_lengths[0]:
-            alone = model(input_ids=torch.tensor([row.input_ids[0][start:start + n]]), use_cache=False).logits[0]
-            torch.testing.assert_close(logits[start:start + n], alone, atol=1e-5, rtol=1e-5)
+            ids = torch.tensor([row.input_ids[0][start:start + n]], device=device)
+            alone = model(input_ids=ids, use_cache=False).logits[0].float()
+            torch.testing.assert_close(logits[start:start + n], alone, atol=tol, rtol=tol)
             start += n
 
 

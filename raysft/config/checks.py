@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 from raysft.config.schema import Config, worker_range
@@ -46,6 +47,14 @@ def check(cfg: Config, where, problems: list[str]) -> None:
             "set train.zero_stage=3 or offload_params=false")
     if t.offload_optimizer and t.zero_stage == 0:
         bad("train.offload_optimizer", "needs ZeRO stage 1-3", t.zero_stage, "set train.zero_stage=2")
+    if t.prefetch_batches < 0:
+        bad("train.prefetch_batches", "must not be negative", t.prefetch_batches, "use 0 to turn it off, or e.g. 2")
+    if t.fused_loss == "liger" and not cfg.cluster.use_gpu:
+        bad("train.fused_loss", "liger-kernel's fused loss runs on CUDA only, and cluster.use_gpu is false",
+            t.fused_loss, "use train.fused_loss=chunked (the default) on CPU")
+    elif t.fused_loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        bad("train.fused_loss", "needs liger-kernel, which is not installed", t.fused_loss,
+            "pip install 'raysft[liger]', or use train.fused_loss=chunked")
     if t.eval_every_steps < 0:
         bad("train.eval_every_steps", "must not be negative", t.eval_every_steps, "use 0 for only at the end")
     d = cfg.data

@@ -52,8 +52,10 @@ class ModelConfig:
     name_or_path: str = field(default="", metadata=doc("hub id or local folder of a causal LM"))
     from_scratch: bool = field(default=False, metadata=doc("initialise weights randomly from the model's config"))
     trust_remote_code: bool = field(default=False, metadata=doc("allow the model folder's own Python code to run"))
-    attn_implementation: str = field(default="sdpa",
-                                     metadata=doc("transformers attention: sdpa, eager, flash_attention_2"))
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2",
+                                 "flash_attention_3"] = field(default="auto", metadata=doc(
+        "transformers attention; auto = flash_attention_3/2 on CUDA when installed, else sdpa (all exact for packed "
+        "rows); the choice is printed at start"))
 
 
 @dataclass
@@ -95,6 +97,12 @@ class TrainConfig:
     log_every_steps: int = field(default=1, metadata=doc("print and report metrics every N steps"))
     eval_every_steps: int = field(default=0, metadata=doc("eval loss every N steps (and at the end, when there is "
                                                           "eval data); 0 = only at the end"))
+    fused_loss: Literal["chunked", "liger", "none"] = field(default="chunked", metadata=doc(
+        "loss from the hidden states: chunked (TRL's tiled head, no full logits), liger (liger-kernel, CUDA), "
+        "none (full fp32 logits)"))
+    prefetch_batches: int = field(default=2, metadata=doc(
+        "deepspeed backend: optimizer steps of micro-batches collated ahead in a background thread; 0 = off"))
+    compile: bool = field(default=False, metadata=doc("torch.compile the model (both backends)"))
     lora: LoraConfig = field(default_factory=LoraConfig)
     hf_args: dict = field(default_factory=dict, metadata=doc("hf backend: further trl.SFTConfig fields, checked "
                                                              "against SFTConfig"))

@@ -62,11 +62,12 @@ class Worker:
                         backend=backend, zero_stage=t.zero_stage, lora=bool(t.lora.r))
 
 
-def start(job: WorkerJob, trainer_checkpoints_activations: bool = False) -> Worker:
+def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend_prefetches: bool = False) -> Worker:
     """Config, rank and world, rank-0 log, tokenizer, rows, schedule, and the model (seeded, LoRA applied).
 
     Sets DS_ACCELERATOR before anything imports DeepSpeed. `train.gradient_checkpointing` is turned on here,
-    unless the Trainer turns it on itself (`trainer_checkpoints_activations`).
+    unless the Trainer turns it on itself (`trainer_checkpoints_activations`). Logs the attention kernel, the loss,
+    compile and (for a backend that prefetches) prefetching.
     """
     import ray.train
 
@@ -77,8 +78,9 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False) -> Work
         os.environ["DS_ACCELERATOR"] = "cpu"
     import torch
 
+    from raysft import loss
     from raysft.data.prepared import EVAL, saved_tokenizer
-    from raysft.modeling import apply_lora, build_model, parameter_counts
+    from raysft.modeling import apply_lora, build_model, parameter_counts, resolve_attention
 
     t = cfg.train
     ctx = ray.train.get_context()
@@ -91,10 +93,13 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False) -> Work
     tokenizer = saved_tokenizer(job.prepared)
     rows = PreparedRows(job.prepared)
     torch.manual_seed(t.seed)
+    attention, why = resolve_attention(cfg.model.attn_implementation, cfg.cluster.use_gpu and torch.cuda.is_available())
+    settings = f"attention: {attention} ({why}); loss: {t.fused_loss}; compile: {'on' if t.compile else 'off'}"
+    log(settings + (f"; prefetch: {t.prefetch_batches} steps ahead" if backend_prefetches else ""))
     model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
-                        dtype=t.dtype, attn_implementation=cfg.model.attn_implementation,
-                        trust_remote_code=cfg.model.trust_remote_code,
+                        dtype=t.dtype, attn_implementation=attention, trust_remote_code=cfg.model.trust_remote_code,
                         gradient_checkpointing=t.gradient_checkpointing and not trainer_checkpoints_activations)
+    loss.attach(model, t.fused_loss)  # before LoRA wraps it (the head is looked up at each call)
     model = apply_lora(model, t.lora, vocab_grew=job.vocab_grew)
     n_params, n_trainable = parameter_counts(model)
     return Worker(job=job, cfg=cfg, rank=rank, world=world, log=log, tokenizer=tokenizer, rows=rows,

@@ -64,14 +64,16 @@ def train_loop(loop_config: dict) -> None:
     """Ray Train entry point. `loop_config["job"]`: the `WorkerJob` from launch.fit."""
     # ------------------------------------------------------------------ start
     job: WorkerJob = loop_config["job"]
-    w = context.start(job)
+    w = context.start(job, backend_prefetches=True)
     cfg, t, rank, world, rows, schedule = w.cfg, w.cfg.train, w.rank, w.world, w.rows, w.schedule
     import deepspeed
     import torch
     import torch.distributed as dist
     from transformers import get_scheduler
 
-    from raysft.modeling import collate, param_groups, token_loss_sum
+    from raysft.loss import loss_sum
+    from raysft.modeling import param_groups
+    from raysft.train.prefetch import Prefetcher
 
     device = context.device(cfg.cluster.use_gpu)
     good, state, universal = resume_point(w)
@@ -84,10 +86,12 @@ def train_loop(loop_config: dict) -> None:
         lr_scheduler=lambda opt: get_scheduler(lr_scheduler_name(t.lr_scheduler), opt,
                                                num_warmup_steps=t.warmup_steps,
                                                num_training_steps=schedule.total_steps))
+    if t.compile:
+        engine.compile()  # torch.compile through DeepSpeed (its ZeRO hooks stay in place)
     w.log(setup_line(w.n_params, w.n_trainable, t.lora.r, len(rows), schedule, w.shape, t.zero_stage, t.dtype,
                      BACKEND))
 
-    def forward(batch):
+    def logits(batch):
         return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
     # ------------------------------------------------------------------ restore
@@ -107,26 +111,25 @@ def train_loop(loop_config: dict) -> None:
     step_log = StepLog(rank, cfg.output_dir, t.log_every_steps, start_step, w.log)
     gate = ReportGate(rank)
     engine.train()
-    for step in range(start_step + 1, schedule.total_steps + 1):
-        t0 = time.time()
-        n_trained = int(rows.num_trained[schedule.global_batch(step - 1)].sum())  # the loss's denominator
-        data_time, loss_sum, processed = 0.0, torch.zeros((), device=device), 0
-        for micro in schedule.rank_micro_batches(step - 1, rank, w.shape):
-            td = time.time()
-            batch = collate(rows.get(micro), w.tokenizer.pad_token_id, device)
-            data_time += time.time() - td
-            loss = token_loss_sum(forward(batch), batch["labels"]) / n_trained
+    batches = Prefetcher(rows, schedule, rank, w.shape, start_step, w.tokenizer.pad_token_id, device,
+                         t.prefetch_batches)
+    t0 = time.time()
+    for item in batches:  # step start_step + 1, ... in the schedule's order
+        step, step_loss, processed = item.step, torch.zeros((), device=device), 0
+        for batch in item.micro_batches:
+            loss = loss_sum(engine, batch) / item.n_trained  # the global batch's mean, this micro-batch's part
             engine.backward(loss * world, scale_wrt_gas=False)
             engine.step()
-            loss_sum += loss.detach()
+            step_loss += loss.detach()
             processed += batch["input_ids"].numel()
-        stats = torch.tensor([loss_sum.item(), processed, data_time, gate.vote()], dtype=torch.float64, device=device)
+        stats = torch.tensor([step_loss.item(), processed, item.wait, gate.vote()], dtype=torch.float64,
+                             device=device)
         dist.all_reduce(stats)
         metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0,
                         scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
         if w.eval_rows is not None and due(step, schedule.total_steps, t.eval_every_steps):
             engine.eval()
-            metrics.update(evaluate(forward, w.eval_rows, rank, world, t.micro_batch_size, w.tokenizer.pad_token_id,
+            metrics.update(evaluate(engine, w.eval_rows, rank, world, t.micro_batch_size, w.tokenizer.pad_token_id,
                                     device))
             engine.train()
         checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
@@ -137,8 +140,9 @@ def train_loop(loop_config: dict) -> None:
         elif step_log.reportable(metrics):
             gate.report(metrics, stats[3].item())
         job.hooks.after_step(step, rank)
+        t0 = time.time()
 
     # ------------------------------------------------------------------ end
     engine.eval()
-    job.hooks.finished(forward, rows, rank, device)
+    job.hooks.finished(logits, rows, rank, device)
     step_log.close()

@@ -31,15 +31,16 @@ def eval_batches(num_rows: int, rank: int, world: int, micro_batch_size: int) ->
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
 
 
-def evaluate(forward, eval_rows, rank: int, world: int, micro_batch_size: int, pad_id: int, device) -> dict:
+def evaluate(model, eval_rows, rank: int, world: int, micro_batch_size: int, pad_id: int, device) -> dict:
     """Eval loss (mean over every trained token of the eval rows, all ranks) and perplexity.
 
-    `forward(batch) -> logits`. The model is put in eval mode by the caller.
+    `model`: the model or the engine wrapping it, with `raysft.loss` attached. The caller puts it in eval mode.
     """
     import torch
     import torch.distributed as dist
 
-    from raysft.modeling import collate, token_loss_sum
+    from raysft.loss import loss_sum
+    from raysft.modeling import collate
 
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -47,7 +48,7 @@ def evaluate(forward, eval_rows, rank: int, world: int, micro_batch_size: int, p
             batch = collate(eval_rows.get([max(i, 0) for i in micro]), pad_id, device)
             keep = torch.tensor([i >= 0 for i in micro], device=device)
             batch["labels"][~keep] = IGNORE_INDEX  # filler rows count for nothing
-            sums[0] += token_loss_sum(forward(batch), batch["labels"]).double()
+            sums[0] += loss_sum(model, batch).double()
             sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     dist.all_reduce(sums)
     loss = (sums[0] / sums[1]).item()

@@ -23,6 +23,7 @@ OWNED = {
     "packing": "data.packing", "max_length": "data.max_seq_len", "completion_only_loss": "data.loss_on",
     "assistant_only_loss": "data.loss_on", "dataset_kwargs": "data", "peft_config": "train.lora",
     "resume_from_checkpoint": "checkpoint", "average_tokens_across_devices": "(always on)",
+    "torch_compile": "train.compile",
 }
 
 
@@ -67,6 +68,6 @@ def sft_config(t, use_gpu: bool, output_dir: str, ds_config: dict, shape: BatchS
         save_strategy="no", eval_strategy="no", logging_strategy="steps", logging_steps=t.log_every_steps,
         report_to="none", disable_tqdm=True, use_cpu=not use_gpu, dataloader_num_workers=0,
         packing=False, max_length=None, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
-        average_tokens_across_devices=True, save_only_model=False, **t.hf_args)
+        average_tokens_across_devices=True, save_only_model=False, torch_compile=t.compile, **t.hf_args)
 
 

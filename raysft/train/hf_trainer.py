@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from raysft.loss import loss_sum
 from raysft.modeling import collate, param_groups
 
 ROW_COLUMNS = ("input_ids", "labels", "position_ids")
@@ -68,7 +69,14 @@ class ScheduledSFTTrainer(SFTTrainer):
         self.step_loss, self.processed = 0.0, 0
         return sums
 
-    def forward(self, batch: dict):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """raysft's loss (`train.fused_loss`, raysft.loss) in place of TRL's fused head: the same numbers, the sum
+        over the micro-batch divided by the global batch's trained tokens, times the world size (as TRL does with
+        `average_tokens_across_devices`: DeepSpeed averages gradients over ranks)."""
+        loss = loss_sum(model, inputs) / num_items_in_batch
+        return loss * self.accelerator.num_processes
+
+    def logits(self, batch: dict):
         return self.model_wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                   use_cache=False).logits
 

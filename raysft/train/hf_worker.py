@@ -90,7 +90,7 @@ def train_loop(loop_config: dict) -> None:
                         trainer.lr_scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
         if w.eval_rows is not None and due(step, schedule.total_steps, t.eval_every_steps):
             engine.eval()
-            metrics.update(evaluate(trainer.forward, w.eval_rows, rank, world, t.micro_batch_size,
+            metrics.update(evaluate(engine, w.eval_rows, rank, world, t.micro_batch_size,
                                     w.tokenizer.pad_token_id, device))
             engine.train()
         checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
@@ -120,6 +120,6 @@ def train_loop(loop_config: dict) -> None:
 
     # ------------------------------------------------------------------ end
     trainer.model_wrapped.eval()
-    job.hooks.finished(trainer.forward, rows, rank, trainer.args.device)
+    job.hooks.finished(trainer.logits, rows, rank, trainer.args.device)
     step_log.close()
     shutil.rmtree(trainer_dir, ignore_errors=True)

@@ -63,6 +63,9 @@ class StepMetrics:
             # 6N per token for the weights, plus attention's 6 x layers x hidden x (mean context)
             flops_per_token = 6 * self.n_params + 6 * self.layers * self.hidden * processed / len(global_rows)
             m["mfu"] = real_tokens / step_time * flops_per_token / (self.peak * self.world)
+            import torch
+
+            m["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30  # this rank's peak since start
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss}. fix: lower train.lr, or use bf16/fp32")
         return m
