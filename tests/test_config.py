@@ -163,8 +163,8 @@ def test_deepspeed_batch_keys_are_raysfts(tmp_path):
     (["train.fused_loss=liger"], "command line: train.fused_loss: liger-kernel's fused loss runs on CUDA only, and "
      "cluster.use_gpu is false (got 'liger'). fix: use train.fused_loss=chunked (the default) on CPU"),
     (["train.fused_loss=fast"], "command line: train.fused_loss: must be one of chunked, liger, none (got 'fast'). "
-     "fix: give chunked | liger | none (train.fused_loss: loss from the hidden states: chunked (TRL's tiled head, no "
-     "full logits), liger (liger-kernel, CUDA), none (full fp32 logits))"),
+     "fix: give chunked | liger | none (train.fused_loss: loss from the hidden states: chunked (trained positions "
+     "only, the head in chunks: no full logits), liger (liger-kernel, CUDA), none (full fp32 logits))"),
     (["train.prefetch_batches=-1"], "command line: train.prefetch_batches: must not be negative (got -1). fix: use 0 "
      "to turn it off, or e.g. 2"),
     (["model.attn_implementation=flash"], "command line: model.attn_implementation: must be one of auto, sdpa, "

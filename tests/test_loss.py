@@ -95,3 +95,28 @@ def test_unknown_loss_kind_is_refused():
     model = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB))
     with pytest.raises(ValueError, match="fused_loss: 'fast' is not one of chunked, liger, none"):
         raysft_loss.attach(model, "fast")
+
+
+@pytest.mark.parametrize("family", ["gemma2-softcap", "cohere-logit-scale"])
+def test_chunked_loss_applies_the_models_logit_softcap_and_scale(family):
+    """Families that transform the logits (Gemma-2's final soft-capping, Cohere's logit scale): same numbers."""
+    from transformers import CohereConfig, Gemma2Config
+
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = (Gemma2Config(head_dim=16, final_logit_softcapping=3.0, **small) if family.startswith("gemma2")
+              else CohereConfig(logit_scale=0.5, **small))
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    base.config.use_cache = False
+    batch = packed_batch(all_tokens=False)
+    out = {}
+    for kind in ("none", "chunked"):
+        model = copy.deepcopy(base)
+        raysft_loss.attach(model, kind)
+        value = raysft_loss.loss_sum(model, batch)
+        value.backward()
+        out[kind] = value.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(out["chunked"][0], out["none"][0], rtol=1e-6, atol=0)
+    for name, g in out["none"][1].items():
+        assert (out["chunked"][1][name] - g).abs().max() <= 1e-6 * g.abs().max(), name

@@ -98,8 +98,8 @@ class TrainConfig:
     eval_every_steps: int = field(default=0, metadata=doc("eval loss every N steps (and at the end, when there is "
                                                           "eval data); 0 = only at the end"))
     fused_loss: Literal["chunked", "liger", "none"] = field(default="chunked", metadata=doc(
-        "loss from the hidden states: chunked (TRL's tiled head, no full logits), liger (liger-kernel, CUDA), "
-        "none (full fp32 logits)"))
+        "loss from the hidden states: chunked (trained positions only, the head in chunks: no full logits), "
+        "liger (liger-kernel, CUDA), none (full fp32 logits)"))
     prefetch_batches: int = field(default=2, metadata=doc(
         "deepspeed backend: optimizer steps of micro-batches collated ahead in a background thread; 0 = off"))
     compile: bool = field(default=False, metadata=doc("torch.compile the model (both backends)"))
