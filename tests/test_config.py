@@ -165,6 +165,9 @@ def test_deepspeed_batch_keys_are_raysfts(tmp_path):
     (["train.fused_loss=fast"], "command line: train.fused_loss: must be one of chunked, liger, none (got 'fast'). "
      "fix: give chunked | liger | none (train.fused_loss: loss from the hidden states: chunked (trained positions "
      "only, the head in chunks: no full logits), liger (liger-kernel, CUDA), none (full fp32 logits))"),
+    (["model.attn_implementation=flex_attention"], "command line: model.attn_implementation: flex_attention trains "
+     "on CUDA only (PyTorch's flex_attention has no backward on CPU), and cluster.use_gpu is false (got "
+     "'flex_attention'). fix: use model.attn_implementation=auto (sdpa on CPU)"),
     (["train.prefetch_batches=-1"], "command line: train.prefetch_batches: must not be negative (got -1). fix: use 0 "
      "to turn it off, or e.g. 2"),
     (["model.attn_implementation=flash"], "command line: model.attn_implementation: must be one of auto, sdpa, "

@@ -9,6 +9,9 @@ from raysft.config.schema import Config, worker_range
 from raysft.errors import format_error
 from raysft.train.schedule import BatchShape
 
+# attention kernels that cannot train on CPU, and why
+CUDA_ATTENTION = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn 3",
+                  "flex_attention": "PyTorch's flex_attention has no backward on CPU"}
 # DeepSpeed batch keys raysft derives (BatchShape); the schedule and both workers rely on them
 DEEPSPEED_OWNED = {"train_batch_size": "train.global_batch_size",
                    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
@@ -47,6 +50,10 @@ def check(cfg: Config, where, problems: list[str]) -> None:
             "set train.zero_stage=3 or offload_params=false")
     if t.offload_optimizer and t.zero_stage == 0:
         bad("train.offload_optimizer", "needs ZeRO stage 1-3", t.zero_stage, "set train.zero_stage=2")
+    attn = cfg.model.attn_implementation
+    if attn in CUDA_ATTENTION and not cfg.cluster.use_gpu:
+        bad("model.attn_implementation", f"{attn} trains on CUDA only ({CUDA_ATTENTION[attn]}), and "
+            "cluster.use_gpu is false", attn, "use model.attn_implementation=auto (sdpa on CPU)")
     if t.prefetch_batches < 0:
         bad("train.prefetch_batches", "must not be negative", t.prefetch_batches, "use 0 to turn it off, or e.g. 2")
     if t.fused_loss == "liger" and not cfg.cluster.use_gpu:
