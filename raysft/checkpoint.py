@@ -232,6 +232,15 @@ def read_state(path: str) -> RunState:
     return RunState.from_json(_read_json(fs, f"{root}/{STATE}"))
 
 
+def read_config(path: str) -> dict:
+    """The resolved config the checkpoint at `path` was written under (its config.yaml), as a dict."""
+    import yaml
+
+    fs, root = storage.filesystem(path)
+    with fs.open_input_stream(f"{root}/{CONFIG}") as f:
+        return yaml.safe_load(f.read().decode("utf-8")) or {}
+
+
 def prune(run_dir: str, keep: int, log: Callable[[str], None] = print) -> list[str]:
     """Keep the newest `keep` good checkpoints; delete the rest (older ones, and broken ones), return them.
 

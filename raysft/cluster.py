@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 
 from raysft import storage
 from raysft.config import Config, worker_range
@@ -20,17 +22,54 @@ def logical_cpus(cfg: Config) -> int:
     return cfg.cluster.num_cpus or max(os.cpu_count() or 1, worker_range(cfg.cluster)[1] * per_worker + 2)
 
 
-def ensure_ray(cfg: Config) -> None:
+def in_process(cfg: Config) -> bool:
+    """Whether `ensure_ray` will start Ray in this process (no address, none running)."""
     import ray
+
+    return not (ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_machine_fits(cfg: Config) -> None:
+    """With Ray started in this process, the Train workers must fit this machine's cores (or cluster.num_cpus, when
+    set on purpose): 64 workers on 2 cores start 64 processes that thrash and hang. Checked before Ray starts;
+    on a cluster, `launch.check_resources` compares with what the cluster has."""
+    from raysft.errors import UserError, format_error
+
+    if not in_process(cfg):
+        return
+    per_worker = cfg.cluster.resources_per_worker.get("CPU", 1)
+    workers = worker_range(cfg.cluster)[1]
+    have = max(os.cpu_count() or 1, cfg.cluster.num_cpus)
+    if workers * per_worker > have:
+        raise UserError(format_error(
+            "cluster.num_workers", f"{workers} workers x {per_worker:g} CPU = {workers * per_worker:g} CPUs, but this "
+            f"machine has {have} and Ray runs in this process (cluster.address is empty)", cfg.cluster.num_workers,
+            f"use at most {int(have // per_worker)} workers here, or join a cluster with enough CPUs "
+            "(cluster.address, or RAY_ADDRESS)"))
+
+
+def ensure_ray(cfg: Config, log=print) -> None:
+    """Join `cluster.address` (or RAY_ADDRESS), or start Ray here. Workers' output is forwarded to this console
+    only under --verbose: raysft's own lines come through console.log (raysft.console)."""
+    import ray
+
+    from raysft.console import quiet_ray, verbose
 
     if ray.is_initialized():
         return
+    quiet_ray()
+    own_sigterm = signal.getsignal(signal.SIGTERM)  # raysft's CLI handler, when it installed one
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
-    ray.init(num_cpus=logical_cpus(cfg), dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-             include_dashboard=os.environ.get("RAYSFT_DASHBOARD", "1") != "0")
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose())
+    else:
+        log(f"ray: starting Ray in this process ({logical_cpus(cfg)} logical CPUs)")
+        ray.init(num_cpus=logical_cpus(cfg), dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                 include_dashboard=os.environ.get("RAYSFT_DASHBOARD", "1") != "0", log_to_driver=verbose())
+    if callable(own_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, own_sigterm)  # ray.init put its own (sys.exit) in its place
+    log(f"ray: its logs are in {ray._private.worker._global_node.get_logs_dir_path()}"
+        if getattr(ray._private.worker, "_global_node", None) else "ray: logs are on the cluster's nodes")
 
 
 def auth_line() -> str:

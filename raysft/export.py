@@ -26,9 +26,18 @@ def consolidated_state_dict(model_dir: str, zero_stage: int, trainable_only: boo
     if zero_stage == 0:
         return {k: v.float() for k, v in _module_weights(os.path.join(model_dir, tag, "mp_rank_00_model_states.pt"))
                 .items()}
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(model_dir, tag=tag, exclude_frozen_parameters=trainable_only)
+    from raysft.console import verbose
+
+    if verbose():
+        return get_fp32_state_dict_from_zero_checkpoint(model_dir, tag=tag, exclude_frozen_parameters=trainable_only)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # zero_to_fp32 prints a line per shard and parameter group, and a progress bar
+        return get_fp32_state_dict_from_zero_checkpoint(model_dir, tag=tag, exclude_frozen_parameters=trainable_only)
 
 
 def _module_weights(path: str) -> dict:
@@ -76,6 +85,9 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     model with the adapter merged in)."""
     import torch
     import yaml
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed loads (else it warns that it guessed)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from raysft.config import from_dict
@@ -84,6 +96,7 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     problem = ckpt.verify(checkpoint_path)
     if problem is not None:
         raise UserError(format_error(checkpoint_path, "not a whole checkpoint", fix=f"{problem}; export another one"))
+    log(f"export: consolidating {checkpoint_path} into a Hugging Face folder")
     state = ckpt.read_state(checkpoint_path)
     with open(os.path.join(checkpoint_path, ckpt.CONFIG), encoding="utf-8") as f:
         cfg = from_dict(yaml.safe_load(f))

@@ -89,7 +89,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
     log(f"prepare: {len(train_chunks)} train chunks + {len(eval_chunks)} eval chunks ({size}) -> {final}")
     try:
         for split, chunks in ((prepared.TRAIN, train_chunks), (prepared.EVAL, eval_chunks)):
-            error = pipeline.run_split(pipeline.Task(settings, work, split), chunks) if chunks else None
+            task = pipeline.Task(settings, work, split, log_dir=os.path.join(cfg.output_dir, "logs"))
+            error = pipeline.run_split(task, chunks) if chunks else None
             if error is not None:
                 raise error
         train = _counts(work, prepared.TRAIN, settings.max_seq_len)
@@ -99,6 +100,10 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
         evals = _counts(work, prepared.EVAL, settings.max_seq_len) if eval_chunks or settings.eval_fraction else None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        try:  # nothing is left of a failed prepare: not even an empty prepared/ folder
+            os.rmdir(os.path.dirname(final))
+        except OSError:
+            pass  # other prepared datasets are in it
         raise
     manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train, "eval": evals,
                 "settings": settings.as_dict(), "inputs": inputs,

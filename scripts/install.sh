@@ -1,8 +1,26 @@
 #!/usr/bin/env bash
-# Install raysft and its dependencies (CPU torch). DeepSpeed is built without build isolation because its
-# setup imports torch; with isolation pip would fetch a second (CUDA) torch just to build it.
+# Install what is missing: CPU torch, DeepSpeed, and raysft (editable, from this folder) with its test tools.
+# DeepSpeed is built without build isolation because its setup imports torch; with isolation pip would fetch a
+# second (CUDA) torch just to build it. A second run finds everything there and installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if python3 - <<'PY'
+import importlib.util, os, sys
+needed = ["torch", "deepspeed", "ray", "transformers", "trl", "peft", "datasets", "pytest", "hypothesis", "ruff",
+          "jsonschema", "tokenizers"]
+missing = [m for m in needed if importlib.util.find_spec(m) is None]
+spec = importlib.util.find_spec("raysft")
+here = os.path.realpath("raysft")
+if spec is None or os.path.realpath(os.path.dirname(spec.origin)) != here:
+    missing.append("raysft (editable, from this folder)")
+if missing:
+    print("install: missing " + ", ".join(missing))
+sys.exit(1 if missing else 0)
+PY
+then
+    echo "install: everything is installed (raysft from $(pwd))"
+    exit 0
+fi
 python3 -m pip install -q "torch==2.13.0" || python3 -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 python3 -m pip install -q --no-build-isolation "deepspeed>=0.19.8"
 python3 -m pip install -q -e ".[dev,lora]"

@@ -49,6 +49,14 @@ BAD_CONFIGS = [  # (overrides of a good config, the error)
     (["model.name_or_path=/nonexistent/model"],
      "model.name_or_path: no such model folder (got '/nonexistent/model'). fix: give a folder with the model's "
      "config.json, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct"),
+    (["cluster.num_workers=64", "train.global_batch_size=64"],
+     f"cluster.num_workers: 64 workers x 1 CPU = 64 CPUs, but this machine has {os.cpu_count()} and Ray runs in this "
+     f"process (cluster.address is empty) (got 64). fix: use at most {os.cpu_count()} workers here, or join a cluster "
+     "with enough CPUs (cluster.address, or RAY_ADDRESS)"),
+    (["cluster.num_workers=2", "cluster.resources_per_worker={CPU: 8}"],
+     f"cluster.num_workers: 2 workers x 8 CPU = 16 CPUs, but this machine has {os.cpu_count()} and Ray runs in this "
+     f"process (cluster.address is empty) (got 2). fix: use at most {os.cpu_count() // 8} workers here, or join a "
+     "cluster with enough CPUs (cluster.address, or RAY_ADDRESS)"),
     (["data.train_files=/nonexistent/*.jsonl"],
      "data.train_files: no file matches (got '/nonexistent/*.jsonl'). fix: check the path or glob (relative paths "
      "are taken from the current directory)"),
@@ -66,8 +74,11 @@ BAD_DATA = [  # (the JSONL file's text, the error; {file} is its path)
      "'messages'"),
     ('{"prompt": "q", "completion": 5}\n',
      '{file}:1: completion: must be a list of messages (got 5); fix: [{{"role": "user", "content": "..."}}, ...]'),
-    ('', "data.train_files: no training rows from 0 records (rejected: none). fix: check the data's format"),
+    ('{"text": "ok"}\n{"messages": ' + "[" * 10000 + "]" * 10000 + '}\n',
+     "{file}:2: nested too deeply for a JSON parser (more than ~1,000 levels of [ or {{); fix: flatten the record"),
 ]
+
+DEEP = '{"a": ' + "[" * 10000 + "]" * 10000 + "}"
 
 
 def good_config(tmp_path):
@@ -112,3 +123,141 @@ def test_bad_data(tmp_path, text, expected):
     errors = [line for line in r.stderr.splitlines() if line.startswith("raysft: error: ")]
     assert (r.returncode, errors) == (2, [f"raysft: error: {expected.format(file=data)}"]), r.stderr[-3000:]
     assert "Traceback" not in r.stderr + r.stdout
+
+
+BAD_FILES = [  # (what to make at the data path, the error; {file} is the path) — all found before Ray starts
+    ("empty", "data.train_files: has no records (the file is empty or only blank lines) (got '{file}'). fix: give a "
+              "file with one JSON object per line, or leave this one out"),
+    ("blank", "data.train_files: has no records (the file is empty or only blank lines) (got '{file}'). fix: give a "
+              "file with one JSON object per line, or leave this one out"),
+    ("directory", "data.train_files: is a directory, not a data file (got '{file}'). fix: name the files in it, "
+                  "e.g. {file}/*.jsonl"),
+]
+
+
+@pytest.mark.parametrize("kind, expected", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_bad_file_is_named_before_ray_starts(tmp_path, capfd, kind, expected, command):
+    import ray
+
+    path = tmp_path / "data.jsonl"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text("" if kind == "empty" else "\n  \n\t\n")
+    code, errors, err = run_cli([command, good_config(tmp_path), f"data.train_files={path}"], capfd)
+    assert (code, errors) == (2, [f"raysft: error: {expected.format(file=path)}"])
+    assert "Traceback" not in err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "run" / "prepared").exists()
+
+
+def gzip_records(n):
+    import gzip
+    import json
+
+    return gzip.compress(b"".join(json.dumps({"text": f"record number {i}"}).encode() + b"\n" for i in range(n)))
+
+
+def test_damaged_gzip_yields_the_records_before_the_damage_then_one_error(tmp_path):
+    """Cut (a partial download) or random bytes written into the gzip member: never an exception, only records
+    and, last, one RecordError naming the file and the line after the last good one."""
+    import random
+
+    from raysft.data.records import RecordError
+    from raysft.data.sources import Chunk, read_chunk
+
+    whole = gzip_records(3000)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    out = list(read_chunk(Chunk(str(cut), "jsonl.gz", 0, 0, 1)))
+    good, last = out[:-1], out[-1]
+    assert [line for _, line, _, rec in good] == list(range(1, len(good) + 1)) and 0 < len(good) < 3000
+    assert all(rec == {"text": f"record number {i}"} for i, (_, _, _, rec) in enumerate(good))
+    assert isinstance(last[3], RecordError) and last[3].reason == "damaged_file"
+    assert str(last[3]) == (f"{cut}:{len(good) + 1}: the compressed file is cut short or damaged after line "
+                            f"{len(good)} (EOFError: Compressed file ended before the end-of-stream marker was "
+                            "reached); the records before it are read. fix: download or compress the file again "
+                            "(`gzip -t cut.jsonl.gz` checks it)")
+    rng = random.Random(0)
+    for trial in range(40):  # fuzz: random bytes into the compressed member (after the 10-byte header)
+        damaged = bytearray(whole)
+        for _ in range(rng.randint(1, 8)):
+            damaged[rng.randrange(10, len(damaged))] = rng.randrange(256)
+        path = tmp_path / f"fuzz{trial}.jsonl.gz"
+        path.write_bytes(bytes(damaged))
+        items = list(read_chunk(Chunk(str(path), "jsonl.gz", 0, 0, 1)))  # never raises
+        assert all(isinstance(rec, (dict, RecordError)) for _, _, _, rec in items)
+        errors = [rec for _, _, _, rec in items if isinstance(rec, RecordError) and rec.reason == "damaged_file"]
+        assert len(errors) <= 1 and (not errors or items[-1][3] is errors[0])
+
+
+def test_an_unexpected_error_in_a_task_is_one_line_with_the_chunk_and_a_log(tmp_path, monkeypatch):
+    """Any exception but a UserError inside the Ray Data task (here a stand-in bug) reaches the driver as one line
+    naming the chunk's file and lines, and a log file holding the traceback."""
+    from raysft.data import pipeline
+    from raysft.data.chunks import Settings
+    from raysft.data.sources import Chunk
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c"}')
+    work = str(tmp_path / "run" / "prepared" / "abc.tmp-1")
+    pipeline.make_work_dir(work)
+
+    def bug(*args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "chunk_to_examples", bug)
+    monkeypatch.setattr(pipeline, "_tokenizer", lambda work: None)
+    settings = Settings(64, True, "completion", None, "error", "truncate", "train", 0.0)
+    task = pipeline.Task(settings, work, "train", log_dir=str(tmp_path / "run" / "logs"))
+    chunk = Chunk(str(data), "jsonl", 0, data.stat().st_size, 1, 0).as_row()
+    pipeline.process_chunks({k: [v] for k, v in chunk.items()}, task)
+    log = tmp_path / "run" / "logs" / "prepare-train-000000.log"
+    assert str(pipeline.first_error(work)) == (
+        f"{data}:lines 1-3: preparing these records failed (ZeroDivisionError: division by zero). fix: check these "
+        f"lines; if they look right, report it with the traceback in {log}")
+    assert "Traceback" in log.read_text() and "raise ZeroDivisionError" in log.read_text()
+
+
+@pytest.mark.ray
+def test_damaged_gzip_stops_prepare_with_one_line(tmp_path):
+    import subprocess
+
+    whole = gzip_records(500)
+    data = tmp_path / "train.jsonl.gz"
+    data.write_bytes(whole[: len(whole) * 2 // 3])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(["raysft", "prepare", good_config(tmp_path), f"data.train_files={data}", "cluster.num_cpus=2"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("raysft: error: ")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+    assert errors[0].startswith(f"raysft: error: {data}:") and "cut short or damaged after line" in errors[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert not (tmp_path / "run" / "prepared").exists()  # a failed prepare leaves nothing behind
+
+
+@pytest.mark.ray
+def test_skip_counts_a_too_deep_record_and_keeps_a_cut_files_records(tmp_path, ray_session):
+    import json
+
+    from raysft.config import load_config
+    from raysft.prepare import prepare
+
+    whole = gzip_records(400)
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(whole[: len(whole) // 2])
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "fine"}\n' + DEEP + "\n")
+    cfg = load_config(good_config(tmp_path), [f"data.train_files=[{gz}, {deep}]", "data.on_bad_record=skip"])
+    path, manifest = prepare(cfg)
+    from raysft.data.sources import Chunk, read_chunk
+
+    before_cut = sum(1 for *_, rec in read_chunk(Chunk(str(gz), "jsonl.gz", 0, 0, 1)) if isinstance(rec, dict))
+    assert 0 < before_cut < 400
+    assert manifest["records_kept"] == before_cut + 1
+    assert manifest["rejected_by_reason"] == {"damaged_file": 1, "too_deep": 1}
+    with open(os.path.join(path, manifest["rejects_file"]), encoding="utf-8") as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["where"], r["reason"]) for r in rejects] == [(f"{gz}:{before_cut + 1}", "damaged_file"),
+                                                            (f"{deep}:2", "too_deep")]

@@ -89,10 +89,11 @@ def test_eval_loss_is_drawn_on_the_loss_png(runs):
     from raysft.train.metrics import loss_figure
 
     cfg, _ = runs["hf"]
-    fig = loss_figure(read_metrics(cfg.output_dir))
+    fig = loss_figure(read_metrics(cfg.output_dir), "run: tiny-model, 20 steps")
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    assert list(lines["eval loss"].get_xdata()) == [10, 20]
-    assert len(lines["train loss"].get_xdata()) == 20
+    assert list(lines["eval loss"].get_xdata()) == [10, 20] and lines["eval loss"].get_marker() == "o"
+    assert list(lines["train loss"].get_xdata()) == list(range(1, 21)) and lines["train loss"].get_marker() == "."
+    assert fig.axes[0].get_title() == "run: tiny-model, 20 steps"
     assert os.path.getsize(os.path.join(cfg.output_dir, "loss.png")) > 1000
 
 

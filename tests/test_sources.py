@@ -58,7 +58,7 @@ def test_file_uri_goes_through_pyarrow_fs(tmp_path):
 
 def test_expand_globs_sorted_and_errors_name_the_key(tmp_path):
     for name in ("b.jsonl", "a.jsonl", "c.txt"):
-        (tmp_path / name).write_text("")
+        (tmp_path / name).write_text('{"text": "x"}\n')  # an empty file is refused (tests/test_bad_input.py)
     assert expand([str(tmp_path / "*.jsonl")], "data.train_files") == [str(tmp_path / "a.jsonl"),
                                                                        str(tmp_path / "b.jsonl")]
     with pytest.raises(UserError) as info:

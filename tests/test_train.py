@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -79,6 +80,35 @@ def test_running_a_finished_run_again_trains_nothing(reference):
     again = train(None, [], cfg=cfg, log=logs.append)
     assert again["trained"] is False and again["step"] == 6
     assert any("already finished at step 6" in line for line in logs)
+
+
+def cli(*args, timeout=300):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(["raysft", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_finished_run_is_answered_and_a_changed_schedule_refused_before_ray_starts(reference, tmp_path):
+    """Run again as a user would (its own process): `already finished` with no Ray started (no `ray:` line); a
+    changed length or learning-rate setting is refused with both ways forward, also before Ray."""
+    from raysft.config import to_yaml
+
+    cfg, result = reference
+    path = tmp_path / "again.yaml"
+    path.write_text(to_yaml(cfg))
+    r = cli("train", str(path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"train: run 'run' already finished at step 6 ({result['checkpoint']}); nothing to train" in r.stdout
+    assert "ray: " not in r.stdout and "Traceback" not in r.stderr
+    r = cli("train", str(path), "train.max_steps=9", "train.lr=0.01")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("raysft: error: ")]
+    assert (r.returncode, errors) == (2, [
+        f"raysft: error: checkpoint: run 'run' was started with another schedule: train.max_steps 6 -> 9, train.lr "
+        f"0.003 -> 0.01 (its checkpoint {result['checkpoint']} is at step 6 of 6). fix: to train further, start a "
+        f"new run from its model (model.name_or_path={cfg.output_dir}/final and another output_dir or run_name); or "
+        "set checkpoint.allow_schedule_change=true to continue this run on the new schedule knowingly"])
+    assert "ray: " not in r.stdout
 
 
 def test_export_matches_trained_model_and_chat_template(reference):
@@ -388,3 +418,96 @@ def test_a_run_continues_on_another_number_of_workers(reference, tmp_path, tiny_
     assert ms[-1]["samples_seen"] == 48
     for a, b in zip([m["loss"] for m in ms], [m["loss"] for m in read_metrics(ref_cfg.output_dir)]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_run_stops_everything_says_where_and_resumes_identical(reference, tmp_path, tiny_model_dir,
+                                                                              sig, code):
+    """Ctrl-C or SIGTERM to `raysft train` (its own process and Ray): exit 128+N within seconds, one line saying
+    where the run stands, every process it started gone; the same command again resumes and ends identical to an
+    uninterrupted run, with each step once in metrics.jsonl."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    import psutil
+
+    from raysft import checkpoint as ckpt
+
+    cfg = run_config(tmp_path, tiny_model_dir, "interrupted")
+    path = str(tmp_path / "interrupted.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(["raysft", "train", path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    out = {"stderr": ""}
+    reader = threading.Thread(target=lambda: out.__setitem__("stderr", proc.stderr.read()), daemon=True)
+    reader.start()
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
+    deadline = time.time() + 300
+    while ckpt.verify(step2, checksums=False) is not None:
+        assert proc.poll() is None and time.time() < deadline, "the run ended or hung before the interrupt"
+        time.sleep(0.2)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert any("raylet" in " ".join(p.cmdline()) for p in started)
+    t0 = time.time()
+    proc.send_signal(getattr(signal, sig))
+    assert proc.wait(timeout=30) == code
+    assert time.time() - t0 < 15
+    reader.join(timeout=10)
+    gone, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == [], [p.cmdline()[:2] for p in alive]
+    good = ckpt.latest_good(ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name), warn=lambda m: None)
+    reached = read_metrics(cfg.output_dir)[-1]["step"]
+    lines = [line for line in out["stderr"].splitlines() if line.startswith("raysft: ")]
+    assert lines == [f"raysft: interrupted at step {reached}; last good checkpoint: {good} "
+                     f"(step {ckpt.read_state(good).step}); run the same command to resume"], out["stderr"][-3000:]
+    assert "Traceback" not in out["stderr"]
+    if sig == "SIGINT":  # the same command again
+        r = cli("train", path, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            steps = [json.loads(line)["step"] for line in f]
+        assert steps == list(range(1, 7))
+        assert_same_as_reference(reference, cfg, {"final": os.path.join(cfg.output_dir, "final")})
+
+
+def console_of(command: str, tmp_path, terminal: bool) -> str:
+    """What a person sees running `command`: in a pseudo-terminal (`script`, 120 columns), or piped to a file."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYSFT_VERBOSE")}
+    if terminal:
+        log = tmp_path / "typescript"
+        subprocess.run(["script", "-qfec", f"stty cols 120 rows 40; {command}", str(log)], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600, check=True)
+        return log.read_bytes().decode("utf-8", "replace")
+    r = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=600, check=True)
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "piped"])
+def test_the_console_shows_raysfts_lines_once_and_a_progress_bar_in_a_terminal(tmp_path, tiny_model_dir, terminal):
+    cfg = run_config(tmp_path, tiny_model_dir, "console", train={"max_steps": 6, "log_every_steps": 3})
+    text = console_of(f"raysft train {tmp_path / 'console.yaml'}", tmp_path, terminal)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # colour resets (Ray's, at exit) show as nothing
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    ours = [ln for ln in lines if not re.match(r"^(train|prepare train):\s+\d+%\|", ln)]
+    if terminal:
+        ours = ours[1:-1]  # script's own first and last lines
+    noise = [ln for ln in ours if re.search(r"RayTrainWorker|TrainController|Reporting training result|INFO|"
+                                            r"WARNING|Warning|zero_to_fp32|Loading checkpoint", ln)]
+    assert noise == []
+    assert len(ours) == len(set(ours)), [ln for ln in ours if ours.count(ln) > 1]  # every line once
+    assert re.fullmatch(r"ray: starting Ray in this process \(\d+ logical CPUs\)", ours[0])
+    assert any(ln.startswith("setup: 0.12M parameters") for ln in ours)
+    assert sum(ln.startswith("checkpoint: step ") for ln in ours) == 3
+    assert ours[-1] == f"train: loss curve {cfg.output_dir}/loss.png"
+    steps = [ln for ln in ours if ln.startswith("step ")]
+    if terminal:  # the steps are a bar with rate and ETA, not lines
+        assert steps == [] and re.search(r"train: 100%\|[^|]*\| 6/6 \[[0-9:]+<00:00, +[0-9.]+s?/?(step|s)", text)
+    else:
+        assert [s.split()[1] for s in steps] == ["1/6", "2/6", "3/6", "4/6", "6/6"]  # logged and checkpointed
+        assert "%|" not in text
+    assert len(ours) <= 25  # today's console before this: 125 lines

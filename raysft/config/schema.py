@@ -114,6 +114,8 @@ class CheckpointConfig:
     keep: int = field(default=2, metadata=doc("newest good checkpoints kept; the last good one is never deleted"))
     storage_path: str = field(default="", metadata=doc("Ray Train storage; empty = {output_dir}/ray"))
     allow_data_change: bool = field(default=False, metadata=doc("resume even if the prepared data changed"))
+    allow_schedule_change: bool = field(default=False, metadata=doc(
+        "resume even if max_steps, epochs, global_batch_size, lr, lr_scheduler or warmup_steps changed"))
 
 
 @dataclass

@@ -10,7 +10,8 @@ Errors take one route. A user's mistake met inside a task (a bad record under on
 unreadable file: any `UserError`) is written to `errors/` and the task goes on without that chunk; once an
 error exists the remaining chunks are skipped; `run_split` returns the first one, in input order, for the
 driver to raise as itself. (Failing the task instead makes Ray Data log pages of traceback for one line of
-the user's data.) Anything else is a bug in raysft and fails the task with its traceback.
+the user's data.) Any other exception takes the same route as one line naming the chunk's file and lines and a
+log file (`Task.log_dir`) that holds its traceback.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import pyarrow.parquet as pq
 from raysft.data.chunks import Settings, chunk_to_examples, rows_table
 from raysft.data.prepared import EVAL, ROW_SCHEMA, TRAIN, saved_tokenizer, split_dir
 from raysft.data.records import RecordError
-from raysft.data.sources import Chunk
+from raysft.data.sources import Chunk, describe_chunk
 from raysft.errors import UserError
 from raysft.storage import write_atomic
 
 STATS, REJECTS, ERRORS = "stats", "rejects", "errors"  # the tasks' side files in the work folder
+ERROR_CHARS = 200  # of an unexpected exception's message in the one-line error
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Task:
     settings: Settings
     work_dir: str  # the prepared folder being made; its tokenizer/ is the one to use
     split: str
+    log_dir: str = ""  # where an unexpected error's traceback goes (default: {work_dir}/../logs)
 
 
 # ------------------------------------------------------------------ the task side (runs in Ray workers)
@@ -61,6 +64,19 @@ def _error_from_json(text: str) -> UserError:
     return RecordError(*info["record"]) if "record" in info else UserError(*info["args"])
 
 
+def unexpected(exc: Exception, chunk: Chunk, task: Task, name: str) -> UserError:
+    """An exception that is not a `UserError`, as one line naming the chunk and the file with its traceback."""
+    import traceback
+
+    log_dir = task.log_dir or os.path.join(os.path.dirname(os.path.dirname(task.work_dir)), "logs")
+    log = os.path.join(log_dir, f"prepare-{name}.log")
+    os.makedirs(log_dir, exist_ok=True)
+    write_atomic(log, f"{describe_chunk(chunk)}\n\n" + "".join(traceback.format_exception(exc)))
+    return UserError(f"{describe_chunk(chunk)}: preparing these records failed ({type(exc).__name__}: "
+                     f"{str(exc)[:ERROR_CHARS]}). fix: check these lines; if they look right, report it with the "
+                     f"traceback in {log}")
+
+
 def process_chunks(batch: dict, task: Task) -> pa.Table:
     """Ray Data UDF: chunk rows -> training rows, with the side files described above."""
     s, work = task.settings, task.work_dir
@@ -74,6 +90,9 @@ def process_chunks(batch: dict, task: Task) -> pa.Table:
             result = chunk_to_examples(chunk, s, _tokenizer(work))
         except UserError as exc:
             write_atomic(os.path.join(work, ERRORS, f"{name}.json"), _error_json(exc))
+            continue
+        except Exception as exc:  # not the data's fault as far as raysft knows: one line, the traceback in a file
+            write_atomic(os.path.join(work, ERRORS, f"{name}.json"), _error_json(unexpected(exc, chunk, task, name)))
             continue
         if result.rejects:
             write_atomic(os.path.join(work, REJECTS, f"{name}.jsonl"),
@@ -115,12 +134,25 @@ def run_split(task: Task, chunks: list[Chunk]) -> Optional[UserError]:
     """Rows of one split's chunks into `{work_dir}/{split}/`; the first user error met, if any."""
     import ray.data
 
+    from raysft.console import ChunkProgress, quiet_ray, verbose
+
+    quiet_ray()  # after Ray Data set up its logging
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input, same row order: the schedule relies on it
+    ctx.enable_progress_bars = verbose()  # raysft's own bar in a terminal instead (console.ChunkProgress)
+    ctx.print_on_execution_start = verbose()
     ds = ray.data.from_items([c.as_row() for c in chunks], override_num_blocks=len(chunks))
     ds = ds.map_batches(process_chunks, batch_size=1, batch_format="numpy", fn_kwargs={"task": task})
-    ds.write_parquet(split_dir(task.work_dir, task.split), min_rows_per_file=1)
+    done = functools.partial(_chunks_done, task)
+    with ChunkProgress(done, len(chunks), f"prepare {task.split}"):
+        ds.write_parquet(split_dir(task.work_dir, task.split), min_rows_per_file=1)
     return first_error(task.work_dir)
+
+
+def _chunks_done(task: Task) -> int:
+    """Chunks of `task`'s split finished so far (each leaves a stats or an errors file)."""
+    return sum(1 for sub in (STATS, ERRORS) for name in os.listdir(os.path.join(task.work_dir, sub))
+               if name.startswith(f"{task.split}-"))
 
 
 def side_counts(work: str, split: str) -> dict:

@@ -74,6 +74,9 @@ def parse_line(line: str | bytes) -> dict:
     except json.JSONDecodeError as exc:
         raise RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; "
                                           "fix: one JSON object per line") from None
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise RecordError("too_deep", "nested too deeply for a JSON parser (more than ~1,000 levels of [ or {); "
+                                      "fix: flatten the record") from None
     if not isinstance(value, dict):
         raise RecordError("not_an_object", f"a JSON {type(value).__name__} is not a record "
                                            f"(got {_short(value)}); fix: one JSON object per line")

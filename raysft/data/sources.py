@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
@@ -62,6 +63,10 @@ def expand(specs: list[str], key: str) -> list[str]:
                 found = [spec] if fs.get_file_info(path).type == pafs.FileType.File else []
         elif any(c in spec for c in "*?["):
             found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        elif os.path.isdir(spec):
+            problems.append(format_error(key, "is a directory, not a data file", spec,
+                                         f"name the files in it, e.g. {os.path.join(spec, '*.jsonl')}"))
+            continue
         else:
             found = [spec] if os.path.isfile(spec) else []
         if not found:
@@ -71,11 +76,51 @@ def expand(specs: list[str], key: str) -> list[str]:
             if file_format(p) is None:
                 problems.append(format_error(key, "unsupported file type", p,
                                              f"use one of {', '.join(FORMATS)}"))
+            elif not has_records(p):
+                problems.append(format_error(key, "has no records (the file is empty or only blank lines)", p,
+                                             "give a file with one JSON object per line, or leave this one out"))
             elif p not in out:
                 out.append(p)
     if problems:
         raise UserError("\n".join(problems))
     return out
+
+
+def has_records(source: str) -> bool:
+    """Whether a data file holds anything but blank lines (JSONL: up to its first non-blank byte; Parquet: its
+    metadata). A damaged .jsonl.gz counts as having records: reading it reports the damage with its line."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(source)
+    fmt = file_format(source)
+    if fmt == "parquet":
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows > 0
+    try:
+        with fs.open_input_stream(path, compression=None) as raw:
+            stream = gzip.GzipFile(fileobj=raw) if fmt == "jsonl.gz" else raw
+            while block := stream.read(storage.READ_BLOCK):
+                if block.strip():
+                    return True
+    except (EOFError, OSError, zlib.error):
+        return True
+    return False
+
+
+def describe_chunk(chunk: Chunk) -> str:
+    """Where a chunk's records are, for a message: ``file:lines A-B`` (JSONL), ``file:rows A-B`` (Parquet, HF)."""
+    if chunk.fmt == "jsonl":
+        fs, path = storage.filesystem(chunk.source)
+        with fs.open_input_file(path) as f:
+            f.seek(chunk.start)
+            data = f.read(chunk.end - chunk.start)
+        lines = data.count(b"\n") + (not data.endswith(b"\n"))
+        return f"{chunk.source}:lines {chunk.first_line}-{chunk.first_line + max(lines - 1, 0)}"
+    if chunk.fmt == "hf":
+        return f"{chunk.source}:rows {chunk.first_line}-{chunk.end}"
+    if chunk.fmt == "parquet":
+        return f"{chunk.source}:row group {chunk.start} (from row {chunk.first_line})"
+    return f"{chunk.source} (the whole compressed file)"
 
 
 def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> list[Chunk]:
@@ -168,7 +213,39 @@ def _lines(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
             yield first_line + i, line
 
 
+class DamagedFile(Exception):
+    """A compressed file that ends early or is corrupt after line `after` (its records up to there are good)."""
+
+    def __init__(self, after: int, detail: str):
+        self.after, self.detail = after, detail
+        super().__init__(detail)
+
+
+def _gzip_lines(source: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a .jsonl.gz, streamed; a cut or corrupt stream ends it with `DamagedFile`."""
+    fs, path = storage.filesystem(source)
+    n = 0
+    try:
+        with fs.open_input_stream(path, compression=None) as raw, gzip.GzipFile(fileobj=raw) as lines:
+            for n, line in enumerate(lines, 1):
+                if line.strip():
+                    yield n, line
+    except (EOFError, OSError, zlib.error) as exc:  # cut short (a partial download) or damaged bytes
+        raise DamagedFile(n, f"{'zlib.error' if isinstance(exc, zlib.error) else type(exc).__name__}: {exc}") from None
+
+
 def _parsed(numbered, source: str):
+    try:
+        yield from _parsed_lines(numbered, source)
+    except DamagedFile as exc:
+        where = f"{source}:{exc.after + 1}"
+        yield where, exc.after + 1, "", RecordError(
+            "damaged_file", f"the compressed file is cut short or damaged after line {exc.after} "
+            f"({exc.detail}); the records before it are read. fix: download or compress the file again "
+            f"(`gzip -t {os.path.basename(source)}` checks it)", where)
+
+
+def _parsed_lines(numbered, source: str):
     for n, line in numbered:
         where = f"{source}:{n}"
         raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -188,9 +265,7 @@ def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, obj
         yield from _parsed(_lines(data, chunk.first_line), chunk.source)
         return
     if chunk.fmt == "jsonl.gz":  # streamed: memory stays flat whatever the file's size
-        fs, path = storage.filesystem(chunk.source)
-        with fs.open_input_stream(path, compression=None) as raw, gzip.GzipFile(fileobj=raw) as lines:
-            yield from _parsed(((n, line) for n, line in enumerate(lines, 1) if line.strip()), chunk.source)
+        yield from _parsed(_gzip_lines(chunk.source), chunk.source)
         return
     if chunk.fmt == "parquet":
         import pyarrow.parquet as pq

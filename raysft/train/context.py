@@ -41,7 +41,7 @@ class Worker:
     cfg: Config
     rank: int
     world: int
-    log: Callable[[str], None]  # rank 0 prints; the others stay quiet
+    log: Callable[[str], None]  # rank 0's lines go to the console (console.WorkerConsole); the others' nowhere
     tokenizer: object
     rows: PreparedRows  # the train split
     eval_rows: Optional[PreparedRows]
@@ -79,6 +79,7 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend
     import torch
 
     from raysft import loss
+    from raysft.console import WorkerConsole
     from raysft.data.prepared import EVAL, saved_tokenizer
     from raysft.modeling import apply_lora, build_model, parameter_counts, resolve_attention
 
@@ -86,14 +87,15 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(msg, flush=True)
+    log = WorkerConsole(cfg.output_dir, rank)  # rank 0's lines, for the driver to print (raysft.console)
 
     tokenizer = saved_tokenizer(job.prepared)
     rows = PreparedRows(job.prepared)
     torch.manual_seed(t.seed)
     attention, why = resolve_attention(cfg.model.attn_implementation, cfg.cluster.use_gpu and torch.cuda.is_available())
+    if not cfg.cluster.use_gpu and not cpu_comm_built():
+        log("deepspeed: compiling DeepSpeed's CPU communication extension (first run only, about 80 s; cached in "
+            "~/.cache/torch_extensions)")
     settings = f"attention: {attention} ({why}); loss: {t.fused_loss}; compile: {'on' if t.compile else 'off'}"
     log(settings + (f"; prefetch: {t.prefetch_batches} steps ahead" if backend_prefetches else ""))
     model = build_model(cfg.model.name_or_path, len(tokenizer), from_scratch=cfg.model.from_scratch, seed=t.seed,
@@ -108,6 +110,15 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend
                   shape=BatchShape(t.global_batch_size, t.micro_batch_size, world), model=model,
                   n_params=n_params, n_trainable=n_trainable,
                   run_dir=ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name))
+
+
+def cpu_comm_built() -> bool:
+    """Whether DeepSpeed's CPU communication extension is already compiled (torch's extension cache)."""
+    import glob
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "torch_extensions")
+    return any(glob.glob(os.path.join(root, *sub, "deepspeed_shm_comm", "*.so")) for sub in ((), ("*",)))
 
 
 def device(use_gpu: bool):

@@ -53,7 +53,8 @@ def train_loop(loop_config: dict) -> None:
     micro_batches = [micro for step in range(schedule.total_steps)
                      for micro in schedule.rank_micro_batches(step, rank, w.shape)]
     collate_rows = TimedCollate(w.tokenizer.pad_token_id)
-    loader = DataLoader(rows.ds, batch_sampler=micro_batches, collate_fn=collate_rows, num_workers=0)
+    loader = DataLoader(rows.ds, batch_sampler=micro_batches, collate_fn=collate_rows, num_workers=0,
+                        pin_memory=cfg.cluster.use_gpu)  # the Trainer copies each batch to the GPU
     trainer_dir = tempfile.mkdtemp(prefix=f"raysft-hf-rank{rank}-")  # per rank: checkpoints move out at once
     trainer = ScheduledSFTTrainer(
         model=w.model, args=sft_config(t, cfg.cluster.use_gpu, trainer_dir, ds_config, w.shape, schedule.total_steps),

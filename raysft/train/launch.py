@@ -15,8 +15,9 @@ from typing import Callable, Optional
 
 from raysft import checkpoint as ckpt
 from raysft import storage
-from raysft.cluster import auth_line, check_shared_storage, ensure_ray, logical_cpus
+from raysft.cluster import auth_line, check_machine_fits, check_shared_storage, ensure_ray, logical_cpus
 from raysft.config import Config, load_config, to_dict, worker_range
+from raysft.console import Feed
 from raysft.data.prepared import has_eval, short, summary
 from raysft.data.sources import expand
 from raysft.errors import UserError, cause, format_error
@@ -71,6 +72,28 @@ def preflight(cfg: Config) -> None:
         check_hf_args(cfg.train.hf_args)
 
 
+SCHEDULE_KEYS = ("max_steps", "epochs", "global_batch_size", "lr", "lr_scheduler", "warmup_steps")
+
+
+def check_schedule_unchanged(cfg: Config, good: str) -> None:
+    """A run resumes on the schedule it started with: a changed length, batch or learning-rate setting would
+    silently recompute the schedule mid-run (the learning rate jumping back up, `final/` overwritten)."""
+    if cfg.checkpoint.allow_schedule_change:
+        return
+    before = ckpt.read_config(good).get("train", {})
+    changed = [f"train.{k} {before[k]!r} -> {getattr(cfg.train, k)!r}" for k in SCHEDULE_KEYS
+               if k in before and before[k] != getattr(cfg.train, k)]
+    if changed:
+        state = ckpt.read_state(good)
+        final = os.path.join(cfg.output_dir, "final")
+        raise UserError(format_error(
+            "checkpoint", f"run {cfg.run_name!r} was started with another schedule: {', '.join(changed)} "
+            f"(its checkpoint {good} is at step {state.step} of {state.total_steps})", fix=
+            f"to train further, start a new run from its model (model.name_or_path={final} and another output_dir "
+            "or run_name); or set checkpoint.allow_schedule_change=true to continue this run on the new schedule "
+            "knowingly"))
+
+
 def worker_resources(cfg: Config) -> dict:
     """What one Ray Train worker asks for (Ray Train's defaults: 1 CPU, and 1 GPU with use_gpu)."""
     resources = dict(cfg.cluster.resources_per_worker) or {"CPU": 1}
@@ -110,20 +133,29 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
 
     cfg = cfg or load_config(config_path, overrides)
     preflight(cfg)
-    ensure_ray(cfg)
-    log(auth_line())
-    check_resources(cfg)
-    check_shared_storage(cfg)
-    prepared, manifest = prepare(cfg, log=log, cpus=logical_cpus(cfg))
+    check_machine_fits(cfg)
+    run_dir = ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name)
+    good = ckpt.latest_good(run_dir, warn=log)
+    if good is not None:
+        check_schedule_unchanged(cfg, good)
+    connected = []
+
+    def connect() -> None:  # Ray, only once it is needed: a finished run with reused data never starts it
+        if not connected:
+            ensure_ray(cfg, log)
+            log(auth_line())
+            check_resources(cfg)
+            check_shared_storage(cfg)
+            connected.append(True)
+
+    prepared, manifest = prepare(cfg, log=log, cpus=logical_cpus(cfg), start_ray=connect)
     log(summary(manifest))
     t = cfg.train
     schedule = Schedule(manifest["rows"], t.global_batch_size, t.seed, t.epochs, t.max_steps)
     if schedule.steps_per_epoch < 1:
         raise UserError(format_error("train.global_batch_size", f"larger than the {manifest['rows']} prepared rows",
                                      t.global_batch_size, "lower it, or add data"))
-    run_dir = ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name)
     final_dir = os.path.join(cfg.output_dir, "final")
-    good = ckpt.latest_good(run_dir, warn=log)
     universal: Optional[Universal] = None
     if good is not None:
         state = ckpt.read_state(good)
@@ -150,18 +182,21 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
         if workers[0] == workers[1] != state.world_size and state.zero_stage >= 1:
             # only when there is training left to do; in elastic mode rank 0 converts once the size is known
             universal = to_universal(good, state, cfg.output_dir, workers[0], log)
+    connect()
     if ckpt.forget_ray_snapshot(run_dir):
         log(f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints")
     vocab_grew = vocab_grows(cfg.model.name_or_path, manifest["tokenizer"]["vocab_size"], cfg.model.trust_remote_code)
     job = WorkerJob(config=to_dict(cfg), prepared=prepared, fingerprint=manifest["fingerprint"],
                     has_eval=has_eval(manifest), vocab_grew=vocab_grew, universal=universal,
                     hooks=hooks or WorkerHooks())
-    result = fit(cfg, job)
+    with Feed(cfg.output_dir, out=log):  # rank 0's lines, printed here as they come
+        result = fit(cfg, job)
     good = ckpt.latest_good(run_dir, warn=log)
     if good is None or ckpt.read_state(good).step < schedule.total_steps:
         raise RuntimeError(f"training ended without a final checkpoint in {run_dir} ({result.error})")
     export(good, final_dir, log=log)
-    log(f"train: loss curve {plot_loss(cfg.output_dir)}")
+    title = f"{cfg.run_name}: {cfg.model.name_or_path}, {schedule.total_steps} steps"
+    log(f"train: loss curve {plot_loss(cfg.output_dir, title)}")
     return {"checkpoint": good, "final": final_dir, "trained": True, "step": schedule.total_steps}
 
 
@@ -185,4 +220,27 @@ def fit(cfg: Config, job: WorkerJob):
                              # previous checkpoint before the new one is verified
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
-    return trainer.fit()
+    return fit_interruptibly(trainer)
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()` on a helper thread, the main thread waiting in short joins: a signal then reaches the
+    handler raysft's CLI installed (which stops Ray and says where the run stands) at once. (On the main thread,
+    Ray Train would install its own SIGINT handler, whose abort ends the process with status 1 and no word.)"""
+    import threading
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="raysft-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -72,22 +72,22 @@ class StepMetrics:
 
 
 class StepLog:
-    """Rank 0's record of steps: the step line and metrics.jsonl/TensorBoard, for the steps that are logged
-    (every `every` steps, the first step of an attempt, evaluated steps and checkpointed steps)."""
+    """Rank 0's record of steps: every step to metrics.jsonl and TensorBoard; the step line for the steps that are
+    logged (every `every` steps, the first step of an attempt, evaluated steps and checkpointed steps)."""
 
     def __init__(self, rank: int, output_dir: str, every: int, start_step: int, log: Callable[[str], None]):
         self.every, self.start_step, self.log = every, start_step, log
-        self.writer = MetricsWriter(output_dir) if rank == 0 else None
+        self.writer = MetricsWriter(output_dir, start_step) if rank == 0 else None
 
     def reportable(self, m: dict) -> bool:
         """Whether step `m` goes to Ray as a metrics-only report (when not checkpointed)."""
         return m["step"] % self.every == 0 or "eval_loss" in m
 
     def __call__(self, m: dict, checkpointed: bool) -> None:
+        if self.writer:
+            self.writer.write(m)
         if self.reportable(m) or checkpointed or m["step"] == self.start_step + 1:
             self.log(step_line(m))
-            if self.writer:
-                self.writer.write(m)
 
     def close(self) -> None:
         if self.writer:
@@ -115,14 +115,23 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
-    """Rank 0's metrics: appended to {output_dir}/metrics.jsonl and TensorBoard events in {output_dir}/tensorboard."""
+    """Rank 0's metrics: appended to {output_dir}/metrics.jsonl and TensorBoard events in {output_dir}/tensorboard.
+    A run resumed from the checkpoint at `start_step` first drops the rows past it (an attempt that died after
+    its last checkpoint logged steps that are trained again), so the file holds every step once."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
+        from raysft.storage import write_atomic
+
         os.makedirs(output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8")
-        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        path = os.path.join(output_dir, METRICS_FILE)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+            write_atomic(path, "".join(kept))
+        self.jsonl = open(path, "a", encoding="utf-8")
+        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
 
     def write(self, m: dict) -> None:
         self.jsonl.write(json.dumps(m) + "\n")
@@ -138,7 +147,8 @@ class MetricsWriter:
 
 
 def read_metrics(output_dir: str) -> list[dict]:
-    """Logged steps in order, the last record of each step winning (a resumed run logs some steps twice)."""
+    """Every step's metrics in order (the last record of a step wins, for files written before resumes rewrote
+    them)."""
     path = os.path.join(output_dir, METRICS_FILE)
     by_step = {}
     if os.path.exists(path):
@@ -149,29 +159,31 @@ def read_metrics(output_dir: str) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def loss_figure(ms: list[dict]):
-    """Train loss per logged step, and eval loss where it was measured."""
+def loss_figure(ms: list[dict], title: str = ""):
+    """Train loss at every step (a point each), and eval loss, with markers, where it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([m["step"] for m in ms], [m["loss"] for m in ms], label="train loss")
+    ax.plot([m["step"] for m in ms], [m["loss"] for m in ms], ".-", markersize=3, linewidth=0.8, label="train loss")
     ev = [m for m in ms if "eval_loss" in m]
     if ev:
         ax.plot([m["step"] for m in ev], [m["eval_loss"] for m in ev], "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over trained tokens)")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
     return fig
 
 
-def plot_loss(output_dir: str) -> str:
+def plot_loss(output_dir: str, title: str = "") -> str:
     import matplotlib.pyplot as plt
 
-    fig = loss_figure(read_metrics(output_dir))
+    fig = loss_figure(read_metrics(output_dir), title)
     path = os.path.join(output_dir, "loss.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
