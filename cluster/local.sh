@@ -14,10 +14,11 @@ if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
   ray get-auth-token --generate >/dev/null  # ~/.ray/auth_token, made once, read by ray start and the clients
 fi
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-GCS_PORT=$(free_port); DASHBOARD_PORT=$(free_port)
+GCS_PORT=$(free_port); DASHBOARD_PORT=$(free_port)  # and the job agent's: its default (52365) may be another Ray's
 TEMP_DIR=$(mktemp -d /tmp/raysft-ray-XXXXXX)  # this cluster's own session, sockets and logs
 setsid ray start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --num-cpus="${RAYSFT_NUM_CPUS:-4}" \
+  --dashboard-agent-listen-port="$(free_port)" \
   --temp-dir="$TEMP_DIR" --disable-usage-stats >"$TEMP_DIR/ray-start.log" 2>&1 &
 HEAD_PID=$!
 stop() {  # the head's whole process group: raylet, GCS, dashboard, workers of this cluster only

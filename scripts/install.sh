@@ -4,13 +4,14 @@
 # second (CUDA) torch just to build it. A second run finds everything there and installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if python3 - <<'PY'
+# -I: this folder is not on sys.path, so `raysft` is found only where it is installed
+if command -v raysft > /dev/null && python3 -I - "$(pwd)" <<'PY'
 import importlib.util, os, sys
 needed = ["torch", "deepspeed", "ray", "transformers", "trl", "peft", "datasets", "pytest", "hypothesis", "ruff",
           "jsonschema", "tokenizers"]
 missing = [m for m in needed if importlib.util.find_spec(m) is None]
 spec = importlib.util.find_spec("raysft")
-here = os.path.realpath("raysft")
+here = os.path.realpath(os.path.join(sys.argv[1], "raysft"))
 if spec is None or os.path.realpath(os.path.dirname(spec.origin)) != here:
     missing.append("raysft (editable, from this folder)")
 if missing:

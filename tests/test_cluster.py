@@ -234,7 +234,8 @@ import json, os, sys, time
 os.environ["RAYSFT_DASHBOARD"] = "1"
 from raysft.cluster import auth_line, ensure_ray
 from raysft.config import load_config
-ensure_ray(load_config("configs/quickstart.yaml", ["output_dir=" + sys.argv[1], "cluster.num_cpus=1"]))
+ensure_ray(load_config("configs/quickstart.yaml", ["output_dir=" + sys.argv[1], "cluster.num_cpus=1"]),
+           log=lambda msg: None)
 import ray
 print("READY " + json.dumps({"line": auth_line(), "gcs": ray.get_runtime_context().gcs_address,
                              "dashboard": ray._private.worker.get_dashboard_url()}), flush=True)
@@ -338,13 +339,7 @@ def test_a_folder_only_the_head_node_sees_is_reported_before_anything_runs(tmp_p
 @pytest.mark.ray
 def test_resubmitting_the_same_run_replaces_the_finished_job_and_trains_nothing(tmp_path):
     """Two `cluster/submit.sh` calls on one running cluster: the second reuses the id and finds the run done."""
-    import socket
     import time
-
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     gcs, dash = free_port(), free_port()
     temp = f"/tmp/raysft-ray-test{os.getpid()}"
@@ -353,6 +348,7 @@ def test_resubmitting_the_same_run_replaces_the_finished_job_and_trains_nothing(
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+                             f"--dashboard-agent-listen-port={free_port()}",  # 52365 may be another Ray's
                              f"--temp-dir={temp}", "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"

@@ -131,7 +131,7 @@ def test_on_bad_record_error_stops_with_file_and_line(tmp_path, tiny_model_dir, 
     with pytest.raises(RecordError) as info:
         prepare(cfg)
     assert str(info.value) == f"{data}:4: invalid JSON: Expecting value at column 15; fix: one JSON object per line"
-    assert os.listdir(os.path.join(cfg.output_dir, "prepared")) == []  # nothing half-written left behind
+    assert not os.path.exists(os.path.join(cfg.output_dir, "prepared"))  # nothing left behind, not even the folder
 
 
 def test_on_bad_record_skip_counts_by_reason_and_writes_rejects(tmp_path, tiny_model_dir, ray_session):

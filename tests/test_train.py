@@ -67,8 +67,10 @@ def test_injected_failure_resumes_on_the_next_sample_and_ends_identical(referenc
     cfg = run_config(tmp_path, tiny_model_dir, "failing")
     result = train(None, [], cfg=cfg, hooks=Faults(cfg.output_dir, fail_after_step=3))  # the last checkpoint: 2
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
-        logged = [json.loads(line)["step"] for line in f]
-    assert logged == [1, 2, 3, 3, 4, 5, 6]  # step 3 ran twice: before the failure and after resuming at step 2
+        logged = [json.loads(line) for line in f]
+    # step 3 ran twice (before the failure, and after resuming at step 2) and is in the file once: the resumed run's
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
+    assert [m["resumed_from"] for m in logged] == [0, 0, 2, 2, 2, 2]
     assert [m["loss"] for m in read_metrics(cfg.output_dir)] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
     a, b = weights(ref["final"]), weights(result["final"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -109,6 +111,16 @@ def test_finished_run_is_answered_and_a_changed_schedule_refused_before_ray_star
         f"new run from its model (model.name_or_path={cfg.output_dir}/final and another output_dir or run_name); or "
         "set checkpoint.allow_schedule_change=true to continue this run on the new schedule knowingly"])
     assert "ray: " not in r.stdout
+    # asked for knowingly (on a copy of the run): it continues from step 6 to the new length
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.output_dir, copy)
+    r = cli("train", str(path), f"output_dir={copy}", f"checkpoint.storage_path={copy}/ray", "train.max_steps=9",
+            "checkpoint.allow_schedule_change=true", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    continued = read_metrics(str(copy))
+    assert [m["step"] for m in continued] == list(range(1, 10)) and continued[-1]["resumed_from"] == 6
 
 
 def test_export_matches_trained_model_and_chat_template(reference):
