@@ -14,7 +14,6 @@ chosen from these figures (raysft/modeling.py `resolve_attention`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -23,18 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
-def implementations(cuda: bool) -> list[str]:
-    found = ["sdpa", "eager", "flex_attention"]
-    if cuda:
-        found += [impl for impl, package in (("flash_attention_2", "flash_attn"),
-                                              ("flash_attention_3", "flash_attn_interface"))
-                  if importlib.util.find_spec(package)]
-    return found
-
-
 def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from raysft.modeling import attention_available
 
     from make_assets import tiny_llama_config
 
@@ -54,7 +46,7 @@ def main() -> None:
     length = args.seq // args.examples
     position_ids = (torch.arange(args.seq) % length)[None].to(device)
     times = {}
-    for impl in implementations(cuda):
+    for impl in attention_available(cuda):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype).to(device)
         model.config.use_cache = False

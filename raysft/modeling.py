@@ -61,6 +61,17 @@ def collate(rows: dict, pad_id: int, device="cpu") -> dict:
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device)}
 
 
+# the flash-attention kernels transformers offers, and the package each needs (CUDA only)
+FLASH_PACKAGES = {"flash_attention_3": "flash_attn_interface", "flash_attention_2": "flash_attn"}
+
+
+def attention_available(on_cuda: bool) -> list[str]:
+    """The attention implementations this machine can run: sdpa, eager and flex_attention everywhere (flex trains
+    on CUDA only), and on CUDA the flash kernels whose package is installed."""
+    return ["sdpa", "eager", "flex_attention"] + [impl for impl, package in reversed(FLASH_PACKAGES.items())
+                                                   if on_cuda and importlib.util.find_spec(package)]
+
+
 def resolve_attention(requested: str, on_cuda: bool) -> tuple[str, str]:
     """(implementation, why) for `model.attn_implementation`. Every choice keeps a packed row's examples apart:
     flash-attention reads the restarting position_ids as sequence boundaries (varlen), sdpa and flex_attention get
@@ -76,9 +87,10 @@ def resolve_attention(requested: str, on_cuda: bool) -> tuple[str, str]:
         return requested, "as configured"
     if not on_cuda:
         return "sdpa", "auto: no CUDA"
-    if importlib.util.find_spec("flash_attn_interface") and torch.cuda.get_device_capability()[0] >= 9:
+    available = attention_available(on_cuda)
+    if "flash_attention_3" in available and torch.cuda.get_device_capability()[0] >= 9:
         return "flash_attention_3", "auto: flash-attn 3 installed, Hopper or newer"
-    if importlib.util.find_spec("flash_attn"):
+    if "flash_attention_2" in available:
         return "flash_attention_2", "auto: flash-attn 2 installed"
     return "sdpa", "auto: no flash-attn package installed (sdpa with a block-diagonal mask)"
 

@@ -1,13 +1,11 @@
 """Packing keeps examples apart: logits and loss of a packed row equal those of its examples alone."""
 
-import importlib.util
-
 import pytest
 import torch
 
 from raysft.data.packing import make_rows
 from raysft.loss import token_loss_sum
-from raysft.modeling import build_model, collate
+from raysft.modeling import attention_available, build_model, collate
 from raysft.train.schedule import BatchShape, Schedule
 
 
@@ -26,18 +24,7 @@ def as_rows(rows_obj):
     return {"input_ids": rows_obj.input_ids, "labels": rows_obj.labels, "position_ids": rows_obj.position_ids}
 
 
-def attention_here() -> list[str]:
-    """Every attention implementation that runs on this machine: the CPU ones, and on a CUDA machine the flash
-    kernels whose package is installed (the same test then checks them there)."""
-    found = ["sdpa", "eager", "flex_attention"]
-    if torch.cuda.is_available():
-        found += [impl for impl, package in (("flash_attention_2", "flash_attn"),
-                                              ("flash_attention_3", "flash_attn_interface"))
-                  if importlib.util.find_spec(package)]
-    return found
-
-
-@pytest.mark.parametrize("attn", attention_here())
+@pytest.mark.parametrize("attn", attention_available(torch.cuda.is_available()))  # flash ones on CUDA
 def test_packed_row_logits_equal_each_example_alone(tiny_model_dir, attn):
     flash = attn.startswith("flash")  # CUDA only, and half precision only
     device, dtype, tol = ("cuda", "bf16", 2e-2) if flash else ("cpu", "fp32", 1e-5)
