@@ -1,8 +1,9 @@
 """Checkpoint -> Hugging Face model folder; and `raysft generate` on such a folder.
 
 The folder holds safetensors weights (ZeRO shards consolidated by DeepSpeed's own `zero_to_fp32`), the
-model config, a generation config whose eos includes `<|im_end|>`, and the tokenizer with a ChatML
-`chat_template` that renders exactly as raysft's templating does.
+model config, the tokenizer with the chat template training used (`data.chat_template`: raysft's ChatML, which
+renders exactly as raysft's templating does, or the model's own or a file's), and a generation config whose eos
+is that template's end-of-turn token (then the tokenizer's eos).
 """
 
 from __future__ import annotations
@@ -91,7 +92,6 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from raysft.config import from_dict
-    from raysft.data.chatml import CHAT_TEMPLATE, IM_END
 
     problem = ckpt.verify(checkpoint_path)
     if problem is not None:
@@ -120,11 +120,7 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
         model.tie_weights()
     config.use_cache = True  # off in training (see modeling.build_model), on for generation
     model.to(getattr(torch, DTYPE_NAMES[cfg.train.dtype]))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    eos = [im_end] + [tokenizer.eos_token_id] * (tokenizer.eos_token_id not in (None, im_end))
-    generation = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=config.bos_token_id)
+    generation = GenerationConfig(**chat_ready(tokenizer, cfg.data.chat_template), bos_token_id=config.bos_token_id)
     model.generation_config = generation
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -135,6 +131,24 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     kind = ("LoRA merged into the base" if merge else "LoRA adapter") if state.lora else "model"
     log(f"export: {checkpoint_path} -> {out_dir} ({kind}, step {state.step})")
     return out_dir
+
+
+def chat_ready(tokenizer, chat_template: str) -> dict:
+    """Give the tokenizer the template training used; returns the generation config's token ids (eos: the template's
+    end-of-turn token first, then the tokenizer's eos).
+
+    Under ``chatml`` the template is raysft's (checkpoints made before templates were kept carry the model's own,
+    though they were trained on ChatML); otherwise the tokenizer already carries it, from the prepared dataset.
+    """
+    from raysft.data.chatml import CHAT_TEMPLATE
+    from raysft.data.template import end_of_turn
+
+    if chat_template == "chatml":
+        tokenizer.chat_template = CHAT_TEMPLATE
+    eot = end_of_turn(tokenizer)
+    eos = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
+    eos += [tokenizer.eos_token_id] * (tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos)
+    return {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
 
 
 def _with_adapter(cfg, tokenizer, adapter: dict, checkpoint_path: str):
@@ -155,12 +169,13 @@ def _with_adapter(cfg, tokenizer, adapter: dict, checkpoint_path: str):
 
 
 def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system_message=None) -> str:
-    """Render the prompt as in training, generate greedily until `<|im_end|>`, return the answer."""
+    """Render the prompt with the folder's chat template as in training, generate greedily until the end-of-turn
+    token, return the answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
-    from raysft.data.chatml import render_prompt
+    from raysft.data.template import render_prompt
     from raysft.data.tokenize import tokenize_rendered
 
     adapter = os.path.exists(os.path.join(model_dir, "adapter_config.json"))
@@ -177,7 +192,8 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system_mess
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
     generation = GenerationConfig.from_pretrained(model_dir)
-    ids, _ = tokenize_rendered([render_prompt([{"role": "user", "content": prompt}], system_message)], tokenizer)[0]
+    ids, _ = tokenize_rendered([render_prompt([{"role": "user", "content": prompt}], tokenizer, system_message)],
+                               tokenizer)[0]
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

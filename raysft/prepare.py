@@ -20,6 +20,7 @@ from raysft import storage
 from raysft.config import Config
 from raysft.data import pipeline, prepared
 from raysft.data.chunks import Settings
+from raysft.data.preflight import preflight
 from raysft.data.sources import Chunk, expand, plan, plan_hf
 from raysft.data.tokenize import load_tokenizer
 from raysft.errors import UserError
@@ -63,7 +64,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
     """Prepare (or reuse) the dataset for `cfg`; returns (prepared folder, manifest)."""
     t0 = time.time()
     tokenizer = load_tokenizer(cfg.tokenizer.name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code,
-                               "tokenizer.name_or_path" if cfg.tokenizer.name_or_path else "model.name_or_path")
+                               "tokenizer.name_or_path" if cfg.tokenizer.name_or_path else "model.name_or_path",
+                               cfg.data.chat_template)
     train_chunks, eval_chunks, inputs = plan_inputs(cfg, cpus or os.cpu_count() or 1)
     settings = Settings.from_config(cfg.data)
     staging = tempfile.mkdtemp(prefix="raysft-tok-")
@@ -77,6 +79,11 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
             log(f"prepare: reusing {final} (fingerprint {prepared.short(fingerprint)}, same inputs, settings and "
                 "tokenizer)")
             return final, manifest
+        checked = preflight(train_chunks, settings, tokenizer)
+        log(f"prepare: chat template {settings.chat_template} checked on {checked['records']} records (masks, "
+            f"end of turn {checked['end_of_turn']} trained, prompts as apply_chat_template gives them"
+            + (f"; history of later turns as at inference: {checked['history_as_inference']}/"
+               f"{checked['later_turns']}" if checked["later_turns"] else "") + ")")
         if start_ray:
             start_ray()
         os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -106,7 +113,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
             pass  # other prepared datasets are in it
         raise
     manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train, "eval": evals,
-                "settings": settings.as_dict(), "inputs": inputs,
+                "settings": settings.as_dict(), "inputs": inputs, "chat_template": checked,
                 "tokenizer": {"dir": prepared.TOKENIZER, "sha256": tok_hash, "vocab_size": len(tokenizer)},
                 "rejects_file": prepared.REJECTS if pipeline.merge_rejects(work, prepared.REJECTS) else None,
                 "seconds": round(time.time() - t0, 2)}

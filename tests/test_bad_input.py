@@ -57,6 +57,14 @@ BAD_CONFIGS = [  # (overrides of a good config, the error)
      f"cluster.num_workers: 2 workers x 8 CPU = 16 CPUs, but this machine has {os.cpu_count()} and Ray runs in this "
      f"process (cluster.address is empty) (got 2). fix: use at most {os.cpu_count() // 8} workers here, or join a "
      "cluster with enough CPUs (cluster.address, or RAY_ADDRESS)"),
+    (["data.chat_template=model"],
+     f"data.chat_template: the tokenizer has no chat template (got '{MODEL}'). fix: use a tokenizer whose "
+     "tokenizer_config.json (or chat_template.jinja) has one, give a .jinja file as data.chat_template, or use "
+     "data.chat_template: chatml"),
+    (["data.chat_template=/nonexistent/llama.jinja"],
+     "command line: data.chat_template: is neither chatml, model nor a file (no such file) (got "
+     "'/nonexistent/llama.jinja'). fix: use chatml (raysft's), model (the tokenizer's own template) or the path of a "
+     ".jinja file"),
     (["data.train_files=/nonexistent/*.jsonl"],
      "data.train_files: no file matches (got '/nonexistent/*.jsonl'). fix: check the path or glob (relative paths "
      "are taken from the current directory)"),
@@ -107,6 +115,22 @@ def test_bad_config(tmp_path, capfd, overrides, expected):
     assert (code, errors) == (2, [f"raysft: error: {expected}"])
     assert "Traceback" not in err
     assert not ray.is_initialized()  # found before Ray started
+
+
+def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, capfd):
+    """A .jinja file whose turns end with no control token: one line naming the first record, exit 2, no Ray."""
+    import ray
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + '\\n\\n' }}"
+                        "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}")
+    code, errors, err = run_cli(["prepare", good_config(tmp_path), f"data.chat_template={template}"], capfd)
+    assert (code, errors) == (2, [
+        f"raysft: error: {SAMPLE}:1: messages[2]: the chat template ends this assistant turn without a control token "
+        "(it ends with \"'c' appears 1 time.\"), so the model would never learn to stop; fix: add the template's end-of-turn token "
+        "to the tokenizer as a special token, or use data.chat_template: chatml (found by the chat template check "
+        "before training, on the first record; it is the template or the tokenizer, not this record alone)"])
+    assert "Traceback" not in err and not ray.is_initialized()
 
 
 @pytest.mark.ray

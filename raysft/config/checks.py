@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 from raysft.config.schema import Config, worker_range
 from raysft.errors import format_error
@@ -29,6 +30,11 @@ def check(cfg: Config, where, problems: list[str]) -> None:
         bad("data.train_files", "no training data", None, "set data.train_files to a .jsonl file or data.hf_dataset")
     if not cfg.model.name_or_path:
         bad("model.name_or_path", "must be set", None, "a hub id such as Qwen/Qwen2.5-0.5B or a local model folder")
+    template = cfg.data.chat_template
+    if template not in ("chatml", "model") and not os.path.isfile(template):
+        bad("data.chat_template", "is neither chatml, model nor a file" + (
+            " (no such file)" if template.endswith(".jinja") else ""), template,
+            "use chatml (raysft's), model (the tokenizer's own template) or the path of a .jinja file")
     if cfg.data.max_seq_len < 8:
         bad("data.max_seq_len", "must be at least 8", cfg.data.max_seq_len, "use e.g. 2048")
     t = cfg.train

@@ -39,6 +39,12 @@ class DataConfig:
         default="completion", metadata=doc("train on the completion's assistant turns, or on every token")
     )
     system_message: Optional[str] = field(default=None, metadata=doc("system message put first when a record has none"))
+    chat_template: str = field(default="chatml", metadata=doc(
+        "how conversations become text: chatml (raysft's, with tools and reasoning), model (the tokenizer's own "
+        "Jinja template), or the path of a .jinja file"))
+    train_on_reasoning: bool = field(default=True, metadata=doc(
+        "train on assistants' reasoning (reasoning_content, <think> blocks); false masks it, the answer stays "
+        "trained"))
     on_bad_record: Literal["error", "skip"] = field(
         default="error", metadata=doc("stop at the first bad record, or skip it (counted, written to rejects)")
     )

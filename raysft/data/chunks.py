@@ -19,12 +19,13 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from raysft.data.chatml import render_example
+from raysft.data.chatml import Rendered, render_example
 from raysft.data.packing import fit_length, make_rows
 from raysft.data.prepared import LIST_COLUMNS, ROW_SCHEMA
 from raysft.data.records import RecordError, split_record
 from raysft.data.sources import Chunk, read_chunk
-from raysft.data.tokenize import count_trained, tokenize_rendered
+from raysft.data.template import render_native
+from raysft.data.tokenize import IGNORE_INDEX, count_trained, tokenize_rendered
 
 TOKENIZE_BATCH = 512  # examples per tokenizer call: large enough to amortise the call, small for memory
 
@@ -41,6 +42,8 @@ class Settings:
     on_overlong: str
     hf_split: str
     eval_fraction: float
+    chat_template: str = "chatml"
+    train_on_reasoning: bool = True
 
     @classmethod
     def from_config(cls, data) -> "Settings":
@@ -71,6 +74,29 @@ def held_out(where: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+def render(record, settings: Settings, tokenizer) -> Rendered:
+    """A parsed record -> its rendered segments under `data.chat_template`; raises RecordError."""
+    example = split_record(record)
+    if settings.chat_template == "chatml":
+        return render_example(example, settings.system_message, settings.train_on_reasoning)
+    return render_native(example, tokenizer, settings.system_message, settings.train_on_reasoning)
+
+
+def mask_error(rendered: Rendered, labels: list, loss_on: str) -> Optional[RecordError]:
+    """A conversation whose mask trains nothing, or everything (the mask is broken, not the data)."""
+    if not rendered.chat or loss_on != "completion":
+        return None
+    trained = count_trained(labels)
+    if trained == 0:
+        return RecordError("no_trained_tokens", "no token to train on: the chat template gave the assistant turns "
+                                                "no tokens; fix: check data.chat_template renders assistant messages")
+    if trained == len(labels) - 1 and labels[0] == IGNORE_INDEX:
+        return RecordError("all_trained", "every token is trained, the prompt too: the chat template's prompt "
+                                          "rendered to nothing; fix: check data.chat_template renders user and system "
+                                          "messages")
+    return None
+
+
 def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResult:
     """One chunk -> examples, counts and rejects. Raises RecordError under on_bad_record=error."""
     s = settings
@@ -90,13 +116,17 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
         try:
             if isinstance(record, RecordError):
                 raise record
-            pending.append((where, line, raw, render_example(split_record(record), s.system_message)))
+            pending.append((where, line, raw, render(record, s, tokenizer)))
         except RecordError as exc:
             bad(exc if exc.where else exc.at(where), line, raw)
     for i in range(0, len(pending), TOKENIZE_BATCH):
         batch = pending[i: i + TOKENIZE_BATCH]
-        for (where, line, raw, _), (ids, labels) in zip(batch, tokenize_rendered([b[3] for b in batch], tokenizer,
-                                                                                  s.loss_on)):
+        for (where, line, raw, rendered), (ids, labels) in zip(batch, tokenize_rendered([b[3] for b in batch],
+                                                                                         tokenizer, s.loss_on)):
+            broken = mask_error(rendered, labels, s.loss_on)
+            if broken is not None:
+                bad(broken.at(where), line, raw)
+                continue
             fitted = fit_length(ids, labels, s.max_seq_len, s.on_overlong)
             if fitted is None:
                 counts["examples_dropped"] += 1

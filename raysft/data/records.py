@@ -8,16 +8,20 @@ Formats, detected per record:
 - ``prompt``/``completion``: message lists, or plain strings (joined as text, no template)
 - ``text``: already-prepared text, passed through and trained on in full
 
-`split_record` returns an `Example`: either ``kind="chat"`` with two message lists, or ``kind="text"``
-with two strings. Anything malformed raises `RecordError` with a reason code (for counting) and a
+`split_record` returns an `Example`: either ``kind="chat"`` with two message lists (and the record's
+``tools``, JSON schemas), or ``kind="text"`` with two strings. A message is ``{"role", "content"}`` plus, where
+the record has them: ``tool_calls`` (assistant; OpenAI form, ``arguments`` parsed to an object),
+``reasoning_content`` (assistant; also taken from a ``<think>...</think>`` block that opens the content), and
+``tool_call_id``/``name`` (tool). Anything malformed raises `RecordError` with a reason code (for counting) and a
 message that names the field. This module imports neither ray nor torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from raysft.errors import UserError
 
@@ -44,7 +48,9 @@ class RecordError(UserError, ValueError):
         return (RecordError, (self.reason, self.message, self.where))
 
 
-Message = dict  # {"role": str, "content": str}
+Message = dict  # {"role": str, "content": str} + tool_calls / reasoning_content / tool_call_id / name
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_FORM = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,17 @@ class Example:
     kind: str
     prompt: Any
     completion: Any
+    tools: Optional[list] = None  # JSON schemas of the functions the assistant may call (chat only)
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise RecordError("duplicate_key", f"key {key!r} appears twice in one object (JSON keeps only the last, "
+                                           "so a value would be lost); fix: give each key once")
+    return value
 
 
 def parse_line(line: str | bytes) -> dict:
@@ -70,7 +87,7 @@ def parse_line(line: str | bytes) -> dict:
                               f"not valid UTF-8 at byte {exc.start}; fix: save the file as UTF-8") from None
     line = line.lstrip("\ufeff").strip()
     try:
-        value = json.loads(line)
+        value = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; "
                                           "fix: one JSON object per line") from None
@@ -103,8 +120,111 @@ def _content(value: Any, field: str) -> str:
                                      "fix: give each message a string content")
 
 
+def _arguments(value: Any, where: str) -> dict:
+    """A tool call's `arguments`: a JSON object, or a string holding one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value, object_pairs_hook=_no_duplicate_keys) if value.strip() else {}
+        except (json.JSONDecodeError, RecursionError):
+            raise RecordError("bad_tool_call", f"{where}: arguments are not valid JSON (got {_short(value)}); "
+                                               "fix: give arguments as a JSON object or a string holding one") from None
+    if not isinstance(value, dict):
+        raise RecordError("bad_tool_call", f"{where}: arguments must be a JSON object (got {_short(value)}); "
+                                           'fix: {"arguments": {"city": "Paris"}}')
+    return value
+
+
+def tool_calls_from(value: Any, where: str) -> list[dict]:
+    """Validated tool calls in OpenAI form, `arguments` as an object (the flat {"name", "arguments"} form too).
+
+    >>> tool_calls_from([{"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}], "m")
+    [{'type': 'function', 'function': {'name': 'f', 'arguments': {'x': 1}}}]
+    """
+    if not isinstance(value, list) or not value:
+        raise RecordError("bad_tool_call", f"{where}: must be a non-empty list (got {_short(value)}); "
+                                           f"fix: [{CALL_FORM}]")
+    out = []
+    for i, call in enumerate(value):
+        at = f"{where}[{i}]"
+        fn = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RecordError("bad_tool_call", f"{at}: a tool call needs a function name (got {_short(call)}); "
+                                               f"fix: {CALL_FORM}")
+        norm = {"type": "function", "function": {"name": fn["name"], "arguments": _arguments(
+            fn.get("arguments", {}), f"{at}.function.arguments")}}
+        if isinstance(call.get("id"), str):
+            norm["id"] = call["id"]
+        out.append(norm)
+    return out
+
+
+def tools_from(record: Mapping) -> Optional[list]:
+    """The record's `tools` (JSON schemas), validated as a list of objects; None when absent or empty."""
+    tools = record.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise RecordError("bad_tools", f"tools: must be a list of JSON schema objects (got {_short(tools)}); "
+                                       'fix: [{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
+    return [dict(t) for t in tools]
+
+
+def _split_think(content: str) -> tuple[Optional[str], str]:
+    """A `<think>...</think>` block opening the content -> (reasoning, answer); (None, content) without one."""
+    head = content.lstrip()
+    end = head.find(THINK_CLOSE)
+    if not head.startswith(THINK_OPEN) or end < 0:
+        return None, content
+    return head[len(THINK_OPEN): end].strip(), head[end + len(THINK_CLOSE):].lstrip()
+
+
+def _assistant_fields(msg: Mapping, out: dict, where: str, content_key: str) -> None:
+    if msg.get("tool_calls") is not None:
+        out["tool_calls"] = tool_calls_from(msg["tool_calls"], f"{where}.tool_calls")
+    reasoning = msg.get("reasoning_content")
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise RecordError("bad_message", f"{where}.reasoning_content: must be a string (got {_short(reasoning)})")
+    else:
+        reasoning, out["content"] = _split_think(out["content"])
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning.strip()
+
+
+def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: Mapping) -> Message:
+    if type(msg) is dict and len(msg) == 2:  # the common case, quickly: a role and a string content
+        role, content = msg.get(role_key), msg.get(content_key)
+        if type(role) is str and type(content) is str and role in roles and not (
+                roles[role] == "assistant" and THINK_OPEN in content):
+            return {"role": roles[role], "content": content}
+    if not isinstance(msg, Mapping):
+        raise RecordError("bad_message", f"{where}: a message must be an object (got {_short(msg)})")
+    if role_key not in msg:
+        raise RecordError("bad_message", f"{where}: message has no {role_key!r} (got {_short(msg)}); "
+                                         f"fix: every message needs {role_key!r} and {content_key!r}")
+    role = msg[role_key]
+    if role not in roles:
+        raise RecordError("unknown_role", f"{where}: unknown role {role!r}; fix: use one of {', '.join(roles)}")
+    role = roles[role]
+    calls = role == "assistant" and msg.get("tool_calls") is not None
+    if msg.get(content_key) is None and not calls:
+        missing = "no" if content_key not in msg else "a null"
+        raise RecordError("bad_message", f"{where}: message has {missing} {content_key!r} (got {_short(msg)}); "
+                                         f"fix: every message needs {role_key!r} and {content_key!r}"
+                                         + (" (null is allowed only beside tool_calls)" if role == "assistant" else ""))
+    out = {"role": role, "content": "" if msg.get(content_key) is None else
+           _content(msg[content_key], f"{where}.{content_key}")}
+    if role == "assistant":
+        _assistant_fields(msg, out, where, content_key)
+    elif role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(msg.get(key), str):
+                out[key] = msg[key]
+    return out
+
+
 def messages_from(value: Any, field: str, sharegpt: bool = False) -> list[Message]:
-    """Validated list of {"role", "content"} from a record field (ShareGPT `from`/`value` mapped).
+    """Validated list of {"role", "content", ...} from a record field (ShareGPT `from`/`value` mapped).
 
     >>> messages_from([{"from": "human", "value": "hi"}], "conversations", sharegpt=True)
     [{'role': 'user', 'content': 'hi'}]
@@ -117,21 +237,16 @@ def messages_from(value: Any, field: str, sharegpt: bool = False) -> list[Messag
                                                 "user and one assistant message")
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
-    out = []
-    for i, msg in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(msg, Mapping):
-            raise RecordError("bad_message", f"{where}: a message must be an object (got {_short(msg)})")
-        if role_key not in msg or content_key not in msg:
-            missing = role_key if role_key not in msg else content_key
-            raise RecordError("bad_message", f"{where}: message has no {missing!r} (got {_short(msg)}); "
-                                             f"fix: every message needs {role_key!r} and {content_key!r}")
-        role = msg[role_key]
-        if role not in roles:
-            raise RecordError("unknown_role", f"{where}: unknown role {role!r}; fix: use one of "
-                                              f"{', '.join(roles)}")
-        out.append({"role": roles[role], "content": _content(msg[content_key], f"{where}.{content_key}")})
-    return out
+    return [_one_message(msg, f"{field}[{i}]", role_key, content_key, roles) for i, msg in enumerate(value)]
+
+
+def _check_answers(completion: list, field: str) -> None:
+    """Every assistant turn of the completion has something to train besides its end-of-turn token."""
+    for msg in completion:
+        if msg["role"] == "assistant" and not (msg["content"] or msg.get("tool_calls") or msg.get("reasoning_content")):
+            raise RecordError("empty_answer", f"{field}: an assistant message has empty content, no tool_calls and no "
+                                              "reasoning: nothing to train but the end of the turn; fix: give the "
+                                              "answer, or drop the record")
 
 
 def _completion_must_start_with_assistant(prompt: list, completion: list, field: str) -> Example:
@@ -142,6 +257,7 @@ def _completion_must_start_with_assistant(prompt: list, completion: list, field:
         raise RecordError("completion_not_assistant",
                           f"{field}: the completion starts with a {completion[0]['role']!r} turn, not an assistant "
                           "turn; fix: make the first message after the prompt an assistant message")
+    _check_answers(completion, field)
     return Example("chat", prompt, completion)
 
 
@@ -153,6 +269,7 @@ def split_conversation(messages: list[Message], field: str = "messages") -> Exam
     """
     for k, msg in enumerate(messages):
         if msg["role"] == "assistant":
+            _check_answers(messages[k:], field)
             return Example("chat", messages[:k], messages[k:])
     raise RecordError("no_assistant", f"{field}: no assistant message; fix: add the assistant's answer")
 
@@ -210,7 +327,13 @@ def split_preference(record: Mapping) -> Example:
 
 
 def split_record(record: Mapping) -> Example:
-    """Detect the record's format and split it into prompt and completion (see module doc)."""
+    """Detect the record's format and split it into prompt and completion (see module doc), with its tools."""
+    example = _split(record)
+    tools = tools_from(record)
+    return example if tools is None or example.kind != "chat" else dataclasses.replace(example, tools=tools)
+
+
+def _split(record: Mapping) -> Example:
     if "chosen" in record or "rejected" in record:
         return split_preference(record)
     if "messages" in record:

@@ -71,21 +71,62 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [memo[t] if t in memo else found[t] for t in texts]
 
 
+_prefixing: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> ids of "\n", or None
+_PROBE = "\n"
+
+
+def continuation_prefix(tokenizer):
+    """The ids of a newline when the tokenizer marks the start of a text it encodes alone (SentencePiece-style
+    Metaspace tokenizers prepend "▁"), else None. Such a tokenizer encodes a segment that continues a text as
+    newline + segment, less the newline's ids: what it gives for that segment inside the whole text."""
+    if tokenizer not in _prefixing:
+        newline = encode_texts(tokenizer, [_PROBE])[0]
+        alone, inside = encode_texts(tokenizer, ["a", _PROBE + "a"])
+        _prefixing[tokenizer] = newline if inside[len(newline):] != alone and inside[:len(newline)] == newline \
+            else None
+    return _prefixing[tokenizer]
+
+
+def _encode_segments(tokenizer, merged: list) -> list[list[int]]:
+    """Every text segment's ids, in order; a segment after the first of its example as a continuation."""
+    prefix = continuation_prefix(tokenizer)
+    if prefix is None:  # the common case: a segment encodes alike alone and inside a text
+        return encode_texts(tokenizer, [s.text for segs in merged for s in segs if not s.control])
+    texts, continued = [], []
+    for segs in merged:
+        for k, seg in enumerate(segs):
+            if not seg.control:
+                cont = prefix is not None and k > 0
+                texts.append(_PROBE + seg.text if cont else seg.text)
+                continued.append(cont)
+    out = encode_texts(tokenizer, texts)
+    for i, cont in enumerate(continued):
+        if cont:
+            ids = out[i]
+            out[i] = ids[len(prefix):] if ids[:len(prefix)] == prefix else encode_texts(tokenizer, [texts[i][1:]])[0]
+    return out
+
+
 def tokenize_rendered(rendered: Sequence[Rendered], tokenizer, loss_on: str = "completion"):
     """Token ids and labels for each rendered example, all text segments tokenized in one batch call.
 
     Returns a list of ``(input_ids, labels)`` pairs of equal length. With ``loss_on="all"`` every token but
     the first is trained.
     """
-    control_ids = dict(zip(CONTROL_TOKENS, tokenizer.convert_tokens_to_ids(list(CONTROL_TOKENS))))
+    control_ids: dict[str, list[int]] = {}
     merged = [_merged(r.segments) for r in rendered]
-    encoded = iter(encode_texts(tokenizer, [s.text for segs in merged for s in segs if not s.control]))
+    encoded = iter(_encode_segments(tokenizer, merged))
     out = []
     for segs in merged:
         ids: list[int] = []
         labels: list[int] = []
         for seg in segs:
-            piece = [control_ids[seg.text]] if seg.control else next(encoded)
+            if seg.control:
+                piece = control_ids.get(seg.text)
+                if piece is None:
+                    piece = control_ids[seg.text] = [tokenizer.convert_tokens_to_ids(seg.text)]
+            else:
+                piece = next(encoded)
             ids.extend(piece)
             labels.extend(piece if (seg.trained or loss_on == "all") else [IGNORE_INDEX] * len(piece))
         if labels:
@@ -95,13 +136,20 @@ def tokenize_rendered(rendered: Sequence[Rendered], tokenizer, loss_on: str = "c
 
 
 def count_trained(labels: Sequence[int]) -> int:
-    return sum(1 for x in labels if x != IGNORE_INDEX)
+    return len(labels) - list(labels).count(IGNORE_INDEX) if not isinstance(labels, list) else \
+        len(labels) - labels.count(IGNORE_INDEX)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: str = "tokenizer.name_or_path"):
-    """A tokenizer from a hub id or folder, with the ChatML tokens; a clear UserError when it cannot load."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: str = "tokenizer.name_or_path",
+                   chat_template: str = "chatml"):
+    """A tokenizer from a hub id or folder, ready for `data.chat_template`; a clear UserError when it cannot be.
+
+    ``chatml``: the ChatML tokens added where missing and raysft's ChatML template set. ``model``: the tokenizer's
+    own template, which it must have. A path: that Jinja file's template. A pad token is set where missing.
+    """
     from transformers import AutoTokenizer
 
+    from raysft.data.chatml import CHAT_TEMPLATE
     from raysft.errors import UserError, cause, format_error
 
     try:
@@ -110,5 +158,37 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: st
         raise UserError(format_error(where, "cannot load tokenizer", name_or_path,
                                      f"give a local folder with tokenizer files or a hub id you can reach "
                                      f"({cause(exc)})")) from exc
-    add_chatml_tokens(tokenizer)
+    if chat_template == "chatml":
+        add_chatml_tokens(tokenizer)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return tokenizer
+    if chat_template == "model":
+        if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template.strip():
+            raise UserError(format_error("data.chat_template", "the tokenizer has no chat template", name_or_path,
+                                         "use a tokenizer whose tokenizer_config.json (or chat_template.jinja) has "
+                                         "one, give a .jinja file as data.chat_template, or use "
+                                         "data.chat_template: chatml"))
+    else:
+        tokenizer.chat_template = read_template(chat_template)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # padding is never trained: any id does
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
+
+
+def read_template(path: str) -> str:
+    """A `.jinja` chat template file's text; a UserError naming `data.chat_template` when it cannot be read."""
+    from raysft.errors import UserError, format_error
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(format_error("data.chat_template", "cannot read the chat template file", path,
+                                     f"give chatml, model, or a readable UTF-8 .jinja file ({exc})")) from None
+    if not text.strip():
+        raise UserError(format_error("data.chat_template", "the chat template file is empty", path,
+                                     "write the Jinja template into it"))
+    return text

@@ -1,0 +1,105 @@
+"""Before Ray starts: the chat template and the loss mask checked on a sample of the records.
+
+Silent failures of SFT tools are masks that train nothing or everything, an end-of-turn token never trained
+(the model never stops), and prompts tokenized unlike inference. `preflight` renders and tokenizes the first
+records of the training data exactly as the Ray Data tasks will, and refuses to go on, naming the record, when:
+
+- the template is not prefix-stable, drops a turn's content, reasoning or tool calls, or closes an assistant turn
+  with no control token (raised while rendering, see `template.py`);
+- an example has no trained token, or every token is trained;
+- the template's end-of-turn token is not among the trained labels;
+- the prompt's ids differ from `tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+  sanitize_control_tokens=True)`: what the model is given at inference.
+
+It also measures, for each later assistant turn of a multi-turn completion, whether the ids before that turn equal
+what `apply_chat_template` gives for the conversation so far (the history as inference tokenizes it), and reports
+the share. This module imports neither ray nor torch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from raysft.data.chunks import Settings, mask_error, render
+from raysft.data.records import RecordError, split_record
+from raysft.data.sources import Chunk, read_chunk
+from raysft.data.template import _compiled, conversation, end_of_turn
+from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
+from raysft.errors import UserError
+
+SAMPLE = 64  # records: enough to see every shape a dataset's first chunk has, a fraction of a second
+FATAL = {"template_not_prefix_stable", "template_drops_content", "no_end_of_turn", "no_trained_tokens",
+         "all_trained", "end_of_turn_untrained", "prompt_differs"}
+
+
+def _inference_ids(tokenizer, messages: list, tools: Optional[list]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                        sanitize_control_tokens=True, return_dict=False)
+    return list(out)
+
+
+def _fail(err: RecordError, where: str, checked: int) -> UserError:
+    records = f"{checked} records" if checked != 1 else "record"
+    return UserError(f"{err.at(where)} (found by the chat template check before training, on the first {records}; "
+                     "it is the template or the tokenizer, not this record alone)")
+
+
+def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) -> tuple[int, int]:
+    """One record's checks; returns (later assistant turns, those whose history is tokenized as at inference).
+    Raises RecordError: a data problem (the prepare policy decides) or one of FATAL (the template's)."""
+    rendered = render(record, settings, tokenizer)
+    ids, labels = tokenize_rendered([rendered], tokenizer, settings.loss_on)[0]
+    broken = mask_error(rendered, labels, settings.loss_on)
+    if broken is not None:
+        raise broken
+    if not rendered.chat or settings.loss_on != "completion":
+        return 0, 0
+    if eot_id is not None and eot_id not in {lab for lab in labels if lab != IGNORE_INDEX}:
+        raise RecordError("end_of_turn_untrained", "the end-of-turn token is not among the trained labels, so the "
+                                                   "model would never learn to stop; fix: check data.chat_template")
+    example = split_record(record)
+    messages, start = conversation(example, tokenizer, settings.system_message)
+    if _compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
+        return 0, 0  # control-token syntax typed in the data: kept as text, by design unlike a plain render
+    prompt = _inference_ids(tokenizer, messages[:start], example.tools)
+    if ids[: len(prompt)] != prompt or labels[len(prompt): len(prompt) + 1] == [IGNORE_INDEX]:
+        at = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
+        raise RecordError("prompt_differs", f"the prompt's token ids differ from apply_chat_template(prompt, "
+                                            f"add_generation_prompt=True) at token {at} (training "
+                                            f"{ids[at:at + 5]}, inference {prompt[at:at + 5]}), or the trained part "
+                                            "does not start right after it; fix: report this with the template")
+    later = same = 0
+    for j in range(start + 1, len(messages)):
+        if messages[j]["role"] != "assistant":
+            continue
+        later += 1
+        history = _inference_ids(tokenizer, messages[:j], example.tools)
+        same += ids[: len(history)] == history and labels[len(history):len(history) + 1] != [IGNORE_INDEX]
+    return later, same
+
+
+def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = SAMPLE) -> dict:
+    """The checks above on the first `sample` records of `chunks`; a UserError for any template problem.
+
+    Returns what was checked: ``{"records", "end_of_turn", "later_turns", "history_as_inference"}``."""
+    eot = end_of_turn(tokenizer)  # None when a probe conversation does not render: the records below say why
+    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
+    checked = later = same = 0
+    for chunk in chunks:
+        for where, _line, _raw, record in read_chunk(chunk, settings.hf_split):
+            if checked >= sample:
+                break
+            checked += 1
+            if isinstance(record, RecordError):
+                continue  # a bad line: the prepare policy's business
+            try:
+                turns, as_inference = check_example(record, settings, tokenizer, eot_id)
+            except RecordError as err:
+                if err.reason in FATAL:
+                    raise _fail(err, where, checked) from None
+                continue
+            later += turns
+            same += as_inference
+        if checked >= sample:
+            break
+    return {"records": checked, "end_of_turn": eot, "later_turns": later, "history_as_inference": same}

@@ -1,0 +1,181 @@
+"""Chat templates of other model families, written here as fixtures (the real ones are not downloaded), and
+tokenizers that carry them: byte-level (ByT5's), a byte-level BPE and a SentencePiece-style (Metaspace) BPE, both
+trained here (Rust `tokenizers`).
+
+Each template keeps the shape that matters of the family it is named after: its headers, its end-of-turn token,
+where the system message goes, what the generation prompt is.
+"""
+
+from __future__ import annotations
+
+LLAMA3 = (  # header tokens, <|eot_id|>, a default system block, tools in the system block, tool calls as JSON
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] | trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = 'You are a helpful assistant.' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + system }}"
+    "{%- if tools %}{{- '\\n\\nYou can call these functions:' }}"
+    "{%- for t in tools %}{{- '\\n' + t | tojson }}{%- endfor %}{%- endif %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message.get('tool_calls') %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{{- '{\"name\": \"' + call['function']['name'] + '\", \"parameters\": ' + call['function']['arguments'] | tojson"
+    " + '}' }}{%- endfor %}"
+    "{%- else %}{{- message['content'] | trim }}{%- endif %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+GEMMA = (  # `model` for assistant, the system message folded into the first user turn, <end_of_turn>
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}{%- set prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+MISTRAL = (  # [INST] ... [/INST], no assistant header, </s> ends the turn, system folded into the first [INST]
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set prefix = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set prefix = '' %}{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + (prefix if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}"
+    "{%- else %}{{ raise_exception('Only user and assistant roles are supported') }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+QWEN = (  # ChatML with a default system message, Qwen2.5's tool convention, reasoning as Qwen3 writes it
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are Qwen, a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\n<tools>' }}{%- for t in tools %}{{- '\\n' + t | tojson }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and tools %}"
+    "{%- elif message['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message.get('reasoning_content') %}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- message['content'] }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": '"
+    " + call['function']['arguments'] | tojson + '}\\n</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Broken on purpose, one way each: the preflight must refuse them.
+QWEN3_HISTORY = (  # drops the reasoning of assistant turns before the last user turn (Qwen3's rule): not prefix-stable
+    "{%- set ns = namespace(last_user=0) %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['role'] == 'assistant' and m.get('reasoning_content') and loop.index0 > ns.last_user %}"
+    "{{- '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+NO_END_TOKEN = (  # ### headers, turns closed by blank lines: no token to stop at
+    "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + '\\n\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"
+)
+DROPS_ANSWERS = (  # renders assistant turns without their content
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}{%- if m['role'] != 'assistant' %}"
+    "{{- m['content'] }}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+ONLY_ANSWERS = (  # renders only assistant turns, and no generation prompt: every token trained
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{- m['content'] + '<|im_end|>' }}{%- endif %}"
+    "{%- endfor %}"
+)
+NO_TOOLS = (  # a ChatML template that ignores tool calls
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# name -> (template, special tokens, bos, eos, the end-of-turn token, how an assistant turn's trained text ends)
+FAMILIES = {
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
+    "gemma": (GEMMA, ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<end_of_turn>"),
+    "mistral": (MISTRAL, ["<s>", "</s>"], "<s>", "</s>", "</s>"),
+    "qwen": (QWEN, ["<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|im_end|>"),
+}
+BROKEN_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+
+CORPUS = ["What is 2 + 2? 2 + 2 = 4.", "Reverse the word 'apple'. 'apple' reversed is 'elppa'.",
+          "You are a helpful assistant. Answer briefly.", "system user assistant model tool [INST] [/INST]",
+          "Weather in Paris? It is 18C and sunny. get_weather city name arguments parameters",
+          "Let me think about it step by step. The answer follows."] * 20
+
+
+def byte_tokenizer(template: str, specials: list[str], bos=None, eos=None):
+    """ByT5's byte-level tokenizer with the family's special tokens and template."""
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer()
+    extra = [t for t in specials if t not in (bos, eos)]
+    tok.add_special_tokens({"additional_special_tokens": extra,
+                            **({"bos_token": bos} if bos else {}), **({"eos_token": eos} if eos else {})})
+    tok.chat_template = template
+    return tok
+
+
+def bpe_tokenizer(template: str, specials: list[str], bos=None, eos=None):
+    """A byte-level BPE trained on a small corpus, with the family's special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    every = list(dict.fromkeys(specials + [t for t in (bos, eos) if t]))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=600, special_tokens=every,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
+                                  additional_special_tokens=[t for t in every if t not in (bos, eos)])
+    tok.chat_template = template
+    return tok
+
+
+def sentencepiece_tokenizer(template: str, specials: list[str], bos=None, eos=None):
+    """A BPE with SentencePiece's Metaspace pre-tokenizer (a "▁" marks word starts and the text's start), as
+    Llama-2, Mistral and Gemma tokenizers have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    every = list(dict.fromkeys(["<unk>"] + specials + [t for t in (bos, eos) if t]))
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.train_from_iterator(CORPUS + ["\n'\"{}[]:,_|<>/"], trainers.BpeTrainer(vocab_size=600, special_tokens=every))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                  additional_special_tokens=[t for t in every if t not in (bos, eos, "<unk>")])
+    tok.chat_template = template
+    return tok
+
+
+KINDS = {"byte": byte_tokenizer, "bpe": bpe_tokenizer, "sentencepiece": sentencepiece_tokenizer}
+
+
+def family_tokenizer(family: str, kind: str):
+    template, specials, bos, eos, _ = FAMILIES[family]
+    return KINDS[kind](template, specials, bos, eos)

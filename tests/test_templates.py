@@ -1,0 +1,410 @@
+"""`data.chat_template`: a model's own template (four family shapes, byte-level and BPE tokenizers), tool calls and
+reasoning in both modes, the checks before training, and the exported tokenizer. Exact ids and masks throughout:
+the ids are what `apply_chat_template` gives for the whole conversation, the prompt what it gives with the
+generation prompt, and the trained tokens decode to each assistant turn's answer and end-of-turn token."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import templates
+
+from raysft.data.chatml import CHAT_TEMPLATE, IM_END, IM_START
+from raysft.data.chunks import Settings, render
+from raysft.data.preflight import preflight
+from raysft.data.records import RecordError, parse_line, split_record
+from raysft.data.sources import plan
+from raysft.data.template import end_of_turn
+from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
+from raysft.errors import UserError
+
+from helpers import write_jsonl
+
+Q1, A1, Q2, A2 = "What is 2 + 2?", "2 + 2 = 4.", "Reverse the word 'apple'.", "'apple' reversed is 'elppa'."
+SYSTEM = "Answer briefly."
+RECORDS = [  # (record, the assistant answers its completion trains)
+    ({"messages": [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1}]}, [A1]),
+    ({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q1},
+                   {"role": "assistant", "content": A1}]}, [A1]),
+    ({"messages": [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},  # two trained turns
+                   {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}]}, [A1, A2]),
+    ({"chosen": [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},  # history in the prompt
+                 {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}],
+      "rejected": [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},
+                   {"role": "user", "content": Q2}, {"role": "assistant", "content": "no"}]}, [A2]),
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_RECORD = {"tools": TOOLS, "messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18C, sunny"},
+    {"role": "assistant", "content": "It is 18C and sunny."}]}
+REASONING = "The user asks for 2 + 2. That is 4."
+
+
+def settings(chat_template="model", **kw) -> Settings:
+    base = dict(max_seq_len=4096, packing=True, loss_on="completion", system_message=None,
+                chat_template=chat_template, train_on_reasoning=True, on_bad_record="error", on_overlong="truncate",
+                hf_split="train", eval_fraction=0.0)
+    return Settings(**{**base, **kw})
+
+
+def encode(record, tokenizer, s: Settings):
+    return tokenize_rendered([render(record, s, tokenizer)], tokenizer, s.loss_on)[0]
+
+
+def trained_runs(tokenizer, ids, labels) -> list[str]:
+    """The trained tokens, each run of consecutive ones decoded."""
+    runs, run = [], []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            run.append(i)
+        elif run:
+            runs.append(run)
+            run = []
+    runs += [run] if run else []
+    return [tokenizer.decode(r, skip_special_tokens=False) for r in runs]
+
+
+def first_trained(labels) -> int:
+    return next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+
+
+def inference_ids(tokenizer, messages, generation=False, tools=None):
+    return list(tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation,
+                                              tokenize=True, return_dict=False))
+
+
+@pytest.fixture(scope="module", params=[(f, k) for f in templates.FAMILIES for k in templates.KINDS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def family(request):
+    name, kind = request.param
+    tok = templates.family_tokenizer(name, kind)
+    tok.raysft_test_kind = kind
+    return name, tok
+
+
+def kind_of(tok) -> str:
+    return tok.raysft_test_kind
+
+
+@pytest.mark.parametrize("index", range(len(RECORDS)))
+def test_native_template_ids_and_mask_are_exact(family, index):
+    name, tok = family
+    record, answers = RECORDS[index]
+    eot = templates.FAMILIES[name][4]
+    ids, labels = encode(record, tok, settings())
+    example = split_record(record)
+    if not kind_of(tok) == "sentencepiece":  # the whole conversation, as the template tokenizes it in one piece
+        assert ids == inference_ids(tok, example.prompt + example.completion)
+    prompt = inference_ids(tok, example.prompt, generation=True)
+    assert ids[: len(prompt)] == prompt  # what the model is given at inference...
+    assert set(labels[: len(prompt)]) == {IGNORE_INDEX} and labels[len(prompt)] != IGNORE_INDEX  # ...trained after
+    assert trained_runs(tok, ids, labels) == [a + eot for a in answers]  # never headers, user turns or whitespace
+    assert end_of_turn(tok) == eot
+
+
+def test_system_message_setting_under_a_native_template(family):
+    name, tok = family
+    record = RECORDS[0][0]
+    ids, _ = encode(record, tok, settings(system_message=SYSTEM))
+    assert ids == inference_ids(tok, [{"role": "system", "content": SYSTEM}] + record["messages"])
+
+
+def test_later_turns_history_is_tokenized_as_inference_tokenizes_it(family):
+    """Each later assistant turn's context equals apply_chat_template(conversation so far, generation prompt) on
+    this data, for every family and both tokenizers: the pieces raysft tokenizes apart all meet at a control
+    token or at the header's newline, where these tokenizers split anyway (measured by the preflight too)."""
+    _, tok = family
+    record = RECORDS[2][0]
+    ids, labels = encode(record, tok, settings())
+    history = inference_ids(tok, record["messages"][:3], generation=True)
+    assert ids[: len(history)] == history and labels[len(history)] != IGNORE_INDEX
+
+
+def test_user_typed_control_tokens_stay_text(family):
+    name, tok = family
+    eot = templates.FAMILIES[name][4]
+    record = {"messages": [{"role": "user", "content": f"say {eot} please"},
+                           {"role": "assistant", "content": f"ok {eot} done"}]}
+    ids, labels = encode(record, tok, settings())
+    eot_id = tok.convert_tokens_to_ids(eot)
+    clean = [{**m, "content": m["content"].replace(eot, "EOT")} for m in record["messages"]]
+    assert ids.count(eot_id) == inference_ids(tok, clean).count(eot_id)  # only the template's own
+    assert trained_runs(tok, ids, labels)[-1] == f"ok {eot} done{eot}"
+    assert labels[ids.index(eot_id, len(ids) - 3)] == eot_id  # the template's own end-of-turn: a control token
+    sanitized = list(tok.apply_chat_template(record["messages"][:1], add_generation_prompt=True, tokenize=True,
+                                             sanitize_control_tokens=True, return_dict=False))
+    assert tok.decode(ids[: len(sanitized)]) == tok.decode(sanitized)
+
+
+def test_chatml_mode_is_unchanged_and_equals_its_jinja(tokenizer):
+    """chatml (the default) renders as before to the character, and its Jinja twin (exported) gives the same ids."""
+    tokenizer.chat_template = CHAT_TEMPLATE
+    for record, answers in RECORDS:
+        chatml = encode(record, tokenizer, settings("chatml"))
+        assert encode(record, tokenizer, settings("model")) == chatml
+        assert trained_runs(tokenizer, *chatml) == [a + IM_END for a in answers]
+
+
+# ---- tool calls --------------------------------------------------------------------------------------------------
+
+TOOLS_BLOCK = ('# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided '
+               'with function signatures within <tools></tools> XML tags:\n<tools>\n' + json.dumps(TOOLS[0]) +
+               '\n</tools>\n\nFor each function call, return a json object with function name and arguments within '
+               '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+               '<args-json-object>}\n</tool_call>')
+CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_chatml_tool_calls_to_the_character(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rendered = render(TOOL_RECORD, settings("chatml"), tokenizer)
+    S, E = IM_START, IM_END
+    assert rendered.text == (f"{S}system\n{TOOLS_BLOCK}{E}\n{S}user\nWeather in Paris?{E}\n{S}assistant\n"
+                             f"{CALL_TEXT}{E}\n{S}tool\n18C, sunny{E}\n{S}assistant\nIt is 18C and sunny.{E}\n")
+    ids, labels = tokenize_rendered([rendered], tokenizer)[0]
+    assert trained_runs(tokenizer, ids, labels) == [CALL_TEXT + E, "It is 18C and sunny." + E]  # the result: not
+    with_system = {**TOOL_RECORD, "messages": [{"role": "system", "content": SYSTEM}] + TOOL_RECORD["messages"]}
+    assert render(with_system, settings("chatml"), tokenizer).text.startswith(f"{S}system\n{SYSTEM}\n\n{TOOLS_BLOCK}{E}")
+    # content beside the call, two calls: newline-joined; the exported Jinja renders the same
+    two = {"tools": TOOLS, "messages": [{"role": "user", "content": "Paris and Rome?"}, {
+        "role": "assistant", "content": "Checking.", "tool_calls": [CALL, {"type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Rome"}'}}]}]}
+    text = render(two, settings("chatml"), tokenizer).completion
+    assert text == f"Checking.\n{CALL_TEXT}\n{CALL_TEXT.replace('Paris', 'Rome')}{E}\n"
+    for record in (TOOL_RECORD, with_system, two):
+        assert encode(record, tokenizer, settings("model")) == encode(record, tokenizer, settings("chatml"))
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen"])
+@pytest.mark.parametrize("kind", list(templates.KINDS))
+def test_native_tool_calls_are_passed_to_the_template_and_trained(name, kind):
+    tok = templates.family_tokenizer(name, kind)
+    eot = templates.FAMILIES[name][4]
+    ids, labels = encode(TOOL_RECORD, tok, settings())
+    messages = split_record(TOOL_RECORD).prompt + split_record(TOOL_RECORD).completion
+    assert ids == inference_ids(tok, messages, tools=TOOLS)
+    call = ('{"name": "get_weather", "parameters": {"city": "Paris"}}' if name == "llama3" else CALL_TEXT)
+    assert trained_runs(tok, ids, labels) == [call + eot, "It is 18C and sunny." + eot]
+    as_string = json.loads(json.dumps(TOOL_RECORD))
+    as_string["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Paris"}'
+    assert encode(as_string, tok, settings()) == (ids, labels)  # arguments as a JSON string: the same tokens
+
+
+def test_a_template_without_tool_support_is_refused_not_silently_dropped():
+    tok = templates.byte_tokenizer(templates.NO_TOOLS, templates.BROKEN_SPECIALS)
+    with pytest.raises(RecordError) as info:
+        render(TOOL_RECORD, settings(), tok)
+    assert info.value.reason == "template_drops_content"
+    assert "messages[1]: the chat template does not render tool call 'get_weather' of this assistant turn" in str(
+        info.value)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ('{"city": ', "messages[1].tool_calls[0].function.arguments: arguments are not valid JSON (got \"{\\\"city\\\": "
+                  "\"); fix: give arguments as a JSON object or a string holding one"),
+    ("[1]", 'messages[1].tool_calls[0].function.arguments: arguments must be a JSON object (got [1]); fix: '
+            '{"arguments": {"city": "Paris"}}'),
+])
+def test_malformed_tool_arguments_are_a_bad_record(arguments, message):
+    record = json.loads(json.dumps(TOOL_RECORD))
+    record["messages"][1]["tool_calls"][0]["function"]["arguments"] = arguments
+    with pytest.raises(RecordError) as info:
+        split_record(record)
+    assert (info.value.reason, info.value.message) == ("bad_tool_call", message)
+
+
+def test_null_content_needs_tool_calls_and_empty_answers_are_refused():
+    with pytest.raises(RecordError) as info:
+        split_record({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]})
+    assert info.value.message == ("messages[1]: message has a null 'content' (got {\"role\": \"assistant\", "
+                                  "\"content\": null}); fix: every message needs 'role' and 'content' (null is "
+                                  "allowed only beside tool_calls)")
+    with pytest.raises(RecordError) as info:
+        split_record({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]})
+    assert info.value.reason == "empty_answer"
+
+
+# ---- reasoning -----------------------------------------------------------------------------------------------------
+
+THINK = f"<think>\n{REASONING}\n</think>\n\n"
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["reasoning_content", "think-in-content"])
+def test_chatml_reasoning_trained_or_masked(tokenizer, inline):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    answer = {"role": "assistant", "content": f"<think>{REASONING}</think>\n{A1}"} if inline else \
+        {"role": "assistant", "content": A1, "reasoning_content": REASONING}
+    record = {"messages": [{"role": "user", "content": Q1}, answer]}
+    rendered = render(record, settings("chatml"), tokenizer)
+    assert rendered.completion == f"{THINK}{A1}{IM_END}\n"
+    assert trained_runs(tokenizer, *tokenize_rendered([rendered], tokenizer)[0]) == [THINK + A1 + IM_END]
+    masked = encode(record, tokenizer, settings("chatml", train_on_reasoning=False))
+    assert trained_runs(tokenizer, *masked) == [A1 + IM_END]
+    assert encode(record, tokenizer, settings("model", train_on_reasoning=False)) == masked  # the Jinja twin
+
+
+@pytest.mark.parametrize("name", ["qwen", "llama3", "gemma"])  # qwen reads reasoning_content; the others get it inline
+@pytest.mark.parametrize("train_on_reasoning", [True, False])
+def test_native_reasoning_trained_or_masked(name, train_on_reasoning):
+    tok = templates.family_tokenizer(name, "bpe")
+    eot = templates.FAMILIES[name][4]
+    record = {"messages": [{"role": "user", "content": Q1},
+                           {"role": "assistant", "content": A1, "reasoning_content": REASONING}]}
+    ids, labels = encode(record, tok, settings(train_on_reasoning=train_on_reasoning))
+    runs = trained_runs(tok, ids, labels)
+    if train_on_reasoning:
+        assert runs == [THINK + A1 + eot]
+    else:
+        assert runs == [A1 + eot]
+        assert REASONING in tok.decode(ids)  # masked, not dropped
+
+
+def test_masked_reasoning_with_no_answer_is_refused(tokenizer):
+    tokenizer.chat_template = CHAT_TEMPLATE
+    record = {"messages": [{"role": "user", "content": Q1},
+                           {"role": "assistant", "content": "", "reasoning_content": REASONING}]}
+    for mode in ("chatml", "model"):
+        with pytest.raises(RecordError) as info:
+            render(record, settings(mode, train_on_reasoning=False), tokenizer)
+        assert info.value.reason == "empty_answer"
+    assert encode(record, tokenizer, settings("chatml"))  # trained on the reasoning, it is an answer
+    empty_think = {"messages": [{"role": "user", "content": Q1}, {"role": "assistant", "content": "<think></think>"}]}
+    with pytest.raises(RecordError) as info:
+        split_record(empty_think)
+    assert info.value.reason == "empty_answer"  # an empty think block is never the only trained content
+
+
+# ---- duplicate keys ------------------------------------------------------------------------------------------------
+
+def test_a_duplicated_key_is_a_bad_record():
+    with pytest.raises(RecordError) as info:
+        parse_line('{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}')
+    assert (info.value.reason, info.value.message) == (
+        "duplicate_key", "key 'role' appears twice in one object (JSON keeps only the last, so a value would be "
+                         "lost); fix: give each key once")
+
+
+# ---- the checks before training ------------------------------------------------------------------------------------
+
+def _preflight(tmp_path, tok, records, **kw):
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    chunks, _ = plan([path], 1 << 20)
+    return preflight(chunks, settings(**kw), tok), path
+
+
+MULTI_REASONING = {"messages": [{"role": "user", "content": Q1},
+                                {"role": "assistant", "content": A1, "reasoning_content": REASONING},
+                                {"role": "user", "content": Q2}, {"role": "assistant", "content": A2}]}
+
+
+@pytest.mark.parametrize("template, records, message", [
+    (templates.QWEN3_HISTORY, [RECORDS[0][0], MULTI_REASONING],
+     "train.jsonl:2: the chat template is not prefix-stable for this record: rendering messages[:3] with the "
+     "generation prompt does not extend the render before it (they differ at character 64: \"2 + 2 = 4.<|im_end|>\\n"
+     "<|im_start|>user\\nRe\" vs \"<think>\\nThe user asks for 2 + 2. That is\"), so the model would train on text "
+     "it never sees at inference; fix: use a template that renders earlier turns as it renders the last one, or "
+     "data.chat_template: chatml"),
+    (templates.DROPS_ANSWERS, [RECORDS[0][0]],
+     "train.jsonl:1: messages[1]: the chat template does not render its content of this assistant turn (rendered: "
+     "\"<|im_end|>\"); fix: use a template that renders it (tool calls need a template with tool support), or "
+     "data.chat_template: chatml"),
+    (templates.NO_END_TOKEN, [RECORDS[0][0]],
+     "train.jsonl:1: messages[1]: the chat template ends this assistant turn without a control token (it ends with "
+     "\"2 + 2 = 4.\"), so the model would never learn to stop; fix: add the template's end-of-turn token to the "
+     "tokenizer as a special token, or use data.chat_template: chatml"),
+    (templates.ONLY_ANSWERS, [RECORDS[0][0]],
+     "train.jsonl:1: every token is trained, the prompt too: the chat template's prompt rendered to nothing; fix: "
+     "check data.chat_template renders user and system messages"),
+])
+def test_preflight_refuses_broken_templates(tmp_path, template, records, message):
+    tok = templates.byte_tokenizer(template, [] if template == templates.NO_END_TOKEN else templates.BROKEN_SPECIALS)
+    with pytest.raises(UserError) as info:
+        _preflight(tmp_path, tok, records)
+    where, _, rest = str(info.value).partition(": ")
+    assert os.path.basename(where) + ": " + rest.split(" (found by the chat template check")[0] == message
+    first = f"{len(records)} records" if len(records) > 1 else "record"
+    assert f"(found by the chat template check before training, on the first {first};" in str(info.value)
+
+
+def test_preflight_reports_what_it_checked(tmp_path, family):
+    """The share of later turns whose history is tokenized as inference re-tokenizes it: all of them, except under
+    a SentencePiece-style tokenizer when an earlier answer is glued to its header (`'apple'` after a newline or
+    `[/INST]`): re-tokenized in one piece, the history merges across that seam, while training keeps the answer's
+    tokens as generated after its prompt (one sequence cannot hold both)."""
+    name, tok = family
+    glued = {"messages": [{"role": "user", "content": Q2}, {"role": "assistant", "content": A2},
+                          {"role": "user", "content": Q1}, {"role": "assistant", "content": A1}]}
+    checked, _ = _preflight(tmp_path, tok, [r for r, _ in RECORDS] + [glued, {"messages": "bad"}])
+    assert checked == {"records": 6, "end_of_turn": templates.FAMILIES[name][4], "later_turns": 2,
+                       "history_as_inference": 1 if kind_of(tok) == "sentencepiece" else 2}
+
+
+# ---- export ---------------------------------------------------------------------------------------------------------
+
+def test_exported_tokenizer_keeps_the_template_and_its_end_of_turn(tmp_path, family):
+    """What export does to the tokenizer, for every family: the folder's apply_chat_template reproduces the
+    training prompt, eos starts with the template's end-of-turn token, and generate's prompt is the same ids."""
+    from transformers import AutoTokenizer
+
+    from raysft.data.template import render_prompt
+    from raysft.export import chat_ready
+
+    name, tok = family
+    eot = templates.FAMILIES[name][4]
+    gen = chat_ready(tok, "model")
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert gen["eos_token_id"][0] == back.convert_tokens_to_ids(eot)
+    for record, _ in RECORDS:
+        example = split_record(record)
+        ids, labels = encode(record, tok, settings())
+        start = first_trained(labels)
+        assert inference_ids(back, example.prompt, generation=True) == ids[:start]
+        assert tokenize_rendered([render_prompt(example.prompt, back)], back)[0][0] == ids[:start]
+
+
+@pytest.mark.ray
+def test_training_with_a_models_template_exports_it(tmp_path, ray_session):
+    """`data.chat_template: model` end to end: prepare checks and uses the model's template, the run trains, and the
+    exported folder renders the training prompt, stops at <|eot_id|>, and `raysft generate` uses the template."""
+    import sys
+
+    from raysft.config import load_config
+    from raysft.train.launch import train
+
+    from helpers import ROOT, base_config, config_file
+
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from make_assets import tiny_llama_config
+
+    model_dir = tmp_path / "llama3-like"
+    tok = templates.family_tokenizer("llama3", "bpe")
+    tok.save_pretrained(model_dir)
+    tiny_llama_config(len(tok)).save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "train.jsonl", [r for r, _ in RECORDS] * 8 + [TOOL_RECORD] * 4)
+    cfg = base_config(tmp_path, str(model_dir), data, data={"chat_template": "model", "max_seq_len": 512},
+                      train={"max_steps": 2, "zero_stage": 0}, cluster={"num_workers": 1})
+    logs = []
+    result = train(None, [], cfg=load_config(config_file(tmp_path, cfg)), log=logs.append)
+    assert any(line.startswith("prepare: chat template model checked on 36 records (masks, end of turn <|eot_id|> "
+                               "trained, prompts as apply_chat_template gives them; history of later turns as at "
+                               "inference: 12/12)") for line in logs), logs
+    from transformers import AutoTokenizer, GenerationConfig
+
+    final = result["final"]
+    back = AutoTokenizer.from_pretrained(final)
+    assert back.chat_template == templates.LLAMA3
+    assert GenerationConfig.from_pretrained(final).eos_token_id[0] == back.convert_tokens_to_ids("<|eot_id|>")
+    prompt = [{"role": "user", "content": Q1}]
+    ids, labels = encode(RECORDS[0][0], tok, settings())
+    assert inference_ids(back, prompt, generation=True) == ids[: first_trained(labels)]
+    from raysft.export import generate
+
+    assert isinstance(generate(final, Q1, max_new_tokens=4), str)
