@@ -65,6 +65,10 @@ BAD_CONFIGS = [  # (overrides of a good config, the error)
      "command line: data.chat_template: is neither chatml, model nor a file (no such file) (got "
      "'/nonexistent/llama.jinja'). fix: use chatml (raysft's), model (the tokenizer's own template) or the path of a "
      ".jinja file"),
+    (["data.columns={mesages: conversation}"],
+     "command line: data.columns.mesages: is not a name raysft reads (got 'mesages'). fix: did you mean messages? map "
+     "one of: messages, conversations, chosen, rejected, prompt, completion, text, instruction, input, output, "
+     "system, tools, role, content, tool_calls, reasoning_content, tool_call_id, name, user, assistant, tool"),
     (["data.train_files=/nonexistent/*.jsonl"],
      "data.train_files: no file matches (got '/nonexistent/*.jsonl'). fix: check the path or glob (relative paths "
      "are taken from the current directory)"),
@@ -129,7 +133,7 @@ def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, 
         f"raysft: error: {SAMPLE}:1: messages[2]: the chat template ends this assistant turn without a control token "
         "(it ends with \"'c' appears 1 time.\"), so the model would never learn to stop; fix: add the template's end-of-turn token "
         "to the tokenizer as a special token, or use data.chat_template: chatml (found by the chat template check "
-        "before training, on the first record; it is the template or the tokenizer, not this record alone)"])
+        "before training, on the first 64 records; it is the template or the tokenizer, not this record alone)"])
     assert "Traceback" not in err and not ray.is_initialized()
 
 

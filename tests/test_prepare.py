@@ -8,8 +8,8 @@ import pytest
 
 from raysft.cli import main
 from raysft.config import load_config
-from raysft.data.chatml import render_example
-from raysft.data.records import RecordError, split_record
+from raysft.data.chunks import Settings, render
+from raysft.data.records import RecordError
 from raysft.data.tokenize import tokenize_rendered
 from raysft.prepare import prepare
 
@@ -29,6 +29,10 @@ RECORDS = [
     {"conversations": [{"from": "human", "value": "ping"}, {"from": "gpt", "value": "pong"}]},
     {"text": "plain text, trained in full"},
 ] * 8
+
+
+CHATML = Settings(max_seq_len=128, packing=True, loss_on="completion", system_message=None, on_bad_record="error",
+                  on_overlong="truncate", hf_split="train", eval_fraction=0.0)  # the defaults (as the pipeline renders)
 
 
 def rows_of(prepared, split="train"):
@@ -52,7 +56,7 @@ def test_prepare_writes_rows_and_manifest_and_reuses(tmp_path, tiny_model_dir, t
     assert path == os.path.join(cfg.output_dir, "prepared", manifest["fingerprint"][:16])
     assert sorted(os.listdir(path)) == ["eval", "manifest.json", "tokenizer", "train"]
     # the rows hold exactly the examples' tokens, each example whole, position_ids restarting
-    expected = tokenize_rendered([render_example(split_record(r)) for r in RECORDS], tokenizer)
+    expected = tokenize_rendered([render(r, CHATML, tokenizer) for r in RECORDS], tokenizer)
     rows = rows_of(path)
     examples = []
     for row in rows:
@@ -111,7 +115,7 @@ def test_eval_fraction_holds_out_the_same_records_every_time(tmp_path, tiny_mode
                 start += n
         return sorted(out)
 
-    expected = tokenize_rendered([render_example(split_record(r)) for r in records], tokenizer)
+    expected = tokenize_rendered([render(r, CHATML, tokenizer) for r in records], tokenizer)
     assert example_ids("eval") == sorted(tuple(expected[i][0]) for i in expected_eval)
     assert example_ids("train") == sorted(tuple(e[0]) for i, e in enumerate(expected) if i not in expected_eval)
     # another run, in another output folder, holds out the same records

@@ -105,7 +105,7 @@ def test_chat_template_matches_renderer(tokenizer):
     ('{"messages": [', "invalid_json", "invalid JSON: Expecting value at column 15; fix: one JSON object per line"),
     ("[1, 2]", "not_an_object", "a JSON list is not a record (got [1, 2]); fix: one JSON object per line"),
     ('{"foo": 1}', "unknown_format", "no known fields (got keys 'foo'); fix: use one of: chosen/rejected, messages, "
-                                     "conversations, prompt/completion, text"),
+                                     "conversations, prompt/completion, text, instruction/output"),
     ('{"chosen": []}', "missing_field", "preference record has 'chosen' but no 'rejected'; fix: add 'rejected', "
                                         "or rename 'chosen' to 'messages'"),
     ('{"messages": "hi"}', "bad_type", "messages: must be a list of messages (got \"hi\"); "

@@ -204,7 +204,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         override_keys.add(key)
 
     def where(key: str) -> str:
-        if key in override_keys or any(k.startswith(key + ".") for k in override_keys):
+        if key in override_keys or any(k.startswith(key + ".") or key.startswith(k + ".") for k in override_keys):
             return f"command line: {key}"
         if key in lines:
             return f"{path}:{lines[key]}: {key}"

@@ -39,6 +39,9 @@ class DataConfig:
         default="completion", metadata=doc("train on the completion's assistant turns, or on every token")
     )
     system_message: Optional[str] = field(default=None, metadata=doc("system message put first when a record has none"))
+    columns: dict = field(default_factory=dict, metadata=doc(
+        "the dataset's own names for raysft's record fields, message keys and roles, e.g. {messages: conversation, "
+        "role: speaker, content: text, user: human, assistant: bot}"))
     chat_template: str = field(default="chatml", metadata=doc(
         "how conversations become text: chatml (raysft's, with tools and reasoning), model (the tokenizer's own "
         "Jinja template), or the path of a .jinja file"))

@@ -19,10 +19,10 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from raysft.data.chatml import Rendered, render_example
+from raysft.data.chatml import Rendered, Segment, render_example
 from raysft.data.packing import fit_length, make_rows
 from raysft.data.prepared import LIST_COLUMNS, ROW_SCHEMA
-from raysft.data.records import RecordError, split_record
+from raysft.data.records import Example, RecordError, rename, split_record
 from raysft.data.sources import Chunk, read_chunk
 from raysft.data.template import render_native
 from raysft.data.tokenize import IGNORE_INDEX, count_trained, tokenize_rendered
@@ -44,6 +44,7 @@ class Settings:
     eval_fraction: float
     chat_template: str = "chatml"
     train_on_reasoning: bool = True
+    columns: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, data) -> "Settings":
@@ -74,12 +75,31 @@ def held_out(where: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+def example_of(record, settings: Settings) -> Example:
+    """A parsed record, its columns renamed (`data.columns`), as prompt and completion; raises RecordError."""
+    return split_record(rename(record, settings.columns))
+
+
 def render(record, settings: Settings, tokenizer) -> Rendered:
-    """A parsed record -> its rendered segments under `data.chat_template`; raises RecordError."""
-    example = split_record(record)
+    """A parsed record -> its rendered segments under `data.chat_template`; raises RecordError.
+
+    Plain text is ended with the tokenizer's EOS token, trained (unless it already ends with it)."""
+    example = example_of(record, settings)
     if settings.chat_template == "chatml":
-        return render_example(example, settings.system_message, settings.train_on_reasoning)
-    return render_native(example, tokenizer, settings.system_message, settings.train_on_reasoning)
+        rendered = render_example(example, settings.system_message, settings.train_on_reasoning)
+    else:
+        rendered = render_native(example, tokenizer, settings.system_message, settings.train_on_reasoning)
+    if rendered.chat:
+        return rendered
+    eos = tokenizer.eos_token
+    if not eos:
+        raise RecordError("no_eos", "plain text is ended with the tokenizer's EOS token so a model learns to stop, "
+                                    "and this tokenizer has none; fix: give the tokenizer an eos_token, or the "
+                                    "record as messages")
+    last = rendered.segments[-1] if rendered.segments else None
+    if last is not None and last.control and last.text == eos:
+        return rendered
+    return dataclasses.replace(rendered, segments=rendered.segments + (Segment(eos, control=True, trained=True),))
 
 
 def mask_error(rendered: Rendered, labels: list, loss_on: str) -> Optional[RecordError]:

@@ -18,14 +18,15 @@ the share. This module imports neither ray nor torch.
 
 from __future__ import annotations
 
+import difflib
 from typing import Optional
 
-from raysft.data.chunks import Settings, mask_error, render
-from raysft.data.records import RecordError, split_record
+from raysft.data.chunks import Settings, example_of, mask_error, render
+from raysft.data.records import MESSAGE_FIELDS, RECORD_FIELDS, ROLE_VALUES, RecordError
 from raysft.data.sources import Chunk, read_chunk
 from raysft.data.template import _compiled, conversation, end_of_turn
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
-from raysft.errors import UserError
+from raysft.errors import UserError, format_error
 
 SAMPLE = 64  # records: enough to see every shape a dataset's first chunk has, a fraction of a second
 FATAL = {"template_not_prefix_stable", "template_drops_content", "no_end_of_turn", "no_trained_tokens",
@@ -44,6 +45,16 @@ def _fail(err: RecordError, where: str, checked: int) -> UserError:
                      "it is the template or the tokenizer, not this record alone)")
 
 
+def _first(chunks: list[Chunk], settings: Settings, sample: int) -> list:
+    out: list = []
+    for chunk in chunks:
+        for item in read_chunk(chunk, settings.hf_split):
+            if len(out) >= sample:
+                return out
+            out.append(item)
+    return out
+
+
 def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) -> tuple[int, int]:
     """One record's checks; returns (later assistant turns, those whose history is tokenized as at inference).
     Raises RecordError: a data problem (the prepare policy decides) or one of FATAL (the template's)."""
@@ -57,7 +68,7 @@ def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) 
     if eot_id is not None and eot_id not in {lab for lab in labels if lab != IGNORE_INDEX}:
         raise RecordError("end_of_turn_untrained", "the end-of-turn token is not among the trained labels, so the "
                                                    "model would never learn to stop; fix: check data.chat_template")
-    example = split_record(record)
+    example = example_of(record, settings)
     messages, start = conversation(example, tokenizer, settings.system_message)
     if _compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
         return 0, 0  # control-token syntax typed in the data: kept as text, by design unlike a plain render
@@ -78,28 +89,53 @@ def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) 
     return later, same
 
 
+def _names(records: list) -> tuple[set, set, set]:
+    """The record fields, message keys and role values the records have."""
+    fields, keys, roles = set(), set(), set()
+    for record in records:
+        fields.update(record)
+        for value in record.values():
+            for msg in value if isinstance(value, list) else ():
+                if isinstance(msg, dict):
+                    keys.update(msg)
+                    roles.update(v for v in msg.values() if isinstance(v, str) and len(v) <= 32)
+    return fields, keys, roles
+
+
+def check_columns(records: list, columns: dict) -> None:
+    """Every name `data.columns` maps must be in the first records: else a UserError with "did you mean"."""
+    if not columns or not records:
+        return
+    fields, keys, roles = _names(records)
+    for ours, theirs in columns.items():
+        where = (fields if ours in RECORD_FIELDS else set()) | (keys if ours in MESSAGE_FIELDS else set()) | (
+            roles if ours in ROLE_VALUES else set())
+        if theirs in where:
+            continue
+        close = difflib.get_close_matches(theirs, sorted(where), n=1)
+        have = ", ".join(sorted(where)[:12]) or "none"
+        raise UserError(format_error(f"data.columns.{ours}", f"the first {len(records)} records have no {theirs!r}",
+                                     theirs, (f"did you mean {close[0]!r}? " if close else "") + f"they have: {have}"))
+
+
 def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = SAMPLE) -> dict:
     """The checks above on the first `sample` records of `chunks`; a UserError for any template problem.
 
     Returns what was checked: ``{"records", "end_of_turn", "later_turns", "history_as_inference"}``."""
     eot = end_of_turn(tokenizer)  # None when a probe conversation does not render: the records below say why
     eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
-    checked = later = same = 0
-    for chunk in chunks:
-        for where, _line, _raw, record in read_chunk(chunk, settings.hf_split):
-            if checked >= sample:
-                break
-            checked += 1
-            if isinstance(record, RecordError):
-                continue  # a bad line: the prepare policy's business
-            try:
-                turns, as_inference = check_example(record, settings, tokenizer, eot_id)
-            except RecordError as err:
-                if err.reason in FATAL:
-                    raise _fail(err, where, checked) from None
-                continue
-            later += turns
-            same += as_inference
-        if checked >= sample:
-            break
+    records = _first(chunks, settings, sample)
+    check_columns([r[3] for r in records if not isinstance(r[3], RecordError)], settings.columns)
+    checked, later, same = len(records), 0, 0
+    for where, _line, _raw, record in records:
+        if isinstance(record, RecordError):
+            continue  # a bad line: the prepare policy's business
+        try:
+            turns, as_inference = check_example(record, settings, tokenizer, eot_id)
+        except RecordError as err:
+            if err.reason in FATAL:
+                raise _fail(err, where, checked) from None
+            continue
+        later += turns
+        same += as_inference
     return {"records": checked, "end_of_turn": eot, "later_turns": later, "history_as_inference": same}

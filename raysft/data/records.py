@@ -7,6 +7,12 @@ Formats, detected per record:
 - ShareGPT ``conversations``: ``{"from": "human"|"gpt"|"system", "value": ...}``
 - ``prompt``/``completion``: message lists, or plain strings (joined as text, no template)
 - ``text``: already-prepared text, passed through and trained on in full
+- Alpaca: ``instruction``, optional ``input``, ``output``, optional ``system``: a user turn (the instruction, then
+  a blank line and the input when there is one) and the assistant's answer
+
+Plain text (string prompt/completion, string chosen/rejected, ``text``) is ended with the tokenizer's EOS token
+when tokenized, trained, so a model learns to stop (as TRL does). `rename` applies ``data.columns``: a dataset's
+own field names, message keys and role values mapped onto these.
 
 `split_record` returns an `Example`: either ``kind="chat"`` with two message lists (and the record's
 ``tools``, JSON schemas), or ``kind="text"`` with two strings. A message is ``{"role", "content"}`` plus, where
@@ -28,7 +34,12 @@ from raysft.errors import UserError
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool", "function_response": "tool", "observation": "tool"}
-FORMATS_HINT = "use one of: chosen/rejected, messages, conversations, prompt/completion, text"
+FORMATS_HINT = "use one of: chosen/rejected, messages, conversations, prompt/completion, text, instruction/output"
+# data.columns: raysft's names a dataset may call otherwise
+RECORD_FIELDS = ("messages", "conversations", "chosen", "rejected", "prompt", "completion", "text", "instruction",
+                 "input", "output", "system", "tools")
+MESSAGE_FIELDS = ("role", "content", "tool_calls", "reasoning_content", "tool_call_id", "name")
+ROLE_VALUES = ("system", "user", "assistant", "tool")
 
 
 class RecordError(UserError, ValueError):
@@ -333,6 +344,58 @@ def split_record(record: Mapping) -> Example:
     return example if tools is None or example.kind != "chat" else dataclasses.replace(example, tools=tools)
 
 
+def split_alpaca(record: Mapping) -> Example:
+    """Alpaca: the instruction (and the input after a blank line) as the user turn, the output as the answer.
+
+    >>> split_alpaca({"instruction": "Sum", "input": "2, 2", "output": "4"}).prompt
+    [{'role': 'user', 'content': 'Sum\\n\\n2, 2'}]
+    """
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise RecordError("missing_field", f"Alpaca record has no {key!r}; fix: give 'instruction' and 'output' "
+                                               "(and optionally 'input', 'system')")
+    for key in ("instruction", "input", "output", "system"):
+        if key in record and not isinstance(record[key], str):
+            raise RecordError("bad_type", f"{key}: must be a string (got {_short(record[key])})")
+    if not record["output"]:
+        raise RecordError("no_completion", "output: empty; fix: give the answer to train on")
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    prompt = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
+        {"role": "user", "content": user}]
+    return Example("chat", prompt, [{"role": "assistant", "content": record["output"]}])
+
+
+def _rename_message(msg: Any, keys: Mapping, roles: Mapping) -> Any:
+    if not isinstance(msg, Mapping):
+        return msg
+    out = {keys.get(k, k): v for k, v in msg.items()}
+    role = out.get("role")
+    if isinstance(role, str) and role in roles:
+        out["role"] = roles[role]
+    return out
+
+
+def rename(record: Mapping, columns: Mapping[str, str]) -> Mapping:
+    """`data.columns` applied: the dataset's names (values) become raysft's (keys), for record fields, message keys
+    and role values alike.
+
+    >>> rename({"conversation": [{"speaker": "human", "text": "hi"}]},
+    ...        {"messages": "conversation", "role": "speaker", "content": "text", "user": "human"})
+    {'messages': [{'role': 'user', 'content': 'hi'}]}
+    """
+    if not columns:
+        return record
+    fields = {theirs: ours for ours, theirs in columns.items() if ours in RECORD_FIELDS}
+    keys = {theirs: ours for ours, theirs in columns.items() if ours in MESSAGE_FIELDS}
+    roles = {theirs: ours for ours, theirs in columns.items() if ours in ROLE_VALUES}
+    out = {fields.get(k, k): v for k, v in record.items()}
+    if keys or roles:
+        for field in ("messages", "conversations", "chosen", "rejected", "prompt", "completion"):
+            if isinstance(out.get(field), list):
+                out[field] = [_rename_message(m, keys, roles) for m in out[field]]
+    return out
+
+
 def _split(record: Mapping) -> Example:
     if "chosen" in record or "rejected" in record:
         return split_preference(record)
@@ -355,6 +418,8 @@ def _split(record: Mapping) -> Example:
         completion = ([{"role": "assistant", "content": completion}] if isinstance(completion, str)
                       else messages_from(completion, "completion"))
         return _completion_must_start_with_assistant(prompt, completion, "completion")
+    if "instruction" in record or "output" in record:
+        return split_alpaca(record)
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"]:
             raise RecordError("bad_type", f"text: must be a non-empty string (got {_short(record['text'])})")

@@ -36,6 +36,7 @@ _patterns: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenize
 def control_tokens(tokenizer, template: str) -> tuple[str, ...]:
     """The tokens a template writes as control tokens: the tokenizer's special tokens, plus its other added tokens
     that the template's text contains (whitespace tokens excepted), longest first."""
+    template = template or ""
     found = {t.content for t in tokenizer.added_tokens_decoder.values()
              if t.content and (t.special or (t.content in template and not t.content.isspace()))}
     return tuple(sorted(found, key=len, reverse=True))
