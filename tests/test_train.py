@@ -337,6 +337,11 @@ def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_p
     resumed = {m["resumed_from"] for m in read_metrics(cfg.output_dir)}
     assert max(resumed) in (2, 4)  # from a committed checkpoint (4 if it was committed before the kill landed)
     assert_same_as_reference(reference, cfg, outcome["result"])
+    # the console said why the workers restarted, once: Ray Train's controller saw the death
+    with open(os.path.join(cfg.output_dir, "console.log"), encoding="utf-8") as f:
+        failed = [line for line in f if " failed (" in line]
+    assert len(failed) == 1 and re.match(r"train: workers? [0-9, ]+ failed \(\w+: .+\); restarting the workers from the "
+                                         r"last checkpoint \(restart 1 of 2\)$", failed[0]), failed
 
 
 def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_checkpoint(reference, tmp_path,

@@ -205,6 +205,8 @@ def fit(cfg: Config, job: WorkerJob):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raysft.train.failures import FailureLines
+
     c = cfg.cluster
     resources = dict(c.resources_per_worker) or None
     elastic_monitor_s = float(os.environ.get(ELASTIC_MONITOR_S, ELASTIC_MONITOR_DEFAULT_S))
@@ -216,6 +218,7 @@ def fit(cfg: Config, job: WorkerJob):
                                      elastic_resize_monitor_interval_s=elastic_monitor_s),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
+                             callbacks=[FailureLines(os.path.abspath(cfg.output_dir), c.max_failures)],
                              # raysft prunes after each commit (checkpoint.prune): Ray's num_to_keep would delete the
                              # previous checkpoint before the new one is verified
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
