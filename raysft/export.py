@@ -120,7 +120,8 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
         model.tie_weights()
     config.use_cache = True  # off in training (see modeling.build_model), on for generation
     model.to(getattr(torch, DTYPE_NAMES[cfg.train.dtype]))
-    generation = GenerationConfig(**chat_ready(tokenizer, cfg.data.chat_template), bos_token_id=config.bos_token_id)
+    generation = GenerationConfig(**chat_ready(tokenizer, cfg.data.chat_template, _base_eos(cfg.model.name_or_path)),
+                                  bos_token_id=config.bos_token_id)
     model.generation_config = generation
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -133,9 +134,20 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     return out_dir
 
 
-def chat_ready(tokenizer, chat_template: str) -> dict:
+def _base_eos(model: str) -> list:
+    """The base model's own generation eos ids (e.g. Llama 3.1's <|eom_id|>, gpt-oss's <|call|>), if it has any."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+    except Exception:  # no generation_config.json (or no such folder): nothing to keep
+        return []
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def chat_ready(tokenizer, chat_template: str, base_eos=()) -> dict:
     """Give the tokenizer the template training used; returns the generation config's token ids (eos: the template's
-    end-of-turn token first, then the tokenizer's eos).
+    end-of-turn token first, then the base model's generation eos ids, then the tokenizer's eos).
 
     Under ``chatml`` the template is raysft's (checkpoints made before templates were kept carry the model's own,
     though they were trained on ChatML); otherwise the tokenizer already carries it, from the prepared dataset.
@@ -147,7 +159,9 @@ def chat_ready(tokenizer, chat_template: str) -> dict:
         tokenizer.chat_template = CHAT_TEMPLATE
     eot = end_of_turn(tokenizer)
     eos = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
-    eos += [tokenizer.eos_token_id] * (tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos)
+    for token_id in [*base_eos, tokenizer.eos_token_id]:
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
     return {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
 
 

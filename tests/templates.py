@@ -156,16 +156,17 @@ def bpe_tokenizer(template: str, specials: list[str], bos=None, eos=None):
     return tok
 
 
-def sentencepiece_tokenizer(template: str, specials: list[str], bos=None, eos=None):
+def sentencepiece_tokenizer(template: str, specials: list[str], bos=None, eos=None, scheme="first"):
     """A BPE with SentencePiece's Metaspace pre-tokenizer (a "▁" marks word starts and the text's start), as
-    Llama-2, Mistral and Gemma tokenizers have."""
+    Llama-2, Mistral and Gemma tokenizers have; scheme "always" (legacy ones) marks every text after a special
+    token too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     every = list(dict.fromkeys(["<unk>"] + specials + [t for t in (bos, eos) if t]))
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)
+    bpe.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=scheme)
     bpe.train_from_iterator(CORPUS + ["\n'\"{}[]:,_|<>/"], trainers.BpeTrainer(vocab_size=600, special_tokens=every))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, unk_token="<unk>",
                                   additional_special_tokens=[t for t in every if t not in (bos, eos, "<unk>")])
@@ -173,7 +174,12 @@ def sentencepiece_tokenizer(template: str, specials: list[str], bos=None, eos=No
     return tok
 
 
-KINDS = {"byte": byte_tokenizer, "bpe": bpe_tokenizer, "sentencepiece": sentencepiece_tokenizer}
+def legacy_sentencepiece_tokenizer(template: str, specials: list[str], bos=None, eos=None):
+    return sentencepiece_tokenizer(template, specials, bos, eos, scheme="always")
+
+
+KINDS = {"byte": byte_tokenizer, "bpe": bpe_tokenizer, "sentencepiece": sentencepiece_tokenizer,
+         "sentencepiece-legacy": legacy_sentencepiece_tokenizer}
 
 
 def family_tokenizer(family: str, kind: str):

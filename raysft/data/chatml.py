@@ -11,8 +11,8 @@ Tools, tool calls and reasoning follow the Hermes/Qwen2.5 convention:
 
 - a record's ``tools`` become a ``# Tools`` block at the end of the system message (a system message of its
   own when the record has none), each schema one JSON line inside ``<tools></tools>``;
-- an assistant body is ``<think>\n{reasoning}\n</think>\n\n`` (when it has reasoning), then its content, then
-  each tool call as ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, joined by newlines;
+- an assistant body is ``<think>\n{reasoning}\n</think>\n\n`` (when it has reasoning, even empty), then its
+  content, then each tool call as ``<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>``, joined by newlines;
   the think block is trained unless ``train_on_reasoning`` is false;
 - a tool result is a ``tool`` turn, ``<|im_start|>tool\n{content}<|im_end|>\n``, never trained.
 
@@ -53,7 +53,7 @@ CHAT_TEMPLATE = (
     "{%- for message in rest -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{%- if message.get('reasoning_content') -%}"
+    "{%- if message.get('reasoning_content') is not none -%}"
     "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' -}}{%- endif -%}"
     "{{- message.get('content') or '' -}}"
     "{%- for call in message.get('tool_calls') or [] -%}"
@@ -119,7 +119,7 @@ def _body(m: Mapping, trained: bool, train_on_reasoning: bool) -> list[Segment]:
     if m["role"] != "assistant":
         return [Segment(m["content"], trained=trained)]
     out = [Segment(think_text(m["reasoning_content"]), trained=trained and train_on_reasoning)] \
-        if m.get("reasoning_content") else []
+        if m.get("reasoning_content") is not None else []
     answer = answer_text(m)
     if trained and not train_on_reasoning and not answer:
         raise empty_answer()

@@ -7,7 +7,7 @@ records of the training data exactly as the Ray Data tasks will, and refuses to 
 - the template is not prefix-stable, drops a turn's content, reasoning or tool calls, or closes an assistant turn
   with no control token (raised while rendering, see `template.py`);
 - an example has no trained token, or every token is trained;
-- the template's end-of-turn token is not among the trained labels;
+- no control token (the template's end-of-turn token, or another that closes a turn) is among the trained labels;
 - the prompt's ids differ from `tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
   sanitize_control_tokens=True)`: what the model is given at inference.
 
@@ -24,7 +24,7 @@ from typing import Optional
 from raysft.data.chunks import Settings, example_of, mask_error, render
 from raysft.data.records import MESSAGE_FIELDS, RECORD_FIELDS, ROLE_VALUES, RecordError
 from raysft.data.sources import Chunk, read_chunk
-from raysft.data.template import _compiled, conversation, end_of_turn
+from raysft.data.template import _compiled, control_tokens, conversation, end_of_turn
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from raysft.errors import UserError, format_error
 
@@ -55,7 +55,7 @@ def _first(chunks: list[Chunk], settings: Settings, sample: int) -> list:
     return out
 
 
-def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) -> tuple[int, int]:
+def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, int]:
     """One record's checks; returns (later assistant turns, those whose history is tokenized as at inference).
     Raises RecordError: a data problem (the prepare policy decides) or one of FATAL (the template's)."""
     rendered = render(record, settings, tokenizer)
@@ -65,7 +65,8 @@ def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) 
         raise broken
     if not rendered.chat or settings.loss_on != "completion":
         return 0, 0
-    if eot_id is not None and eot_id not in {lab for lab in labels if lab != IGNORE_INDEX}:
+    trained = {lab for lab in labels if lab != IGNORE_INDEX}
+    if not trained & set(closers):  # a turn may close with another control token (a tool call's, e.g. <|call|>)
         raise RecordError("end_of_turn_untrained", "the end-of-turn token is not among the trained labels, so the "
                                                    "model would never learn to stop; fix: check data.chat_template")
     example = example_of(record, settings)
@@ -73,7 +74,9 @@ def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) 
     if _compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
         return 0, 0  # control-token syntax typed in the data: kept as text, by design unlike a plain render
     prompt = _inference_ids(tokenizer, messages[:start], example.tools)
-    if ids[: len(prompt)] != prompt or labels[len(prompt): len(prompt) + 1] == [IGNORE_INDEX]:
+    masked_reasoning = not settings.train_on_reasoning and example.completion[0].get("reasoning_content") is not None
+    starts = labels[len(prompt): len(prompt) + 1] != [IGNORE_INDEX] or masked_reasoning  # masked reasoning first
+    if ids[: len(prompt)] != prompt or not starts or set(labels[: len(prompt)]) - {IGNORE_INDEX}:
         at = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
         raise RecordError("prompt_differs", f"the prompt's token ids differ from apply_chat_template(prompt, "
                                             f"add_generation_prompt=True) at token {at} (training "
@@ -85,7 +88,7 @@ def check_example(record, settings: Settings, tokenizer, eot_id: Optional[int]) 
             continue
         later += 1
         history = _inference_ids(tokenizer, messages[:j], example.tools)
-        same += ids[: len(history)] == history and labels[len(history):len(history) + 1] != [IGNORE_INDEX]
+        same += ids[: len(history)] == history
     return later, same
 
 
@@ -123,7 +126,7 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
 
     Returns what was checked: ``{"records", "end_of_turn", "later_turns", "history_as_inference"}``."""
     eot = end_of_turn(tokenizer)  # None when a probe conversation does not render: the records below say why
-    eot_id = tokenizer.convert_tokens_to_ids(eot) if eot else None
+    closers = {tokenizer.convert_tokens_to_ids(t) for t in control_tokens(tokenizer, tokenizer.chat_template)}
     records = _first(chunks, settings, sample)
     check_columns([r[3] for r in records if not isinstance(r[3], RecordError)], settings.columns)
     checked, later, same = len(records), 0, 0
@@ -131,7 +134,7 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
         if isinstance(record, RecordError):
             continue  # a bad line: the prepare policy's business
         try:
-            turns, as_inference = check_example(record, settings, tokenizer, eot_id)
+            turns, as_inference = check_example(record, settings, tokenizer, closers)
         except RecordError as err:
             if err.reason in FATAL:
                 raise _fail(err, where, checked) from None

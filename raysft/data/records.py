@@ -172,9 +172,16 @@ def tool_calls_from(value: Any, where: str) -> list[dict]:
 def tools_from(record: Mapping) -> Optional[list]:
     """The record's `tools` (JSON schemas), validated as a list of objects; None when absent or empty."""
     tools = record.get("tools")
+    if isinstance(tools, str):  # many datasets keep the schemas as a JSON string
+        try:
+            tools = json.loads(tools, object_pairs_hook=_no_duplicate_keys) if tools.strip() else None
+        except (json.JSONDecodeError, RecursionError):
+            raise RecordError("bad_tools", f"tools: a string that is not valid JSON (got {_short(tools)}); fix: give "
+                                           "tools as a list of JSON schema objects, or a string holding one") from None
     if tools is None or tools == []:
         return None
-    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) and isinstance(t.get("function", {}), Mapping)
+                                              for t in tools):
         raise RecordError("bad_tools", f"tools: must be a list of JSON schema objects (got {_short(tools)}); "
                                        'fix: [{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
     return [dict(t) for t in tools]
@@ -190,7 +197,7 @@ def _split_think(content: str) -> tuple[Optional[str], str]:
 
 
 def _assistant_fields(msg: Mapping, out: dict, where: str, content_key: str) -> None:
-    if msg.get("tool_calls") is not None:
+    if msg.get("tool_calls"):  # null or [] (OpenAI exports put it on every message): no calls
         out["tool_calls"] = tool_calls_from(msg["tool_calls"], f"{where}.tool_calls")
     reasoning = msg.get("reasoning_content")
     if reasoning is not None:
@@ -217,7 +224,7 @@ def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: M
     if role not in roles:
         raise RecordError("unknown_role", f"{where}: unknown role {role!r}; fix: use one of {', '.join(roles)}")
     role = roles[role]
-    calls = role == "assistant" and msg.get("tool_calls") is not None
+    calls = role == "assistant" and bool(msg.get("tool_calls"))
     if msg.get(content_key) is None and not calls:
         missing = "no" if content_key not in msg else "a null"
         raise RecordError("bad_message", f"{where}: message has {missing} {content_key!r} (got {_short(msg)}); "
@@ -251,16 +258,17 @@ def messages_from(value: Any, field: str, sharegpt: bool = False) -> list[Messag
     return [_one_message(msg, f"{field}[{i}]", role_key, content_key, roles) for i, msg in enumerate(value)]
 
 
-def _check_answers(completion: list, field: str) -> None:
+def _check_answers(completion: list, field: str, offset: int = 0) -> None:
     """Every assistant turn of the completion has something to train besides its end-of-turn token."""
-    for msg in completion:
+    for k, msg in enumerate(completion):
         if msg["role"] == "assistant" and not (msg["content"] or msg.get("tool_calls") or msg.get("reasoning_content")):
-            raise RecordError("empty_answer", f"{field}: an assistant message has empty content, no tool_calls and no "
-                                              "reasoning: nothing to train but the end of the turn; fix: give the "
-                                              "answer, or drop the record")
+            raise RecordError("empty_answer", f"{field}[{offset + k}]: an assistant message with empty content, no "
+                                              "tool_calls and no reasoning: nothing to train but the end of the turn; "
+                                              "fix: give the answer, or drop the message")
 
 
-def _completion_must_start_with_assistant(prompt: list, completion: list, field: str) -> Example:
+def _completion_must_start_with_assistant(prompt: list, completion: list, field: str, offset: int = 0) -> Example:
+    """`offset`: where the completion starts in `field` (to name a message by its index there)."""
     if not completion:
         raise RecordError("no_completion", f"{field}: nothing after the prompt to train on; "
                                            "fix: end the conversation with an assistant message")
@@ -268,7 +276,7 @@ def _completion_must_start_with_assistant(prompt: list, completion: list, field:
         raise RecordError("completion_not_assistant",
                           f"{field}: the completion starts with a {completion[0]['role']!r} turn, not an assistant "
                           "turn; fix: make the first message after the prompt an assistant message")
-    _check_answers(completion, field)
+    _check_answers(completion, field, offset)
     return Example("chat", prompt, completion)
 
 
@@ -280,7 +288,7 @@ def split_conversation(messages: list[Message], field: str = "messages") -> Exam
     """
     for k, msg in enumerate(messages):
         if msg["role"] == "assistant":
-            _check_answers(messages[k:], field)
+            _check_answers(messages[k:], field, k)
             return Example("chat", messages[:k], messages[k:])
     raise RecordError("no_assistant", f"{field}: no assistant message; fix: add the assistant's answer")
 
@@ -325,16 +333,15 @@ def split_preference(record: Mapping) -> Example:
     rejected = messages_from(rejected, "rejected")
     if prompt is not None:
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else messages_from(prompt, "prompt")
-        if chosen[: len(prompt)] == prompt:  # implicit form that also carries the prompt
-            chosen = chosen[len(prompt):]
-        return _completion_must_start_with_assistant(prompt, chosen, "chosen")
+        offset = len(prompt) if chosen[: len(prompt)] == prompt else 0  # implicit form that also carries the prompt
+        return _completion_must_start_with_assistant(prompt, chosen[offset:], "chosen", offset)
     n = common_prefix_len(chosen, rejected)
     if n == len(chosen):  # identical pair (or chosen is a prefix of rejected)
         last = max((k for k, m in enumerate(chosen) if m["role"] == "assistant"), default=None)
         if last is None:
             raise RecordError("no_assistant", "chosen: no assistant message; fix: add the assistant's answer")
         n = last
-    return _completion_must_start_with_assistant(chosen[:n], chosen[n:], "chosen")
+    return _completion_must_start_with_assistant(chosen[:n], chosen[n:], "chosen", n)
 
 
 def split_record(record: Mapping) -> Example:

@@ -97,14 +97,29 @@ def render(tokenizer, messages: list, tools: Optional[list], generation: bool) -
                                             "data.chat_template") from None
 
 
-def _native(message: Mapping, reasoning_field: bool) -> dict:
-    """A message as templates take it: reasoning as `reasoning_content` when the template reads that field,
-    else as a think block opening the content."""
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # what templates call it (Qwen3, gpt-oss, ...)
+
+
+def reasoning_field(template: Optional[str]) -> Optional[str]:
+    """The message field a template reads reasoning from, or None (then it goes inline, as a think block).
+
+    >>> reasoning_field("{{ message.thinking }}"), reasoning_field("{{ m['content'] }}")
+    ('thinking', None)
+    """
+    for name in REASONING_FIELDS:
+        if re.search(rf"(\.{name}\b|\[\s*['\"]{name}['\"]\s*\])", template or ""):
+            return name
+    return None
+
+
+def _native(message: Mapping, field: Optional[str]) -> dict:
+    """A message as templates take it: reasoning in the field the template reads, else as a think block opening
+    the content."""
     out = dict(message)
     reasoning = out.pop("reasoning_content", None)
-    if reasoning:
-        if reasoning_field:
-            out["reasoning_content"] = reasoning
+    if reasoning is not None:
+        if field:
+            out[field] = reasoning
         else:
             out["content"] = think_text(reasoning) + out["content"]
     return out
@@ -119,9 +134,9 @@ def with_system(messages: Sequence[Mapping], system_message: Optional[str]) -> l
 
 def conversation(example: Example, tokenizer, system_message: Optional[str] = None) -> tuple[list, int]:
     """The example's messages as `apply_chat_template` takes them at inference, and where the completion starts."""
-    reasoning_field = "reasoning_content" in (tokenizer.chat_template or "")
+    field = reasoning_field(tokenizer.chat_template)
     prompt = with_system(example.prompt, system_message)
-    return [_native(m, reasoning_field) for m in prompt + list(example.completion)], len(prompt)
+    return [_native(m, field) for m in prompt + list(example.completion)], len(prompt)
 
 
 class _Pieces:
@@ -173,14 +188,14 @@ def _check_turn(turn: str, message: Mapping, j: int) -> None:
                                                     "data.chat_template: chatml")
 
 
-def _reasoning_end(common: str, full: str, start: int) -> int:
+def _reasoning_end(common: str, full: str, start: int) -> Optional[int]:
     """Where the reasoning ends in `full`, from the text it shares with the render without the answer: after the
-    last `</think>` and the whitespace after it, else at the last line's end (never inside a token of the answer)."""
+    last `</think>` and the whitespace after it; None without one (never a cut inside a token of the answer)."""
     close = common.rfind(THINK_CLOSE, start)
-    if close >= 0:
-        end = close + len(THINK_CLOSE)
-        return end + len(full[end:]) - len(full[end:].lstrip())
-    return common.rfind("\n", start) + 1 or len(common)
+    if close < 0:
+        return None
+    end = close + len(THINK_CLOSE)
+    return end + len(full[end:]) - len(full[end:].lstrip())
 
 
 def end_of_turn_error(turn: str, j: int) -> RecordError:
@@ -197,7 +212,7 @@ def render_native(example: Example, tokenizer, system_message: Optional[str] = N
     if example.kind == "text":
         segs = segments(example.prompt, False, split) + segments(example.completion, True, split)
         return Rendered(example.prompt, example.completion, tuple(segs), chat=False)
-    reasoning_field = "reasoning_content" in tokenizer.chat_template
+    field = reasoning_field(tokenizer.chat_template)
     native, start = conversation(example, tokenizer, system_message)
     prompt = native[:start]
     messages = mark(native, find)
@@ -212,14 +227,20 @@ def render_native(example: Example, tokenizer, system_message: Optional[str] = N
                                                                               "prompt")
         head = pieces.text if head is None else head
         turn = ""
-        if message.get("reasoning_content") and not train_on_reasoning:
+        if message.get("reasoning_content") is not None and not train_on_reasoning:
             if not answer_text(message):
                 raise empty_answer()
-            bare = {**messages[j], "content": "" if reasoning_field else think_text(message["reasoning_content"])}
-            bare.pop("tool_calls", None)
+            bare = {k: v for k, v in messages[j].items() if k != "tool_calls"}
+            bare["content"] = "" if field else mark(think_text(message["reasoning_content"]), find)
             full = render(tokenizer, messages[:j + 1], tools, False)
             common = os.path.commonprefix([render(tokenizer, messages[:j] + [bare], tools, False), full])
-            turn = pieces.advance(full[: _reasoning_end(common, full, len(pieces.text))], False, "the reasoning")
+            end = _reasoning_end(common, full, len(pieces.text))
+            if end is None or plain(message["reasoning_content"]).strip() not in plain(full[len(pieces.text):end]):
+                raise RecordError("reasoning_not_separable", (
+                    f"messages[{j}]: the reasoning cannot be told apart from the answer in what the chat template "
+                    "renders (no </think> after it), so it cannot be masked; fix: set data.train_on_reasoning: true, "
+                    "or use data.chat_template: chatml"))
+            turn = pieces.advance(full[:end], False, "the reasoning")
         turn += pieces.advance(render(tokenizer, messages[:j + 1], tools, False), True, f"messages[:{j + 1}]")
         _check_turn(turn, message, j)
         if not (pieces.closed_by and pieces.closed_by.control):

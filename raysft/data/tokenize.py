@@ -10,7 +10,7 @@ This module imports neither ray nor torch.
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from typing import Optional, Sequence
 
 from raysft.data.chatml import CONTROL_TOKENS, Rendered, Segment
 
@@ -71,32 +71,39 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [memo[t] if t in memo else found[t] for t in texts]
 
 
-_prefixing: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> ids of "\n", or None
+_prefixing: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (newline ids, after control)
 _PROBE = "\n"
 
 
-def continuation_prefix(tokenizer):
-    """The ids of a newline when the tokenizer marks the start of a text it encodes alone (SentencePiece-style
-    Metaspace tokenizers prepend "▁"), else None. Such a tokenizer encodes a segment that continues a text as
-    newline + segment, less the newline's ids: what it gives for that segment inside the whole text."""
+def continuation(tokenizer) -> tuple[Optional[list], bool]:
+    """How a SentencePiece-style (Metaspace) tokenizer encodes a segment in the middle of a text: (the ids of a
+    newline when a text encoded alone gets a start marker, "▁", that the same text inside a longer one does not, else
+    None; whether a segment right after a control token is encoded as a text of its own, marker and all, which
+    Metaspace's prepend_scheme "always" and legacy tokenizers do). A continuing segment is encoded as newline +
+    segment, less the newline's ids: what the tokenizer gives for it inside the whole text."""
     if tokenizer not in _prefixing:
         newline = encode_texts(tokenizer, [_PROBE])[0]
         alone, inside = encode_texts(tokenizer, ["a", _PROBE + "a"])
-        _prefixing[tokenizer] = newline if inside[len(newline):] != alone and inside[:len(newline)] == newline \
-            else None
+        prefix = newline if inside[len(newline):] != alone and inside[:len(newline)] == newline else None
+        after_control = False
+        special = next((t for t in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) if t), None)
+        if prefix is not None and special is not None:
+            whole = tokenizer(special + "a", add_special_tokens=False)["input_ids"]
+            after_control = whole[1:] == alone
+        _prefixing[tokenizer] = (prefix, after_control)
     return _prefixing[tokenizer]
 
 
 def _encode_segments(tokenizer, merged: list) -> list[list[int]]:
-    """Every text segment's ids, in order; a segment after the first of its example as a continuation."""
-    prefix = continuation_prefix(tokenizer)
+    """Every text segment's ids, in order; a segment in the middle of its example as a continuation."""
+    prefix, after_control = continuation(tokenizer)
     if prefix is None:  # the common case: a segment encodes alike alone and inside a text
         return encode_texts(tokenizer, [s.text for segs in merged for s in segs if not s.control])
     texts, continued = [], []
     for segs in merged:
         for k, seg in enumerate(segs):
             if not seg.control:
-                cont = prefix is not None and k > 0
+                cont = k > 0 and not (after_control and segs[k - 1].control)
                 texts.append(_PROBE + seg.text if cont else seg.text)
                 continued.append(cont)
     out = encode_texts(tokenizer, texts)
