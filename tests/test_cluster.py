@@ -205,6 +205,10 @@ def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(multinode)
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert max(m["resumed_from"] for m in metrics) >= 2  # the group restarted from a checkpoint, not from scratch
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+    with open(os.path.join(out, "console.log"), encoding="utf-8") as f:  # the node's loss reached the console
+        failed = [line for line in f if " failed (" in line]
+    assert failed and all(re.match(r"train: workers? [0-9, ]+ failed \(\w+.*\); restarting the workers from the last "
+                                   r"checkpoint \(restart \d of \d\)$", line) for line in failed), failed
 
 
 @pytest.mark.ray
