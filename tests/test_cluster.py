@@ -207,8 +207,10 @@ def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(multinode)
     assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
     with open(os.path.join(out, "console.log"), encoding="utf-8") as f:  # the node's loss reached the console
         failed = [line for line in f if " failed (" in line]
-    assert failed and all(re.match(r"train: workers? [0-9, ]+ failed \(\w+.*\); restarting the workers from the last "
-                                   r"checkpoint \(restart \d of \d\)$", line) for line in failed), failed
+    assert failed and all(re.match(r"train: workers? [0-9, ]+ failed \(WorkerHealthCheckFailedError: A worker health "
+                                   r"check failed\. \w+.*\); "
+                                   r"restarting the workers from the last checkpoint \(restart \d of \d\)$", line)
+                          for line in failed), failed
 
 
 @pytest.mark.ray

@@ -10,6 +10,7 @@ restart from the last checkpoint.
 from __future__ import annotations
 
 import os
+import re
 
 from ray.train import UserCallback
 
@@ -19,16 +20,26 @@ MAX_CHARS = 240
 
 
 def cause(exc: BaseException) -> str:
-    """What happened, in Ray's words, on one line: the exception's type and its first meaningful line.
+    """What happened, in Ray's words, on one line: the exception's type and its first meaningful line, and for a
+    failed health check the reason Ray gives for the dead worker (its process died, its node died).
 
     >>> cause(RuntimeError("\\nboom\\n  at line 3"))
     'RuntimeError: boom'
     >>> cause(RuntimeError("Task was killed due to the node running low on memory."))
     'RuntimeError: out of memory: Task was killed due to the node running low on memory.'
+    >>> class HealthCheck(Exception):
+    ...     health_check_failure = RuntimeError("The actor died.\\n The actor is dead because its node has died. Id 1")
+    >>> cause(HealthCheck("A worker health check failed."))
+    'HealthCheck: A worker health check failed. The actor is dead because its node has died.'
     """
     text = str(exc)
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    lowered = text.lower()
+    inner = getattr(exc, "health_check_failure", None)
+    if inner is not None:
+        why = re.search(r"The actor is dead because[^.]*\.", str(inner))
+        inner_first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+        first = f"{first} {why.group(0) if why else f'{type(inner).__name__}: {inner_first}'.rstrip(': ')}"
+    lowered = (text + str(inner or "")).lower()
     if "out of memory" in lowered or "outofmemory" in lowered or "low on memory" in lowered:
         first = "out of memory: " + first
     line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
