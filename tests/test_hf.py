@@ -20,6 +20,9 @@ SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
 EVAL = os.path.join(ROOT, "examples", "data", "sample_eval.jsonl")
 
 
+PROMPTS = ["What is 27 + 15?", "Reverse the word 'maple'."]
+
+
 def hf_config(tmp_path, model_dir, name, backend, **sections):
     from raysft.config import load_config
 
@@ -38,7 +41,8 @@ def hf_config(tmp_path, model_dir, name, backend, **sections):
 def runs(tmp_path_factory, tiny_model_dir, ray_session):
     out = {}
     for backend in ("deepspeed", "hf"):
-        cfg = hf_config(tmp_path_factory.mktemp(backend), tiny_model_dir, "run", backend)
+        cfg = hf_config(tmp_path_factory.mktemp(backend), tiny_model_dir, "run", backend,
+                        train={"eval_prompts": PROMPTS, "eval_max_new_tokens": 12})
         out[backend] = (cfg, train(None, [], cfg=cfg, hooks=Faults(probe=os.path.join(cfg.output_dir, "probe.pt"))))
     return out
 
@@ -58,6 +62,27 @@ def test_both_backends_give_the_same_losses_eval_and_weights(runs):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4 * wa[k].abs().max().item())
+
+
+def test_eval_prompts_are_answered_at_each_eval_by_both_backends(runs):
+    """train.eval_prompts: at steps 10 and 20, each prompt's greedy answer in samples.jsonl, on the console and in
+    TensorBoard; the two backends (same weights) say the same."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    answers = {}
+    for backend, (cfg, _) in runs.items():
+        with open(os.path.join(cfg.output_dir, "samples.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (10, 20) for p in PROMPTS]
+        assert all(isinstance(r["answer"], str) for r in rows), rows
+        answers[backend] = [r["answer"] for r in rows]
+        with open(os.path.join(cfg.output_dir, "console.log"), encoding="utf-8") as f:
+            console = f.read()
+        assert f"sample step 20: {PROMPTS[1]!r} -> {rows[3]['answer']!r}" in console
+        events = EventAccumulator(os.path.join(cfg.output_dir, "tensorboard"), size_guidance={"tensors": 0})
+        events.Reload()
+        assert [e.step for e in events.Tensors("samples/text_summary")] == [10, 20]
+    assert answers["deepspeed"] == answers["hf"]
 
 
 def test_eval_loss_is_the_mean_over_every_eval_token_of_all_workers(runs):

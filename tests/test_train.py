@@ -185,10 +185,11 @@ def test_accumulation_equals_more_workers_across_zero_stages_with_a_saved_model(
             os.link(os.path.join(tiny_model_dir, f), os.path.join(saved, f))
     assert AutoModelForCausalLM.from_pretrained(saved) is not None
     common = {"model": {"name_or_path": saved, "from_scratch": False}}
-    one = run_config(tmp_path, saved, "one", train={"global_batch_size": 4, "max_steps": 4, "zero_stage": 2},
-                     cluster={"num_workers": 1}, **common)
-    two = run_config(tmp_path, saved, "two", train={"global_batch_size": 4, "max_steps": 4, "zero_stage": 3},
-                     cluster={"num_workers": 2}, **common)
+    prompts = {"eval_prompts": ["What is 2 + 2?"], "eval_max_new_tokens": 8}  # generated with ZeRO-3 on two ranks
+    one = run_config(tmp_path, saved, "one", train={"global_batch_size": 4, "max_steps": 4, "zero_stage": 2,
+                                                    **prompts}, cluster={"num_workers": 1}, **common)
+    two = run_config(tmp_path, saved, "two", train={"global_batch_size": 4, "max_steps": 4, "zero_stage": 3,
+                                                    **prompts}, cluster={"num_workers": 2}, **common)
     train(None, [], cfg=one)
     train(None, [], cfg=two)
     l1 = [m["loss"] for m in read_metrics(one.output_dir)]
@@ -196,6 +197,26 @@ def test_accumulation_equals_more_workers_across_zero_stages_with_a_saved_model(
     assert len(l1) == len(l2) == 4 and l1[-1] < l1[0]
     for a, b in zip(l1, l2):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (l1, l2)
+    said = [json.loads(open(os.path.join(c.output_dir, "samples.jsonl")).readline()) for c in (one, two)]
+    assert said[0]["step"] == said[1]["step"] == 4 and said[0]["answer"] == said[1]["answer"]
+
+
+def test_the_quickstart_answers_its_eval_prompts_and_they_change_as_it_learns(tmp_path, ray_session):
+    """configs/quickstart.yaml (its eval_prompts), shortened to 120 steps with an eval every 10: the answers at the
+    last eval differ from those at the first, and each eval's are on the console."""
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), [
+        f"output_dir={tmp_path / 'run'}", "train.max_steps=120", "train.eval_every_steps=10",
+        "checkpoint.every_steps=0"])
+    logs = []
+    train(None, [], cfg=cfg, log=logs.append)
+    with open(os.path.join(cfg.output_dir, "samples.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    prompts = cfg.train.eval_prompts
+    assert [r["step"] for r in rows] == [s for s in range(10, 121, 10) for _ in prompts]
+    first, last = [r["answer"] for r in rows[:len(prompts)]], [r["answer"] for r in rows[-len(prompts):]]
+    assert first != last, (first, last)
+    with open(os.path.join(cfg.output_dir, "console.log"), encoding="utf-8") as f:
+        assert f"sample step 120: {prompts[0]!r} -> {last[0]!r}\n" in f.read()
 
 
 def test_offload_gradient_checkpointing_and_bf16_train(tmp_path, tiny_model_dir, ray_session):
@@ -517,7 +538,9 @@ def test_the_console_shows_raysfts_lines_once_and_a_progress_bar_in_a_terminal(t
                                             r"WARNING|Warning|zero_to_fp32|Loading checkpoint", ln)]
     assert noise == []
     assert len(ours) == len(set(ours)), [ln for ln in ours if ours.count(ln) > 1]  # every line once
-    assert re.fullmatch(r"ray: starting Ray in this process \(\d+ logical CPUs\)", ours[0])
+    assert ours[0].startswith("prepare: chat template chatml checked on 64 records (masks, end of turn <|im_end|> "
+                              "trained")  # the template checked before Ray starts
+    assert re.fullmatch(r"ray: starting Ray in this process \(\d+ logical CPUs\)", ours[1])
     assert any(ln.startswith("setup: 0.12M parameters") for ln in ours)
     assert sum(ln.startswith("checkpoint: step ") for ln in ours) == 3
     assert ours[-1] == f"train: loss curve {cfg.output_dir}/loss.png"

@@ -80,6 +80,10 @@ def check(cfg: Config, where, problems: list[str]) -> None:
     elif t.fused_loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
         bad("train.fused_loss", "needs liger-kernel, which is not installed", t.fused_loss,
             "pip install 'raysft[liger]', or use train.fused_loss=chunked")
+    if t.eval_max_new_tokens < 1:
+        bad("train.eval_max_new_tokens", "must be at least 1", t.eval_max_new_tokens, "use e.g. 64")
+    if any(not isinstance(p, str) or not p.strip() for p in t.eval_prompts):
+        bad("train.eval_prompts", "must be non-empty strings", t.eval_prompts, 'e.g. ["What is 2 + 2?"]')
     if t.eval_every_steps < 0:
         bad("train.eval_every_steps", "must not be negative", t.eval_every_steps, "use 0 for only at the end")
     d = cfg.data

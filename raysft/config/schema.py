@@ -104,8 +104,12 @@ class TrainConfig:
     deepspeed_config: dict = field(default_factory=dict,
                                    metadata=doc("your DeepSpeed config, merged over the generated one"))
     log_every_steps: int = field(default=1, metadata=doc("print and report metrics every N steps"))
-    eval_every_steps: int = field(default=0, metadata=doc("eval loss every N steps (and at the end, when there is "
-                                                          "eval data); 0 = only at the end"))
+    eval_every_steps: int = field(default=0, metadata=doc("eval every N steps (and at the end), when there is eval "
+                                                          "data or eval_prompts; 0 = only at the end"))
+    eval_prompts: list[str] = field(default_factory=list, metadata=doc(
+        "prompts the model answers at each eval (greedy, rendered with the run's chat template): console, "
+        "samples.jsonl, TensorBoard's text tab"))
+    eval_max_new_tokens: int = field(default=64, metadata=doc("longest answer to an eval prompt, in tokens"))
     fused_loss: Literal["chunked", "liger", "none"] = field(default="chunked", metadata=doc(
         "loss from the hidden states: chunked (trained positions only, the head in chunks: no full logits), "
         "liger (liger-kernel, CUDA), none (full fp32 logits)"))

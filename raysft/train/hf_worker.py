@@ -29,6 +29,7 @@ from raysft.train.hf_args import sft_config
 from raysft.train.metrics import StepLog, StepMetrics, gpu_peak, setup_line
 from raysft.train.optim import deepspeed_config
 from raysft.train.report import ReportGate
+from raysft.train.samples import answer_prompts
 
 BACKEND = "hf"
 
@@ -89,10 +90,15 @@ def train_loop(loop_config: dict) -> None:
         engine = trainer.model_wrapped
         metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), step_time,
                         trainer.lr_scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
-        if w.eval_rows is not None and due(step, schedule.total_steps, t.eval_every_steps):
+        if (w.eval_rows is not None or t.eval_prompts) and due(step, schedule.total_steps, t.eval_every_steps):
             engine.eval()
-            metrics.update(evaluate(engine, w.eval_rows, rank, world, t.micro_batch_size,
-                                    w.tokenizer.pad_token_id, device))
+            if w.eval_rows is not None:
+                metrics.update(evaluate(engine, w.eval_rows, rank, world, t.micro_batch_size,
+                                        w.tokenizer.pad_token_id, device))
+            if t.eval_prompts:
+                step_log.samples(step, list(zip(t.eval_prompts, answer_prompts(
+                    trainer.model, w.tokenizer, t.eval_prompts, cfg.data.system_message, t.eval_max_new_tokens,
+                    t.zero_stage == 3, device))))
             engine.train()
         checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
         step_log(metrics, checkpoint_due)

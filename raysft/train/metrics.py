@@ -89,6 +89,13 @@ class StepLog:
         if self.reportable(m) or checkpointed or m["step"] == self.start_step + 1:
             self.log(step_line(m))
 
+    def samples(self, step: int, pairs: list) -> None:
+        """What the model says to train.eval_prompts at `step`: a console line each, samples.jsonl, TensorBoard."""
+        if self.writer:
+            self.writer.write_samples(step, pairs)
+        for prompt, answer in pairs:
+            self.log(f"sample step {step}: {prompt!r} -> {answer!r}")
+
     def close(self) -> None:
         if self.writer:
             self.writer.close()
@@ -112,6 +119,7 @@ def step_line(m: dict) -> str:
 
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
 class MetricsWriter:
@@ -125,12 +133,14 @@ class MetricsWriter:
         from raysft.storage import write_atomic
 
         os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, METRICS_FILE)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-            write_atomic(path, "".join(kept))
-        self.jsonl = open(path, "a", encoding="utf-8")
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            path = os.path.join(output_dir, name)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+                write_atomic(path, "".join(kept))
+        self.jsonl = open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8")
+        self.samples_path = os.path.join(output_dir, SAMPLES_FILE)
         self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
 
     def write(self, m: dict) -> None:
@@ -139,6 +149,14 @@ class MetricsWriter:
         for k, v in m.items():
             if k not in ("step", "total_steps", "time") and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, m["step"])
+        self.tb.flush()
+
+    def write_samples(self, step: int, pairs: list) -> None:
+        """train.eval_prompts' answers at `step`: samples.jsonl and TensorBoard's text tab."""
+        with open(self.samples_path, "a", encoding="utf-8") as f:
+            for prompt, answer in pairs:
+                f.write(json.dumps({"step": step, "prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
+        self.tb.add_text("samples", "\n\n".join(f"**{p}**\n\n    {a}" for p, a in pairs), step)
         self.tb.flush()
 
     def close(self) -> None:

@@ -1,0 +1,34 @@
+"""`train.eval_prompts`: what the model says, at each eval, to a few prompts (greedy, the run's chat template).
+
+Every rank runs the same generations (under ZeRO-3 each forward pass gathers the parameters from all ranks:
+`synced_gpus`), so rank 0 can log the answers (`StepLog.samples`). Greedy decoding draws no random numbers: an
+eval with samples leaves the run's RNG, and so its exact resume, as it was.
+"""
+
+from __future__ import annotations
+
+
+def answer_prompts(model, tokenizer, prompts: list[str], system_message, max_new_tokens: int, synced: bool,
+                   device) -> list[str]:
+    """The model's greedy answer to each prompt, up to `max_new_tokens`, stopping at the template's end of turn.
+    `model`: the Hugging Face (or PEFT) model, in eval mode."""
+    import torch
+    from transformers import GenerationConfig
+
+    from raysft.data.template import end_of_turn, render_prompt
+    from raysft.data.tokenize import tokenize_rendered
+
+    eot = end_of_turn(tokenizer)
+    eos = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
+    eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos else []
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
+                              pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    answers = []
+    with torch.no_grad():
+        for prompt in prompts:
+            rendered = render_prompt([{"role": "user", "content": prompt}], tokenizer, system_message)
+            ids = torch.tensor([tokenize_rendered([rendered], tokenizer)[0][0]], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 synced_gpus=synced)
+            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
