@@ -1,4 +1,5 @@
-"""Eval loss on the held-out rows, on every rank together, and when evals and checkpoints fall due."""
+"""Eval loss on the held-out rows and the eval prompts' answers, on every rank together, and when evals and
+checkpoints fall due."""
 
 from __future__ import annotations
 
@@ -53,3 +54,26 @@ def evaluate(model, eval_rows, rank: int, world: int, micro_batch_size: int, pad
     dist.all_reduce(sums)
     loss = (sums[0] / sums[1]).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, MAX_LOG_PPL)), "eval_tokens": int(sums[1].item())}
+
+
+def eval_due(w, step: int, total_steps: int) -> bool:
+    """Whether step `step` evaluates: there is eval data or eval prompts, and `train.eval_every_steps` says so."""
+    return (w.eval_rows is not None or bool(w.cfg.train.eval_prompts)) and due(step, total_steps,
+                                                                                w.cfg.train.eval_every_steps)
+
+
+def run_evals(engine, generator, w, step: int, metrics: dict, step_log, device) -> None:
+    """On every rank: the eval loss into `metrics`, and the eval prompts' answers to `step_log` (rank 0 writes).
+    `engine`: what computes the loss (the DeepSpeed engine); `generator`: the model whose `generate` answers."""
+    from raysft.train.samples import answer_prompts
+
+    t = w.cfg.train
+    engine.eval()
+    if w.eval_rows is not None:
+        metrics.update(evaluate(engine, w.eval_rows, w.rank, w.world, t.micro_batch_size, w.tokenizer.pad_token_id,
+                                device))
+    if t.eval_prompts:
+        answers = answer_prompts(generator, w.tokenizer, t.eval_prompts, w.cfg.data.system_message,
+                                 t.eval_max_new_tokens, t.zero_stage == 3, device)
+        step_log.samples(step, list(zip(t.eval_prompts, answers)))
+    engine.train()

@@ -24,12 +24,11 @@ import tempfile
 from raysft import checkpoint as ckpt
 from raysft.train import context
 from raysft.train.context import WorkerJob
-from raysft.train.evaluate import due, evaluate
+from raysft.train.evaluate import due, eval_due, run_evals
 from raysft.train.hf_args import sft_config
 from raysft.train.metrics import StepLog, StepMetrics, gpu_peak, setup_line
 from raysft.train.optim import deepspeed_config
 from raysft.train.report import ReportGate
-from raysft.train.samples import answer_prompts
 
 BACKEND = "hf"
 
@@ -90,16 +89,8 @@ def train_loop(loop_config: dict) -> None:
         engine = trainer.model_wrapped
         metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), step_time,
                         trainer.lr_scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
-        if (w.eval_rows is not None or t.eval_prompts) and due(step, schedule.total_steps, t.eval_every_steps):
-            engine.eval()
-            if w.eval_rows is not None:
-                metrics.update(evaluate(engine, w.eval_rows, rank, world, t.micro_batch_size,
-                                        w.tokenizer.pad_token_id, device))
-            if t.eval_prompts:
-                step_log.samples(step, list(zip(t.eval_prompts, answer_prompts(
-                    trainer.model, w.tokenizer, t.eval_prompts, cfg.data.system_message, t.eval_max_new_tokens,
-                    t.zero_stage == 3, device))))
-            engine.train()
+        if eval_due(w, step, schedule.total_steps):
+            run_evals(engine, trainer.model, w, step, metrics, step_log, device)
         checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
         step_log(metrics, checkpoint_due)
         last_metrics.clear()  # the checkpoint report carries this step's metrics only
