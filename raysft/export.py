@@ -3,7 +3,7 @@
 The folder holds safetensors weights (ZeRO shards consolidated by DeepSpeed's own `zero_to_fp32`), the
 model config, the tokenizer with the chat template training used (`data.chat_template`: raysft's ChatML, which
 renders exactly as raysft's templating does, or the model's own or a file's), and a generation config whose eos
-is that template's end-of-turn token (then the tokenizer's eos).
+is that template's end-of-turn token (then the base model's eos ids and the tokenizer's eos).
 """
 
 from __future__ import annotations
@@ -153,16 +153,11 @@ def chat_ready(tokenizer, chat_template: str, base_eos=()) -> dict:
     though they were trained on ChatML); otherwise the tokenizer already carries it, from the prepared dataset.
     """
     from raysft.data.chatml import CHAT_TEMPLATE
-    from raysft.data.template import end_of_turn
+    from raysft.data.template import stop_ids
 
     if chat_template == "chatml":
         tokenizer.chat_template = CHAT_TEMPLATE
-    eot = end_of_turn(tokenizer)
-    eos = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
-    for token_id in [*base_eos, tokenizer.eos_token_id]:
-        if token_id is not None and token_id not in eos:
-            eos.append(token_id)
-    return {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+    return {"eos_token_id": stop_ids(tokenizer, base_eos), "pad_token_id": tokenizer.pad_token_id}
 
 
 def _with_adapter(cfg, tokenizer, adapter: dict, checkpoint_path: str):

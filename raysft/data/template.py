@@ -275,3 +275,14 @@ def end_of_turn(tokenizer) -> Optional[str]:
         return None
     trained = [s for s in rendered.segments if s.trained]
     return trained[-1].text if trained and trained[-1].control else None
+
+
+def stop_ids(tokenizer, also=()) -> list[int]:
+    """The ids generation stops at: the template's end-of-turn token first, then `also` (e.g. the base model's
+    generation eos ids), then the tokenizer's eos; each once."""
+    eot = end_of_turn(tokenizer)
+    out = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
+    for token_id in [*also, tokenizer.eos_token_id]:
+        if token_id is not None and token_id not in out:
+            out.append(token_id)
+    return out

@@ -143,8 +143,7 @@ def tokenize_rendered(rendered: Sequence[Rendered], tokenizer, loss_on: str = "c
 
 
 def count_trained(labels: Sequence[int]) -> int:
-    return len(labels) - list(labels).count(IGNORE_INDEX) if not isinstance(labels, list) else \
-        len(labels) - labels.count(IGNORE_INDEX)
+    return len(labels) - labels.count(IGNORE_INDEX)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: str = "tokenizer.name_or_path",

@@ -15,12 +15,10 @@ def answer_prompts(model, tokenizer, prompts: list[str], system_message, max_new
     import torch
     from transformers import GenerationConfig
 
-    from raysft.data.template import end_of_turn, render_prompt
+    from raysft.data.template import render_prompt, stop_ids
     from raysft.data.tokenize import tokenize_rendered
 
-    eot = end_of_turn(tokenizer)
-    eos = [tokenizer.convert_tokens_to_ids(eot)] if eot else []
-    eos += [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos else []
+    eos = stop_ids(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
                               pad_token_id=tokenizer.pad_token_id, use_cache=True)
     answers = []
