@@ -80,6 +80,7 @@ class RunState:
     backend: str = "deepspeed"  # the defaults read checkpoints written before these fields existed
     zero_stage: int = 0
     lora: bool = False
+    tracking: dict = dataclasses.field(default_factory=dict)  # {mlflow|wandb: run id}: a resumed run continues it
 
     @classmethod
     def from_json(cls, raw: dict) -> "RunState":

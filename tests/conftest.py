@@ -16,6 +16,11 @@ os.environ.setdefault("RAYSFT_DASHBOARD", "0")  # tests do not need the dashboar
 # may contain it (tests/test_train.py checks).
 SECRET_CANARY = "hf_raysftCanaryToken0123456789"
 os.environ["HF_TOKEN"] = SECRET_CANARY
+# W&B writes its runs to files (no account, no network) on the driver and every Ray worker
+os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+# the MLflow tracking server the tests start: its own venv (scripts/install.sh makes it), as a real server would be
+MLFLOW_SERVER = os.environ.get("RAYSFT_MLFLOW_SERVER",
+                               os.path.expanduser("~/.cache/raysft/mlflow-server/bin/mlflow"))
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +62,36 @@ def tiny_pretrained_dir(tmp_path_factory, tiny_model_dir):
         if "token" in f:
             os.link(os.path.join(tiny_model_dir, f), os.path.join(path, f))
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (sqlite backend, artifacts in a temp folder); its URI."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    assert os.path.exists(MLFLOW_SERVER), f"no MLflow server at {MLFLOW_SERVER}: run `bash scripts/install.sh`"
+    folder = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen([MLFLOW_SERVER, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+                               "--artifacts-destination", str(folder / "artifacts")],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, (folder / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+    log.close()

@@ -69,6 +69,13 @@ BAD_CONFIGS = [  # (overrides of a good config, the error)
      "command line: data.columns.mesages: is not a name raysft reads (got 'mesages'). fix: did you mean messages? map "
      "one of: messages, conversations, chosen, rejected, prompt, completion, text, instruction, input, output, "
      "system, tools, role, content, tool_calls, reasoning_content, tool_call_id, name, user, assistant, tool"),
+    (["train.report_to=[tensorboard, mlfow]"],
+     "command line: train.report_to: names no tracker raysft has (got 'mlfow'). fix: did you mean mlflow? use any of: "
+     "tensorboard, mlflow, wandb"),
+    (["train.report_to=[mlflow]", "train.tracking_uri=http://127.0.0.1:9"],
+     "train.tracking_uri: the MLflow tracking server does not answer ([Errno 111] Connection refused) (got "
+     "'http://127.0.0.1:9'). fix: start it (`mlflow server --host 0.0.0.0 --port 5000`) or fix the address; the "
+     "workers must reach it too"),
     (["data.train_files=/nonexistent/*.jsonl"],
      "data.train_files: no file matches (got '/nonexistent/*.jsonl'). fix: check the path or glob (relative paths "
      "are taken from the current directory)"),
@@ -119,6 +126,23 @@ def test_bad_config(tmp_path, capfd, overrides, expected):
     assert (code, errors) == (2, [f"raysft: error: {expected}"])
     assert "Traceback" not in err
     assert not ray.is_initialized()  # found before Ray started
+
+
+def test_a_tracker_that_is_not_installed_or_has_no_server_is_refused_before_ray(tmp_path, capfd, monkeypatch):
+    import ray
+
+    from raysft.config import checks
+
+    monkeypatch.setattr(checks, "installed", lambda module: module != "wandb")
+    code, errors, _ = run_cli(["train", good_config(tmp_path), "train.report_to=[wandb]"], capfd)
+    assert (code, errors) == (2, ["raysft: error: command line: train.report_to: wandb is not installed (got "
+                                  "'wandb'). fix: pip install 'raysft[wandb]', or remove wandb from train.report_to"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, errors, _ = run_cli(["train", good_config(tmp_path), "train.report_to=[mlflow]"], capfd)
+    assert (code, errors) == (2, ["raysft: error: train.tracking_uri: mlflow needs a tracking server, and neither "
+                                  "train.tracking_uri nor MLFLOW_TRACKING_URI is set. fix: start one (`mlflow server "
+                                  "--host 127.0.0.1 --port 5000`) and set train.tracking_uri=http://127.0.0.1:5000"])
+    assert not ray.is_initialized()
 
 
 def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, capfd):

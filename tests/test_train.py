@@ -339,14 +339,47 @@ def assert_same_as_reference(reference, cfg, result):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir):
+def assert_tracked(cfg, uri, resumed_from):
+    """MLflow (through its client, from the server) holds one tracking run, the one state.json names, with every
+    step's loss as metrics.jsonl has it and the resolved config as parameters; W&B (its offline files) the same run
+    in each attempt."""
+    from mlflow import MlflowClient
+
+    from helpers import wandb_history
+
+    steps = {m["step"]: m["loss"] for m in read_metrics(cfg.output_dir)}
+    assert sorted(steps) == list(range(1, 7))
+    state = json.load(open(os.path.join(cfg.checkpoint.storage_path, cfg.run_name, "checkpoint_00000006",
+                                        "state.json")))
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.train.tracking_project).experiment_id])
+    assert [r.info.run_id for r in runs] == [state["tracking"]["mlflow"]]  # one run: the resumed attempt continued it
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == cfg.run_name
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["train.report_to"] == \
+        '["tensorboard", "mlflow", "wandb"]' and run.data.params["data.max_seq_len"] == "256"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert {h.step for h in history} == set(steps) and all(h.value == steps[h.step] for h in history)
+    # W&B (offline): a folder per attempt, of the run state.json names. The killed attempt's folder may hold only a
+    # header: W&B's service process went down with the worker before writing it out. The resumed attempt logged every
+    # step from its checkpoint on, as metrics.jsonl has them, and the config.
+    attempts = [a for a in wandb_history(os.path.join(cfg.output_dir, "wandb")) if a["id"]]
+    assert attempts and {a["id"] for a in attempts} == {state["tracking"]["wandb"]}
+    assert attempts[-1]["config"]["train.lr"] == "0.003"
+    logged = {h["_step"]: h["train/loss"] for h in attempts[-1]["history"] if "train/loss" in h}
+    assert sorted(logged) == list(range(resumed_from + 1, 7)) and all(logged[s] == steps[s] for s in logged)
+
+
+def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir, mlflow_server):
     import signal
 
     import psutil
 
     from raysft import checkpoint as ckpt
 
-    cfg = run_config(tmp_path, tiny_model_dir, "killed", cluster={"max_failures": 2})
+    # tracked by MLflow (a real server) and W&B (offline): the resumed attempt continues both runs
+    cfg = run_config(tmp_path, tiny_model_dir, "killed", cluster={"max_failures": 2}, train={
+        "report_to": ["tensorboard", "mlflow", "wandb"], "tracking_uri": mlflow_server, "tracking_project": "killed"})
     step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
     thread, outcome = train_in_thread(cfg)
     wait_for(lambda: ckpt.verify(step2, checksums=False) is None, thread)
@@ -363,6 +396,7 @@ def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_p
         failed = [line for line in f if " failed (" in line]
     assert len(failed) == 1 and re.match(r"train: workers? [0-9, ]+ failed \(\w+: .+\); restarting the workers from the "
                                          r"last checkpoint \(restart 1 of 2\)$", failed[0]), failed
+    assert_tracked(cfg, mlflow_server, max(resumed))
 
 
 def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_checkpoint(reference, tmp_path,

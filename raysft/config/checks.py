@@ -10,6 +10,7 @@ import os
 from raysft.config.schema import Config, worker_range
 from raysft.errors import format_error
 from raysft.train.schedule import BatchShape
+from raysft.train.tracking import TRACKERS
 
 # attention kernels that cannot train on CPU, and why
 CUDA_ATTENTION = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn 3",
@@ -18,6 +19,11 @@ CUDA_ATTENTION = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash
 DEEPSPEED_OWNED = {"train_batch_size": "train.global_batch_size",
                    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
                    "gradient_accumulation_steps": "train.global_batch_size (accumulation = global / (micro x workers))"}
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported here (an optional extra)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def check(cfg: Config, where, problems: list[str]) -> None:
@@ -77,13 +83,21 @@ def check(cfg: Config, where, problems: list[str]) -> None:
     if t.fused_loss == "liger" and not cfg.cluster.use_gpu:
         bad("train.fused_loss", "liger-kernel's fused loss runs on CUDA only, and cluster.use_gpu is false",
             t.fused_loss, "use train.fused_loss=chunked (the default) on CPU")
-    elif t.fused_loss == "liger" and importlib.util.find_spec("liger_kernel") is None:
+    elif t.fused_loss == "liger" and not installed("liger_kernel"):
         bad("train.fused_loss", "needs liger-kernel, which is not installed", t.fused_loss,
             "pip install 'raysft[liger]', or use train.fused_loss=chunked")
     if t.eval_max_new_tokens < 1:
         bad("train.eval_max_new_tokens", "must be at least 1", t.eval_max_new_tokens, "use e.g. 64")
     if any(not isinstance(p, str) or not p.strip() for p in t.eval_prompts):
         bad("train.eval_prompts", "must be non-empty strings", t.eval_prompts, 'e.g. ["What is 2 + 2?"]')
+    for name in t.report_to:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(str(name), list(TRACKERS), n=1)
+            bad("train.report_to", "names no tracker raysft has", name,
+                (f"did you mean {close[0]}? " if close else "") + f"use any of: {', '.join(TRACKERS)}")
+        elif TRACKERS[name] and not installed(TRACKERS[name]):
+            bad("train.report_to", f"{name} is not installed", name,
+                f"pip install 'raysft[{name}]', or remove {name} from train.report_to")
     if t.eval_every_steps < 0:
         bad("train.eval_every_steps", "must not be negative", t.eval_every_steps, "use 0 for only at the end")
     d = cfg.data

@@ -110,6 +110,13 @@ class TrainConfig:
         "prompts the model answers at each eval (greedy, rendered with the run's chat template): console, "
         "samples.jsonl, TensorBoard's text tab"))
     eval_max_new_tokens: int = field(default=64, metadata=doc("longest answer to an eval prompt, in tokens"))
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=doc(
+        "where rank 0 logs metrics, eval answers and (mlflow, wandb) the resolved config: any of tensorboard, mlflow "
+        "(pip install 'raysft[mlflow]'), wandb (pip install 'raysft[wandb]'); metrics.jsonl is always written"))
+    tracking_uri: str = field(default="", metadata=doc(
+        "MLflow tracking server, e.g. http://mlflow:5000; empty = the driver's MLFLOW_TRACKING_URI"))
+    tracking_project: str = field(default="raysft", metadata=doc(
+        "MLflow experiment / W&B project the run goes to (the tracking run is named after run_name)"))
     fused_loss: Literal["chunked", "liger", "none"] = field(default="chunked", metadata=doc(
         "loss from the hidden states: chunked (trained positions only, the head in chunks: no full logits), "
         "liger (liger-kernel, CUDA), none (full fp32 logits)"))

@@ -16,6 +16,7 @@ from raysft.checkpoint import RunState
 from raysft.config import Config
 from raysft.data.prepared import PreparedRows
 from raysft.train.hooks import WorkerHooks
+from raysft.train.metrics import StepLog
 from raysft.train.resize import Universal
 from raysft.train.schedule import BatchShape, Schedule
 
@@ -51,6 +52,19 @@ class Worker:
     n_params: int
     n_trainable: int
     run_dir: str  # the run's checkpoint folder in storage
+    step_log: Optional[StepLog] = None  # made by `open_step_log`, once the restored state is known
+
+    def open_step_log(self, start_step: int, state: Optional[RunState]) -> StepLog:
+        """Rank 0's record of steps: metrics.jsonl, TensorBoard and the tracking runs of `train.report_to` (those
+        of the restored checkpoint continued)."""
+        from raysft.config import to_dict
+        from raysft.train.tracking import Trackers
+
+        t = self.cfg.train
+        trackers = Trackers(self.cfg, self.rank, state.tracking if state else None, to_dict(self.cfg), self.log)
+        self.step_log = StepLog(self.rank, self.cfg.output_dir, t.log_every_steps, start_step, self.log,
+                                tensorboard="tensorboard" in t.report_to, trackers=trackers)
+        return self.step_log
 
     def run_state(self, step: int, samples_seen: int, tokens_seen: int, backend: str) -> RunState:
         """The state.json of a checkpoint at `step`."""
@@ -59,7 +73,8 @@ class Worker:
                         tokens_seen=tokens_seen, seed=t.seed, fingerprint=self.job.fingerprint,
                         world_size=self.world, total_steps=self.schedule.total_steps,
                         global_batch_size=t.global_batch_size, final=step == self.schedule.total_steps,
-                        backend=backend, zero_stage=t.zero_stage, lora=bool(t.lora.r))
+                        backend=backend, zero_stage=t.zero_stage, lora=bool(t.lora.r),
+                        tracking=self.step_log.trackers.ids() if self.step_log else {})
 
 
 def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend_prefetches: bool = False) -> Worker:

@@ -18,7 +18,7 @@ from raysft import checkpoint as ckpt
 from raysft.train import context, resize
 from raysft.train.context import Worker, WorkerJob
 from raysft.train.evaluate import due, eval_due, run_evals
-from raysft.train.metrics import StepLog, StepMetrics, gpu_peak, setup_line
+from raysft.train.metrics import StepMetrics, gpu_peak, setup_line
 from raysft.train.optim import deepspeed_config, lr_scheduler_name
 from raysft.train.report import ReportGate
 
@@ -108,7 +108,7 @@ def train_loop(loop_config: dict) -> None:
     # ------------------------------------------------------------------ loop
     steps = StepMetrics(schedule, rows, world, w.n_params, w.model.config, gpu_peak(cfg.cluster.use_gpu), start_step,
                         samples_seen, tokens_seen)
-    step_log = StepLog(rank, cfg.output_dir, t.log_every_steps, start_step, w.log)
+    step_log = w.open_step_log(start_step, state)
     gate = ReportGate(rank)
     engine.train()
     batches = Prefetcher(rows, schedule, rank, w.shape, start_step, w.tokenizer.pad_token_id, device,

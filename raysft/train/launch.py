@@ -70,6 +70,14 @@ def preflight(cfg: Config) -> None:
             expand(files, key)  # a path or glob that matches nothing fails here, before Ray starts
     if cfg.train.backend == "hf":
         check_hf_args(cfg.train.hf_args)
+    if "mlflow" in cfg.train.report_to:
+        from raysft.train.tracking import server_problem
+
+        # the driver's MLFLOW_TRACKING_URI goes to the workers in the config: their environment may lack it
+        cfg.train.tracking_uri = cfg.train.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        problem = server_problem(cfg.train.tracking_uri)
+        if problem:
+            raise UserError(format_error("train.tracking_uri", problem[0], cfg.train.tracking_uri or None, problem[1]))
 
 
 SCHEDULE_KEYS = ("max_steps", "epochs", "global_batch_size", "lr", "lr_scheduler", "warmup_steps")

@@ -75,9 +75,11 @@ class StepLog:
     """Rank 0's record of steps: every step to metrics.jsonl and TensorBoard; the step line for the steps that are
     logged (every `every` steps, the first step of an attempt, evaluated steps and checkpointed steps)."""
 
-    def __init__(self, rank: int, output_dir: str, every: int, start_step: int, log: Callable[[str], None]):
+    def __init__(self, rank: int, output_dir: str, every: int, start_step: int, log: Callable[[str], None],
+                 tensorboard: bool = True, trackers=None):
         self.every, self.start_step, self.log = every, start_step, log
-        self.writer = MetricsWriter(output_dir, start_step) if rank == 0 else None
+        self.writer = MetricsWriter(output_dir, start_step, tensorboard) if rank == 0 else None
+        self.trackers = trackers  # tracking.Trackers: MLflow, W&B (train.report_to)
 
     def reportable(self, m: dict) -> bool:
         """Whether step `m` goes to Ray as a metrics-only report (when not checkpointed)."""
@@ -86,6 +88,8 @@ class StepLog:
     def __call__(self, m: dict, checkpointed: bool) -> None:
         if self.writer:
             self.writer.write(m)
+        if self.trackers:
+            self.trackers.metrics(m)
         if self.reportable(m) or checkpointed or m["step"] == self.start_step + 1:
             self.log(step_line(m))
 
@@ -93,12 +97,17 @@ class StepLog:
         """What the model says to train.eval_prompts at `step`: a console line each, samples.jsonl, TensorBoard."""
         if self.writer:
             self.writer.write_samples(step, pairs)
+        if self.trackers:
+            self.trackers.samples(step, pairs)
         for prompt, answer in pairs:
             self.log(f"sample step {step}: {prompt!r} -> {answer!r}")
 
     def close(self) -> None:
+        """At the end of training (the tracking runs are marked finished)."""
         if self.writer:
             self.writer.close()
+        if self.trackers:
+            self.trackers.close(finished=True)
 
 
 def _eta(seconds: float) -> str:
@@ -123,13 +132,12 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 class MetricsWriter:
-    """Rank 0's metrics: appended to {output_dir}/metrics.jsonl and TensorBoard events in {output_dir}/tensorboard.
+    """Rank 0's metrics: appended to {output_dir}/metrics.jsonl and (unless `tensorboard` is false) TensorBoard
+    events in {output_dir}/tensorboard.
     A run resumed from the checkpoint at `start_step` first drops the rows past it (an attempt that died after
     its last checkpoint logged steps that are trained again), so the file holds every step once."""
 
-    def __init__(self, output_dir: str, start_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, output_dir: str, start_step: int = 0, tensorboard: bool = True):
         from raysft.storage import write_atomic
 
         os.makedirs(output_dir, exist_ok=True)
@@ -141,27 +149,35 @@ class MetricsWriter:
                 write_atomic(path, "".join(kept))
         self.jsonl = open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8")
         self.samples_path = os.path.join(output_dir, SAMPLES_FILE)
-        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
 
     def write(self, m: dict) -> None:
+        from raysft.train.tracking import scalars
+
         self.jsonl.write(json.dumps(m) + "\n")
         self.jsonl.flush()
-        for k, v in m.items():
-            if k not in ("step", "total_steps", "time") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, m["step"])
-        self.tb.flush()
+        if self.tb:
+            for tag, v in scalars(m):
+                self.tb.add_scalar(tag, v, m["step"])
+            self.tb.flush()
 
     def write_samples(self, step: int, pairs: list) -> None:
         """train.eval_prompts' answers at `step`: samples.jsonl and TensorBoard's text tab."""
         with open(self.samples_path, "a", encoding="utf-8") as f:
             for prompt, answer in pairs:
                 f.write(json.dumps({"step": step, "prompt": prompt, "answer": answer}, ensure_ascii=False) + "\n")
-        self.tb.add_text("samples", "\n\n".join(f"**{p}**\n\n    {a}" for p, a in pairs), step)
-        self.tb.flush()
+        if self.tb:
+            self.tb.add_text("samples", "\n\n".join(f"**{p}**\n\n    {a}" for p, a in pairs), step)
+            self.tb.flush()
 
     def close(self) -> None:
         self.jsonl.close()
-        self.tb.close()
+        if self.tb:
+            self.tb.close()
 
 
 def read_metrics(output_dir: str) -> list[dict]:
