@@ -81,6 +81,7 @@ class RunState:
     zero_stage: int = 0
     lora: bool = False
     tracking: dict = dataclasses.field(default_factory=dict)  # {mlflow|wandb: run id}: a resumed run continues it
+    samples_seen_by_source: dict = dataclasses.field(default_factory=dict)  # {data.sources name: rows seen}
 
     @classmethod
     def from_json(cls, raw: dict) -> "RunState":

@@ -8,6 +8,7 @@ work folder, writes the manifest last, and renames the folder into place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from raysft import storage
 from raysft.config import Config
 from raysft.data import pipeline, prepared
 from raysft.data.chunks import Settings
+from raysft.data.mixing import repeat_ratios, sources_of
 from raysft.data.preflight import preflight
 from raysft.data.sources import Chunk, expand, plan, plan_hf
 from raysft.data.tokenize import load_tokenizer
@@ -39,20 +41,54 @@ def chunk_bytes(total: int, cpus: int) -> int:
     return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, total // max(1, CHUNKS_PER_CPU * cpus))))
 
 
-def plan_inputs(cfg: Config, cpus: int) -> tuple[list[Chunk], list[Chunk], dict]:
-    """Expand, hash and chunk every input; returns (train chunks, eval chunks, inputs for the fingerprint)."""
+def plan_inputs(cfg: Config, cpus: int) -> tuple[list[Chunk], list[Chunk], dict, list[dict]]:
+    """Expand, hash and chunk every input; returns (train chunks, eval chunks, inputs for the fingerprint, the
+    training sources of `mixing.sources_of`, each with its `records`)."""
     d = cfg.data
-    train_files = expand(d.train_files, "data.train_files") if d.train_files else []
+    sources = sources_of(d)
+    keyed = [(f"data.sources[{i}].files" if d.sources else "data.train_files", s) for i, s in enumerate(sources)]
+    files = [expand(s["files"], key) if s["files"] else [] for key, s in keyed]
     eval_files = expand(d.eval_files, "data.eval_files") if d.eval_files else []
-    total = sum(os.path.getsize(p) for p in train_files + eval_files if not storage.is_uri(p))
+    total = sum(os.path.getsize(p) for p in sum(files, []) + eval_files if not storage.is_uri(p))
     size = chunk_bytes(total, cpus)
-    train_chunks, train_inputs = plan(train_files, size)
-    if d.hf_dataset:
-        hf_chunks, hf_inputs = plan_hf(d.hf_dataset, d.hf_split)
-        train_chunks = [Chunk(**{**c.as_row(), "index": i}) for i, c in enumerate(train_chunks + hf_chunks)]
-        train_inputs += hf_inputs
+    train_chunks: list[Chunk] = []
+    train_inputs: list[dict] = []
+    for i, (source, source_files) in enumerate(zip(sources, files)):
+        chunks, inputs = plan(source_files, size, count=len(sources) > 1)
+        if source["hf_dataset"]:
+            hf_chunks, hf_inputs = plan_hf(source["hf_dataset"], source["hf_split"])
+            chunks, inputs = chunks + hf_chunks, inputs + hf_inputs
+        source["records"] = sum(x.get("records", 0) for x in inputs)
+        train_chunks += [dataclasses.replace(c, origin=i) for c in chunks]
+        train_inputs += [{**x, "source": source["name"]} if d.sources else x for x in inputs]
+    train_chunks = [dataclasses.replace(c, index=i) for i, c in enumerate(train_chunks)]
     eval_chunks, eval_inputs = plan(eval_files, size)
-    return train_chunks, eval_chunks, {"train": train_inputs, "eval": eval_inputs}
+    return train_chunks, eval_chunks, {"train": train_inputs, "eval": eval_inputs}, sources
+
+
+def source_settings(base: Settings, sources: list[dict], seed: int) -> tuple[Settings, ...]:
+    """Each source's Settings, with the uses per record that give it its weight's share (data/mixing.py)."""
+    kept = [1 - float(s.get("eval_fraction", base.eval_fraction) or 0) for s in sources]
+    ratios = repeat_ratios([s["records"] for s in sources], [s["weight"] for s in sources], kept)
+    return tuple(base.for_source(s, r, seed) for s, r in zip(sources, ratios))
+
+
+def source_report(sources: list[dict], settings: tuple, counts: list[dict]) -> list[dict]:
+    """The manifest's per-source lines: what was read, kept and rejected, and what the rows hold."""
+    examples = sum(c["examples"] for c in counts) or 1
+    weights = sum(s["weight"] for s in sources)
+    return [{"name": s["name"], "weight": s["weight"], "target_share": round(s["weight"] / weights, 6),
+             "uses_per_record": round(st.repeat, 6), **c, "share": round(c["examples"] / examples, 6)}
+            for s, st, c in zip(sources, settings, counts)]
+
+
+def combined(checks: list[dict]) -> dict:
+    """The preflights of several sources as one."""
+    out = dict(checks[0])
+    for c in checks[1:]:
+        for k in ("records", "later_turns", "history_as_inference"):
+            out[k] += c[k]
+    return out
 
 
 def _counts(work: str, split: str, max_seq_len: int) -> dict:
@@ -66,20 +102,25 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
     tokenizer = load_tokenizer(cfg.tokenizer.name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code,
                                "tokenizer.name_or_path" if cfg.tokenizer.name_or_path else "model.name_or_path",
                                cfg.data.chat_template)
-    train_chunks, eval_chunks, inputs = plan_inputs(cfg, cpus or os.cpu_count() or 1)
+    train_chunks, eval_chunks, inputs, sources = plan_inputs(cfg, cpus or os.cpu_count() or 1)
     settings = Settings.from_config(cfg.data)
+    per_source = source_settings(settings, sources, cfg.train.seed)
     staging = tempfile.mkdtemp(prefix="raysft-tok-")
     try:
         tokenizer.save_pretrained(staging)
         tok_hash = prepared.hash_dir(staging)
-        fingerprint = prepared.fingerprint(inputs, settings.as_dict(), tok_hash)
+        fingerprint = prepared.fingerprint(inputs, {**settings.as_dict(), "sources": [
+            {"name": src["name"], "weight": src["weight"], **st.as_dict()} for src, st in zip(sources, per_source)]},
+            tok_hash)
         final = prepared.location(cfg.output_dir, fingerprint)
         manifest = prepared.read_manifest(final)
         if manifest and manifest.get("fingerprint") == fingerprint:
             log(f"prepare: reusing {final} (fingerprint {prepared.short(fingerprint)}, same inputs, settings and "
                 "tokenizer)")
             return final, manifest
-        checked = preflight(train_chunks, settings, tokenizer)
+        checked = combined([preflight([c for c in train_chunks if c.origin == i], st, tokenizer,
+                                      columns_key=f"data.sources[{i}].columns" if cfg.data.sources else "data.columns")
+                            for i, st in enumerate(per_source)])
         log(f"prepare: chat template {settings.chat_template} checked on {checked['records']} records (masks, "
             f"end of turn {checked['end_of_turn']} trained, prompts as apply_chat_template gives them"
             + (f"; history of later turns as at inference: {checked['history_as_inference']}/"
@@ -96,7 +137,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
     log(f"prepare: {len(train_chunks)} train chunks + {len(eval_chunks)} eval chunks ({size}) -> {final}")
     try:
         for split, chunks in ((prepared.TRAIN, train_chunks), (prepared.EVAL, eval_chunks)):
-            task = pipeline.Task(settings, work, split, log_dir=os.path.join(cfg.output_dir, "logs"))
+            task = pipeline.Task(settings, work, split, log_dir=os.path.join(cfg.output_dir, "logs"),
+                                 sources=per_source if split == prepared.TRAIN else ())
             error = pipeline.run_split(task, chunks) if chunks else None
             if error is not None:
                 raise error
@@ -112,7 +154,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
         except OSError:
             pass  # other prepared datasets are in it
         raise
-    manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train, "eval": evals,
+    report = source_report(sources, per_source, pipeline.source_counts(work, prepared.TRAIN, len(sources)))
+    manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train, "eval": evals, "sources": report,
                 "settings": settings.as_dict(), "inputs": inputs, "chat_template": checked,
                 "tokenizer": {"dir": prepared.TOKENIZER, "sha256": tok_hash, "vocab_size": len(tokenizer)},
                 "rejects_file": prepared.REJECTS if pipeline.merge_rejects(work, prepared.REJECTS) else None,

@@ -69,6 +69,18 @@ BAD_CONFIGS = [  # (overrides of a good config, the error)
      "command line: data.columns.mesages: is not a name raysft reads (got 'mesages'). fix: did you mean messages? map "
      "one of: messages, conversations, chosen, rejected, prompt, completion, text, instruction, input, output, "
      "system, tools, role, content, tool_calls, reasoning_content, tool_call_id, name, user, assistant, tool"),
+    (["data.train_files=[]", f"data.sources=[{{files: {SAMPLE}, wieght: 2}}]"],
+     "command line: data.sources[0].wieght: is not a source key (got 'wieght'). fix: did you mean weight? use: name, "
+     "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction"),
+    ([f"data.sources=[{{files: {SAMPLE}}}]"],
+     "command line: data.sources: set together with data.train_files or data.hf_dataset (got 1). fix: give the "
+     "training data one way: as data.sources, or data.train_files (one source)"),
+    (["data.train_files=[]", f"data.sources=[{{files: {SAMPLE}, weight: 0}}]"],
+     "command line: data.sources[0].weight: must be a number above 0 (got 0). fix: e.g. weight: 0.3 (weights need "
+     "not sum to 1)"),
+    (["data.train_files=[]", f"data.sources=[{{files: {SAMPLE}}}, {{files: /nonexistent/b.jsonl}}]"],
+     "data.sources[1].files: no file matches (got '/nonexistent/b.jsonl'). fix: check the path or glob (relative "
+     "paths are taken from the current directory)"),
     (["train.report_to=[tensorboard, mlfow]"],
      "command line: train.report_to: names no tracker raysft has (got 'mlfow'). fix: did you mean mlflow? use any of: "
      "tensorboard, mlflow, wandb"),

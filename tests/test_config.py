@@ -24,6 +24,17 @@ def test_every_shipped_config_loads(path):
     assert isinstance(cfg, Config) and cfg.output_dir and os.path.isabs(cfg.output_dir)
 
 
+def test_the_shipped_mixed_config_weights_two_sources_and_tracks_in_mlflow():
+    from raysft.data.mixing import sources_of
+
+    cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-0.5b-mixed-mlflow.yaml"))
+    sources = sources_of(cfg.data)
+    assert [(s["name"], s["weight"]) for s in sources] == [("chats", 0.7), ("tools", 0.3)]
+    assert all(os.path.isabs(f) for s in sources for f in s["files"]) and sources[1]["columns"]["messages"] == \
+        "conversation"
+    assert cfg.train.report_to == ["tensorboard", "mlflow"] and cfg.train.tracking_uri.startswith("http://")
+
+
 def test_defaults_overrides_and_path_resolution(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text(GOOD)

@@ -30,6 +30,7 @@ def test_jsonl_chunks_cover_every_line_with_exact_line_numbers(tmp_path):
         assert got == expected, chunk_bytes
         assert [c.index for c in chunks] == list(range(len(chunks)))
         assert inputs[0]["bytes"] == path.stat().st_size and len(inputs[0]["sha256"]) == 64
+        assert inputs[0]["records"] == 500  # its lines (data.sources' weights count records by them)
 
 
 def test_gzip_and_parquet_inputs(tmp_path):
@@ -40,8 +41,10 @@ def test_gzip_and_parquet_inputs(tmp_path):
     table = pa.table({"messages": [[{"role": "user", "content": "q"}], None],
                       "text": [None, "t"]})
     pq.write_table(table, pq_path, row_group_size=1)
-    chunks, _ = plan([str(gz), str(pq_path)], 1 << 20)
+    chunks, inputs = plan([str(gz), str(pq_path)], 1 << 20)
     assert [c.fmt for c in chunks] == ["jsonl.gz", "parquet", "parquet"]
+    assert [i.get("records") for i in inputs] == [None, 2]  # a .jsonl.gz is counted only when asked
+    assert plan([str(gz)], 1 << 20, count=True)[1][0]["records"] == 3
     assert read_all(chunks) == [(f"{gz}:1", {"text": "one"}), (f"{gz}:3", {"text": "two"}),
                                 (f"{pq_path}:row 1", {"messages": [{"role": "user", "content": "q"}]}),
                                 (f"{pq_path}:row 2", {"text": "t"})]

@@ -33,21 +33,27 @@ def check(cfg: Config, where, problems: list[str]) -> None:
 
     if not cfg.output_dir:
         bad("output_dir", "must be set", None, "add `output_dir: runs/my-run`")
-    if not cfg.data.train_files and not cfg.data.hf_dataset:
+    if not cfg.data.train_files and not cfg.data.hf_dataset and not cfg.data.sources:
         bad("data.train_files", "no training data", None, "set data.train_files to a .jsonl file or data.hf_dataset")
     if not cfg.model.name_or_path:
         bad("model.name_or_path", "must be set", None, "a hub id such as Qwen/Qwen2.5-0.5B or a local model folder")
+    from raysft.data.mixing import check_sources
     from raysft.data.records import MESSAGE_FIELDS, RECORD_FIELDS, ROLE_VALUES
 
+    check_sources(cfg.data, bad)
     known = tuple(dict.fromkeys(RECORD_FIELDS + MESSAGE_FIELDS + ROLE_VALUES))
-    for ours, theirs in cfg.data.columns.items():
-        if ours not in known:
-            close = difflib.get_close_matches(str(ours), known, n=1)
-            bad(f"data.columns.{ours}", "is not a name raysft reads", ours,
-                (f"did you mean {close[0]}? " if close else "") + f"map one of: {', '.join(known)}")
-        elif not isinstance(theirs, str) or not theirs:
-            bad(f"data.columns.{ours}", "must be the dataset's name for it, a string", theirs,
-                f"e.g. data.columns.{ours}: my_{ours}")
+    mappings = [("data.columns", cfg.data.columns)] + [(f"data.sources[{i}].columns", s["columns"])
+                                                        for i, s in enumerate(cfg.data.sources)
+                                                        if isinstance(s.get("columns"), dict)]
+    for prefix, columns in mappings:
+        for ours, theirs in columns.items():
+            if ours not in known:
+                close = difflib.get_close_matches(str(ours), known, n=1)
+                bad(f"{prefix}.{ours}", "is not a name raysft reads", ours,
+                    (f"did you mean {close[0]}? " if close else "") + f"map one of: {', '.join(known)}")
+            elif not isinstance(theirs, str) or not theirs:
+                bad(f"{prefix}.{ours}", "must be the dataset's name for it, a string", theirs,
+                    f"e.g. {prefix}.{ours}: my_{ours}")
     template = cfg.data.chat_template
     if template not in ("chatml", "model") and not os.path.isfile(template):
         bad("data.chat_template", "is neither chatml, model nor a file" + (

@@ -33,6 +33,11 @@ def _line_map(text: str) -> dict[str, int]:
                 key = f"{prefix}{key_node.value}"
                 lines[key] = key_node.start_mark.line + 1
                 walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode) and prefix:  # data.sources[1].weight
+            for i, item in enumerate(node.value):
+                key = f"{prefix[:-1]}[{i}]"
+                lines[key] = item.start_mark.line + 1
+                walk(item, key + ".")
 
     try:
         walk(yaml.compose(text), "")
@@ -112,6 +117,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ValueError("must be a string")
+    if origin is list and typing.get_args(tp) == (dict,):
+        if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            return [dict(v) for v in value]
+        raise ValueError("must be a list of mappings")
     if origin is list and typing.get_args(tp) == (int,):
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return list(value)
@@ -137,7 +146,7 @@ def _type_name(tp) -> str:
     if tp in simple:
         return simple[tp]
     if typing.get_origin(tp) is list:
-        return f"a list of {'integers' if typing.get_args(tp) == (int,) else 'strings'}"
+        return f"a list of {({int: 'integers', dict: 'mappings'}).get(typing.get_args(tp)[0], 'strings')}"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -204,7 +213,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         override_keys.add(key)
 
     def where(key: str) -> str:
-        if key in override_keys or any(k.startswith(key + ".") or key.startswith(k + ".") for k in override_keys):
+        plain = key.split("[")[0]  # data.sources[1].weight was set by the override of data.sources
+        if key in override_keys or plain in override_keys or any(
+                k.startswith(key + ".") or key.startswith(k + ".") for k in override_keys):
             return f"command line: {key}"
         if key in lines:
             return f"{path}:{lines[key]}: {key}"
@@ -223,6 +234,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             sub.name_or_path = absolute(sub.name_or_path)
     if cfg.data.hf_dataset and os.path.exists(cfg.data.hf_dataset):
         cfg.data.hf_dataset = absolute(cfg.data.hf_dataset)
+    for source in cfg.data.sources:
+        if source.get("files"):
+            source["files"] = [absolute(p) for p in ([source["files"]] if isinstance(source["files"], str)
+                                                     else source["files"])]
+        if source.get("hf_dataset") and os.path.exists(source["hf_dataset"]):
+            source["hf_dataset"] = absolute(source["hf_dataset"])
     cfg.checkpoint.storage_path = absolute(cfg.checkpoint.storage_path) or os.path.join(cfg.output_dir, "ray")
     cfg.run_name = cfg.run_name or os.path.basename(cfg.output_dir.rstrip("/")) or "raysft"
     return cfg

@@ -33,6 +33,10 @@ class DataConfig:
     hf_dataset: str = field(default="",
                             metadata=doc("a Hugging Face dataset: a folder saved by `datasets` or a hub id"))
     hf_split: str = field(default="train", metadata=doc("split of `hf_dataset` to train on"))
+    sources: list[dict] = field(default_factory=list, metadata=doc(
+        "several datasets mixed by weight, instead of train_files/hf_dataset: a list of {files | hf_dataset (+ "
+        "hf_split), weight, name, columns, system_message, eval_fraction}; each source's share of the training "
+        "examples is its weight's share (repeated or sampled at prepare, from train.seed)"))
     max_seq_len: int = field(default=2048, metadata=doc("tokens per training row"))
     packing: bool = field(default=True, metadata=doc("pack several examples per row (best-fit decreasing); false pads"))
     loss_on: Literal["completion", "all"] = field(

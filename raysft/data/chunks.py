@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.data.chatml import Rendered, Segment, render_example
+from raysft.data.mixing import PER_SOURCE_SETTINGS, copies
 from raysft.data.packing import fit_length, make_rows
 from raysft.data.prepared import LIST_COLUMNS, ROW_SCHEMA
 from raysft.data.records import Example, RecordError, rename, split_record
@@ -45,10 +46,17 @@ class Settings:
     chat_template: str = "chatml"
     train_on_reasoning: bool = True
     columns: dict = field(default_factory=dict)
+    repeat: float = 1.0  # data.sources: uses per record (data/mixing.py); 1 = each record once
+    mix_seed: int = 0  # train.seed, when the sources are mixed
 
     @classmethod
     def from_config(cls, data) -> "Settings":
-        return cls(**{f.name: getattr(data, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(data, f.name) for f in dataclasses.fields(cls) if hasattr(data, f.name)})
+
+    def for_source(self, source: dict, repeat: float, seed: int) -> "Settings":
+        """This source's settings: its own columns, system_message, eval_fraction, hf_split over data.*."""
+        own = {k: source[k] for k in PER_SOURCE_SETTINGS if source.get(k) is not None}
+        return dataclasses.replace(self, **own, repeat=repeat, mix_seed=seed if repeat != 1.0 else 0)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,6 +66,7 @@ class Settings:
 class ChunkResult:
     examples: list = field(default_factory=list)  # (input_ids, labels) fit to max_seq_len
     held_out: list = field(default_factory=list)  # per example: held out for eval (data.eval_fraction)
+    copies: list = field(default_factory=list)  # per example: times it trains (data.sources' weights; 0 when held out)
     counts: dict = field(default_factory=dict)  # records_read, records_kept, ..., rejected_by_reason
     rejects: list = field(default_factory=list)  # {where, line, reason, error, raw} per rejected record
 
@@ -131,6 +140,7 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
         out.rejects.append({"where": err.where, "line": line, "reason": err.reason, "error": err.message, "raw": raw})
 
     pending = []  # (where, line, raw, rendered)
+    name = os.path.basename(chunk.source.rstrip("/"))  # the file's name keys which records data.sources repeats
     for where, line, raw, record in read_chunk(chunk, s.hf_split):
         counts["records_read"] += 1
         try:
@@ -161,6 +171,10 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
             out.examples.append(fitted)
             out.held_out.append(held_out(where, s.eval_fraction))
             counts["records_kept" if not out.held_out[-1] else "records_held_out"] += 1
+            n = 0 if out.held_out[-1] else copies(s.repeat, s.mix_seed, name, line)
+            out.copies.append(n)
+            counts["examples"] += n
+            counts["trained_tokens"] += n * count_trained(fitted[1])
     counts["records_rejected"] = sum(by_reason.values())
     out.rejects.sort(key=lambda r: r["line"])  # file order (token-level rejects are found after parse errors)
     out.counts = {**counts, "rejected_by_reason": dict(by_reason)}
@@ -174,10 +188,19 @@ def _list_column(values: list[list[int]]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
-def rows_table(examples: list, max_seq_len: int, packing: bool) -> pa.Table:
-    """Examples -> training rows (packed, or one example per row) in the prepared schema."""
+def rows_table(examples: list, max_seq_len: int, packing: bool, source: int = 0) -> pa.Table:
+    """Examples -> training rows (packed, or one example per row) in the prepared schema, of data.sources[source]."""
     rows = make_rows(examples, max_seq_len, packing)
     columns = [_list_column(getattr(rows, c)) for c in LIST_COLUMNS]
     columns.append(pa.array([sum(n) for n in rows.seq_lengths], pa.int32()))
     columns.append(pa.array([count_trained(lab) for lab in rows.labels], pa.int32()))
+    columns.append(pa.array(np.full(len(rows.labels), source, dtype=np.int16)))
     return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
+
+
+def train_tables(result: ChunkResult, max_seq_len: int, packing: bool, source: int) -> list[pa.Table]:
+    """A chunk's training rows: each use of a repeated record packed apart from its other uses (copy k holds the
+    examples used more than k times), so that no row holds one example twice."""
+    kept = [(e, n) for e, n in zip(result.examples, result.copies) if n]
+    uses = max((n for _, n in kept), default=1)
+    return [rows_table([e for e, n in kept if n > k], max_seq_len, packing, source) for k in range(uses)]

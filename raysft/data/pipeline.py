@@ -26,7 +26,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysft.data.chunks import Settings, chunk_to_examples, rows_table
+from raysft.data.chunks import Settings, chunk_to_examples, rows_table, train_tables
 from raysft.data.prepared import EVAL, ROW_SCHEMA, TRAIN, saved_tokenizer, split_dir
 from raysft.data.records import RecordError
 from raysft.data.sources import Chunk, describe_chunk
@@ -45,6 +45,10 @@ class Task:
     work_dir: str  # the prepared folder being made; its tokenizer/ is the one to use
     split: str
     log_dir: str = ""  # where an unexpected error's traceback goes (default: {work_dir}/../logs)
+    sources: tuple = ()  # data.sources' own Settings, by Chunk.origin (empty: `settings` for every chunk)
+
+    def settings_of(self, chunk: Chunk) -> Settings:
+        return self.sources[chunk.origin] if self.sources else self.settings
 
 
 # ------------------------------------------------------------------ the task side (runs in Ray workers)
@@ -79,10 +83,11 @@ def unexpected(exc: Exception, chunk: Chunk, task: Task, name: str) -> UserError
 
 def process_chunks(batch: dict, task: Task) -> pa.Table:
     """Ray Data UDF: chunk rows -> training rows, with the side files described above."""
-    s, work = task.settings, task.work_dir
+    work = task.work_dir
     tables = []
     for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
         chunk = Chunk(**{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()})
+        s = task.settings_of(chunk)
         if os.listdir(os.path.join(work, ERRORS)):
             continue
         name = f"{task.split}-{chunk.index:06d}"
@@ -97,18 +102,18 @@ def process_chunks(batch: dict, task: Task) -> pa.Table:
         if result.rejects:
             write_atomic(os.path.join(work, REJECTS, f"{name}.jsonl"),
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rejects))
-        examples = result.examples
         if any(result.held_out):  # data.eval_fraction: the held-out examples' rows go straight to the eval split
-            held = [e for e, h in zip(examples, result.held_out) if h]
+            held = [e for e, h in zip(result.examples, result.held_out) if h]
             os.makedirs(split_dir(work, EVAL), exist_ok=True)
-            pq.write_table(rows_table(held, s.max_seq_len, s.packing),
+            pq.write_table(rows_table(held, s.max_seq_len, s.packing, chunk.origin),
                            os.path.join(split_dir(work, EVAL), f"held-out-{chunk.index:06d}.parquet"))
             n = result.counts["records_held_out"]
             write_atomic(os.path.join(work, STATS, f"{EVAL}-held-out-{chunk.index:06d}.json"),
                          json.dumps({"records_read": n, "records_kept": n, "rejected_by_reason": {}}))
-            examples = [e for e, h in zip(examples, result.held_out) if not h]
-        write_atomic(os.path.join(work, STATS, f"{name}.json"), json.dumps(result.counts))
-        tables.append(rows_table(examples, s.max_seq_len, s.packing))
+        chunk_tables = train_tables(result, s.max_seq_len, s.packing, chunk.origin)
+        write_atomic(os.path.join(work, STATS, f"{name}.json"), json.dumps(
+            {**result.counts, "source": chunk.origin, "rows": sum(len(t) for t in chunk_tables)}))
+        tables += chunk_tables
     return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
 
 
@@ -169,6 +174,19 @@ def side_counts(work: str, split: str) -> dict:
     keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples_truncated",
             "examples_dropped")
     return {**{k: counts[k] for k in keys}, "rejected_by_reason": dict(sorted(by_reason.items()))}
+
+
+def source_counts(work: str, split: str, n_sources: int) -> list[dict]:
+    """The tasks' counts of one split per source (data.sources): records, examples, trained tokens, rows."""
+    keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples", "trained_tokens",
+            "rows")
+    out = [dict.fromkeys(keys, 0) for _ in range(n_sources)]
+    for path in glob.glob(os.path.join(work, STATS, f"{split}-[0-9]*.json")):
+        with open(path, encoding="utf-8") as f:
+            c = json.load(f)
+        for k in keys:
+            out[c.get("source", 0)][k] += c.get(k, 0)
+    return out
 
 
 def merge_rejects(work: str, out_name: str) -> bool:

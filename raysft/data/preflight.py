@@ -105,7 +105,7 @@ def _names(records: list) -> tuple[set, set, set]:
     return fields, keys, roles
 
 
-def check_columns(records: list, columns: dict) -> None:
+def check_columns(records: list, columns: dict, key: str = "data.columns") -> None:
     """Every name `data.columns` maps must be in the first records: else a UserError with "did you mean"."""
     if not columns or not records:
         return
@@ -117,18 +117,19 @@ def check_columns(records: list, columns: dict) -> None:
             continue
         close = difflib.get_close_matches(theirs, sorted(where), n=1)
         have = ", ".join(sorted(where)[:12]) or "none"
-        raise UserError(format_error(f"data.columns.{ours}", f"the first {len(records)} records have no {theirs!r}",
+        raise UserError(format_error(f"{key}.{ours}", f"the first {len(records)} records have no {theirs!r}",
                                      theirs, (f"did you mean {close[0]!r}? " if close else "") + f"they have: {have}"))
 
 
-def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = SAMPLE) -> dict:
+def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = SAMPLE,
+              columns_key: str = "data.columns") -> dict:
     """The checks above on the first `sample` records of `chunks`; a UserError for any template problem.
 
     Returns what was checked: ``{"records", "end_of_turn", "later_turns", "history_as_inference"}``."""
     eot = end_of_turn(tokenizer)  # None when a probe conversation does not render: the records below say why
     closers = {tokenizer.convert_tokens_to_ids(t) for t in control_tokens(tokenizer, tokenizer.chat_template)}
     records = _first(chunks, settings, sample)
-    check_columns([r[3] for r in records if not isinstance(r[3], RecordError)], settings.columns)
+    check_columns([r[3] for r in records if not isinstance(r[3], RecordError)], settings.columns, columns_key)
     checked, later, same = len(records), 0, 0
     for where, _line, _raw, record in records:
         if isinstance(record, RecordError):

@@ -25,11 +25,11 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-FORMAT = 1  # bump when the rows' meaning changes: it is part of the fingerprint
+FORMAT = 2  # bump when the rows' meaning changes: it is part of the fingerprint (2: the source column)
 TRAIN, EVAL, TOKENIZER, MANIFEST, REJECTS = "train", "eval", "tokenizer", "manifest.json", "rejects.jsonl"
 LIST_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
 ROW_SCHEMA = pa.schema([(c, pa.list_(pa.int32())) for c in LIST_COLUMNS]
-                       + [("num_tokens", pa.int32()), ("num_trained", pa.int32())])
+                       + [("num_tokens", pa.int32()), ("num_trained", pa.int32()), ("source", pa.int16())])
 
 
 def short(fingerprint: str) -> str:
@@ -144,6 +144,8 @@ class PreparedRows:
         self.ds = datasets.Dataset.from_parquet(files, cache_dir=os.path.join(prepared_dir, f"{split}-arrow"))
         self.num_tokens = np.asarray(self.ds["num_tokens"], dtype=np.int64)
         self.num_trained = np.asarray(self.ds["num_trained"], dtype=np.int64)
+        self.source = np.asarray(self.ds["source"], dtype=np.int64)  # index into source_names
+        self.source_names = [x["name"] for x in (read_manifest(prepared_dir) or {}).get("sources") or []] or ["train"]
 
     def __len__(self) -> int:
         return len(self.ds)

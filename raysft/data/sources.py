@@ -38,6 +38,7 @@ class Chunk:
     end: int
     first_line: int  # line (jsonl) or row (parquet, hf) number of the chunk's first record, 1-based
     index: int = 0  # position in the plan: names the chunk's stats and rejects files
+    origin: int = 0  # which of data.sources (data/mixing.py) it is part of
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -123,11 +124,12 @@ def describe_chunk(chunk: Chunk) -> str:
     return f"{chunk.source} (the whole compressed file)"
 
 
-def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> list[Chunk]:
-    """Hash the file and cut it at line ends roughly every `chunk_bytes`."""
+def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> tuple[list[Chunk], int]:
+    """Hash the file and cut it at line ends roughly every `chunk_bytes`; the chunks and the file's lines."""
     chunks = []
     chunk_start, chunk_line = 0, 1
     pos = newlines = 0
+    last_newline = True
     with fs.open_input_stream(path, compression=None) as f:
         while block := f.read(storage.READ_BLOCK):
             h.update(block)
@@ -142,9 +144,10 @@ def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> list[Chunk]:
                 search_from = nl + 1
             newlines += block.count(b"\n")
             pos += len(block)
+            last_newline = block.endswith(b"\n")
     if pos > chunk_start:
         chunks.append(Chunk(source, "jsonl", chunk_start, pos, chunk_line))
-    return chunks
+    return chunks, newlines + (pos > 0 and not last_newline)
 
 
 def _hash_file(fs, path: str, h) -> int:
@@ -156,8 +159,22 @@ def _hash_file(fs, path: str, h) -> int:
     return size
 
 
-def plan(files: list[str], chunk_bytes: int) -> tuple[list[Chunk], list[dict]]:
-    """Chunks to read, and each file's {path, bytes, sha256} for the fingerprint."""
+def _gzip_line_count(source: str) -> int:
+    fs, path = storage.filesystem(source)
+    n, last = 0, b"\n"
+    try:
+        with fs.open_input_stream(path, compression=None) as raw, gzip.GzipFile(fileobj=raw) as f:
+            while block := f.read(storage.READ_BLOCK):
+                n += block.count(b"\n")
+                last = block[-1:]
+    except (EOFError, OSError, zlib.error):
+        pass  # damaged: reading it reports where
+    return n + (last != b"\n")
+
+
+def plan(files: list[str], chunk_bytes: int, count: bool = False) -> tuple[list[Chunk], list[dict]]:
+    """Chunks to read, and each file's {path, bytes, sha256, lines or rows} for the fingerprint (and for
+    data.sources' weights: a .jsonl.gz is decompressed to count its lines only with `count`)."""
     import pyarrow.parquet as pq
 
     chunks: list[Chunk] = []
@@ -167,12 +184,14 @@ def plan(files: list[str], chunk_bytes: int) -> tuple[list[Chunk], list[dict]]:
         fmt = file_format(source)
         h = hashlib.sha256()
         if fmt == "jsonl":
-            chunks += _plan_jsonl(fs, path, source, chunk_bytes, h)
+            file_chunks, records = _plan_jsonl(fs, path, source, chunk_bytes, h)
+            chunks += file_chunks
             size = fs.get_file_info(path).size
         else:
             size = _hash_file(fs, path, h)
             if fmt == "jsonl.gz":
                 chunks.append(Chunk(source, fmt, 0, size, 1))
+                records = _gzip_line_count(source) if count else None
             else:
                 with fs.open_input_file(path) as f:
                     meta = pq.ParquetFile(f).metadata
@@ -180,7 +199,9 @@ def plan(files: list[str], chunk_bytes: int) -> tuple[list[Chunk], list[dict]]:
                 for g in range(meta.num_row_groups):
                     chunks.append(Chunk(source, fmt, g, g + 1, row))
                     row += meta.row_group(g).num_rows
-        inputs.append({"path": source, "bytes": size, "sha256": h.hexdigest()})
+                records = meta.num_rows
+        inputs.append({"path": source, "bytes": size, "sha256": h.hexdigest(),
+                       **({"records": records} if records is not None else {})})
     return [Chunk(**{**c.as_row(), "index": i}) for i, c in enumerate(chunks)], inputs
 
 
@@ -204,7 +225,7 @@ def plan_hf(name: str, split: str) -> tuple[list[Chunk], list[dict]]:
     n = len(ds)
     chunks = [Chunk(name, "hf", s, min(s + HF_ROWS_PER_CHUNK, n), s + 1, i)
               for i, s in enumerate(range(0, n, HF_ROWS_PER_CHUNK))]
-    return chunks, [{"path": f"{name}[{split}]", "rows": n, "sha256": ds._fingerprint}]
+    return chunks, [{"path": f"{name}[{split}]", "records": n, "sha256": ds._fingerprint}]
 
 
 def _lines(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:

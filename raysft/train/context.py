@@ -66,15 +66,17 @@ class Worker:
                                 tensorboard="tensorboard" in t.report_to, trackers=trackers)
         return self.step_log
 
-    def run_state(self, step: int, samples_seen: int, tokens_seen: int, backend: str) -> RunState:
-        """The state.json of a checkpoint at `step`."""
+    def run_state(self, step: int, steps, backend: str) -> RunState:
+        """The state.json of a checkpoint at `step`; `steps`: the run's `metrics.StepMetrics` (what was seen)."""
+        samples_seen, tokens_seen = steps.samples_seen, steps.tokens_seen
         t = self.cfg.train
         return RunState(step=step, epoch=self.schedule.epoch_of(max(step - 1, 0)), samples_seen=samples_seen,
                         tokens_seen=tokens_seen, seed=t.seed, fingerprint=self.job.fingerprint,
                         world_size=self.world, total_steps=self.schedule.total_steps,
                         global_batch_size=t.global_batch_size, final=step == self.schedule.total_steps,
                         backend=backend, zero_stage=t.zero_stage, lora=bool(t.lora.r),
-                        tracking=self.step_log.trackers.ids() if self.step_log else {})
+                        tracking=self.step_log.trackers.ids() if self.step_log else {},
+                        samples_seen_by_source=steps.seen_by_source())
 
 
 def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend_prefetches: bool = False) -> Worker:

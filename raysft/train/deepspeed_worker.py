@@ -132,7 +132,7 @@ def train_loop(loop_config: dict) -> None:
         checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
         step_log(metrics, checkpoint_due)
         if checkpoint_due:
-            save_checkpoint(engine, w, step, w.run_state(step, steps.samples_seen, steps.tokens_seen, BACKEND),
+            save_checkpoint(engine, w, step, w.run_state(step, steps, BACKEND),
                             metrics, gate)
         elif step_log.reportable(metrics):
             gate.report(metrics, stats[3].item())

@@ -107,7 +107,7 @@ def train_loop(loop_config: dict) -> None:
         local = tempfile.mkdtemp(prefix="raysft-ckpt-")
         shutil.move(folder, ckpt.model_dir(local))
         if rank == 0:
-            state = w.run_state(step, steps.samples_seen, steps.tokens_seen, BACKEND)
+            state = w.run_state(step, steps, BACKEND)
             ckpt.write_run_files(local, state, to_yaml(cfg), tokenizer_dir(job.prepared))
         gate.report_checkpoint(local, step, dict(last_metrics), rank, world, w.run_dir, cfg.checkpoint.keep, w.log,
                                job.hooks)

@@ -65,7 +65,8 @@ def preflight(cfg: Config) -> None:
         except OSError as exc:
             raise UserError(format_error(key, "storage is not writable", path,
                                          f"choose a folder you can write ({exc.strerror})")) from exc
-    for key, files in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
+    sources = [(f"data.sources[{i}].files", s.get("files")) for i, s in enumerate(cfg.data.sources)]
+    for key, files in [("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)] + sources:
         if files:
             expand(files, key)  # a path or glob that matches nothing fails here, before Ray starts
     if cfg.train.backend == "hf":

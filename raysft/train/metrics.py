@@ -10,6 +10,8 @@ import os
 import time
 from typing import Callable, Optional
 
+import numpy as np
+
 # bf16 dense peak FLOP/s by GPU name, for MFU
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
                  "B200": 2250e12}
@@ -44,12 +46,16 @@ class StepMetrics:
         self.peak, self.resumed_from = peak, start_step
         self.samples_seen, self.tokens_seen = samples_seen, tokens_seen
         self.t_start, self.steps_timed = time.time(), 0
+        k = len(rows.source_names)  # rows seen per data.sources entry: the steps before start_step replayed
+        done = [schedule.global_batch(s) for s in range(start_step)]
+        self.by_source = np.bincount(rows.source[np.concatenate(done)], minlength=k) if done else np.zeros(k, int)
 
     def __call__(self, step: int, loss: float, processed: float, data_time: float, step_time: float, lr: float,
                  grad_norm: float) -> dict:
         global_rows = self.schedule.global_batch(step - 1)
         real_tokens = int(self.rows.num_tokens[global_rows].sum())
         self.samples_seen += len(global_rows)
+        self.by_source += np.bincount(self.rows.source[global_rows], minlength=len(self.by_source))
         self.tokens_seen += real_tokens
         self.steps_timed += 1
         m = {"step": step, "total_steps": self.schedule.total_steps, "epoch": self.schedule.epoch_of(step - 1),
@@ -69,6 +75,10 @@ class StepMetrics:
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss}. fix: lower train.lr, or use bf16/fp32")
         return m
+
+    def seen_by_source(self) -> dict:
+        """{source name: rows trained on so far} (data.sources), for state.json."""
+        return {name: int(n) for name, n in zip(self.rows.source_names, self.by_source)}
 
 
 class StepLog:
