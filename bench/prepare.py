@@ -3,6 +3,8 @@
     python bench/prepare.py                       # 200k records at 1x and 4x (about 10 minutes on 2 cores)
     python bench/prepare.py --records 20000 --scales 1
 
+Raw reference: `json.loads` + `to_chatml` + the Rust tokenizer's `encode_batch` in one process per core, nothing
+else (no masks, packing, Arrow or writes): raysft's Ray Data stage and its whole command are printed as ratios to it.
 Peer (the original scripts' way): `datasets.load_dataset("json")` -> `map(trl.extract_prompt)` ->
 chosen becomes the completion -> ChatML -> prompt + completion joined into `text` -> batched tokenization,
 with `num_proc=1` and `num_proc=2`. raysft: the whole `prepare` (parse, validate, render, tokenize with the
@@ -123,6 +125,43 @@ def peer(data: str, tokenizer_dir: str, num_proc: int, cache: str):
     return ds, sum(len(x) for x in ds["input_ids"])
 
 
+# ------------------------------------------------------------------ the raw reference: the work alone, on all cores
+
+def _raw_part(args) -> tuple[int, int]:
+    path, start, end, tokenizer_file = args
+    from tokenizers import Tokenizer
+
+    from raysft.data import to_chatml
+
+    tok = Tokenizer.from_file(tokenizer_file)
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = f.read(end - start).splitlines()
+    texts = [to_chatml(json.loads(line))["text"] for line in lines if line.strip()]
+    tokens = 0
+    for i in range(0, len(texts), 512):
+        tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i:i + 512]))
+    return len(texts), tokens
+
+
+def raw(data: str, tokenizer_dir: str, procs: int) -> int:
+    """`json.loads` + `to_chatml` + the Rust tokenizer's `encode_batch`, one process per core on a part of the file
+    each: no loss mask, packing, Arrow or writes. What any pipeline must at least do; its tokens."""
+    import multiprocessing
+
+    size = os.path.getsize(data)
+    cuts = [0]
+    with open(data, "rb") as f:
+        for k in range(1, procs):
+            f.seek(size * k // procs)
+            f.readline()
+            cuts.append(max(f.tell(), cuts[-1]))
+    cuts.append(size)
+    parts = [(data, a, b, os.path.join(tokenizer_dir, "tokenizer.json")) for a, b in zip(cuts, cuts[1:])]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        return sum(t for _, t in pool.map(_raw_part, parts))
+
+
 # ------------------------------------------------------------------ raysft
 
 def raysft_prepare(data: str, tokenizer_dir: str, out: str):
@@ -159,7 +198,7 @@ def run(records: int, scales: list[int], work: str) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"ray start-up: {time.time() - t:.1f}s (not counted below)")
     print(f"{'scale':>5} {'path':<22} {'records/s':>10} {'tokens/s':>11} {'seconds':>8} {'peak MB':>8}")
-    results = {}
+    results, phases = {}, {}
     for scale in scales:
         data = os.path.join(work, f"data-{scale}x.jsonl")
         if scale != 1:
@@ -168,12 +207,15 @@ def run(records: int, scales: list[int], work: str) -> None:
                 for _ in range(scale):
                     out.write(body)
         n = records * scale
-        for name in ("raysft", "peer num_proc=1", "peer num_proc=2"):
+        for name in ("raysft", "raw (all cores)", "peer num_proc=1", "peer num_proc=2"):
             with PeakMemory() as mem:
                 t = time.time()
                 if name == "raysft":
                     m = raysft_prepare(data, tok_dir, os.path.join(work, f"out-{scale}"))
                     tokens, extra = m["tokens"], f"rows={m['rows']} padding={m['padding_fraction']:.3f}"
+                    phases[scale] = m["phases"]
+                elif name.startswith("raw"):
+                    tokens, extra = raw(data, tok_dir, os.cpu_count() or 1), ""
                 else:
                     ds, tokens = peer(data, tok_dir, int(name[-1]), os.path.join(work, f"cache-{scale}-{name[-1]}"))
                     extra = ""
@@ -186,12 +228,17 @@ def run(records: int, scales: list[int], work: str) -> None:
                 print(f"      text check: {n - bad}/{n} records give the same text (mismatches: {bad})")
                 assert bad == 0
     for scale in scales:
+        r, w = results[(scale, "raysft")], results[(scale, "raw (all cores)")]
+        stage = records * scale / phases[scale]["ray_data"]
+        print(f"ratio {scale}x: raysft / raw records/s: Ray Data stage {stage / w[0]:.2f}x, whole command "
+              f"{r[0] / w[0]:.2f}x; phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases[scale].items()))
+    for scale in scales:
         r, p1, p2 = (results[(scale, k)] for k in ("raysft", "peer num_proc=1", "peer num_proc=2"))
         print(f"ratio {scale}x: raysft records/s vs num_proc=1: {r[0] / p1[0]:.2f}x, vs num_proc=2: {r[0] / p2[0]:.2f}x; "
               f"peak memory raysft/num_proc=1: {r[3] / p1[3]:.2f}")
     if len(scales) > 1:
         lo, hi = scales[0], scales[-1]
-        for name in ("raysft", "peer num_proc=1", "peer num_proc=2"):
+        for name in ("raysft", "raw (all cores)", "peer num_proc=1", "peer num_proc=2"):
             print(f"peak memory {hi}x/{lo}x input, {name}: {results[(hi, name)][3] / results[(lo, name)][3]:.2f}")
     ray.shutdown()
 

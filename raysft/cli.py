@@ -38,14 +38,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args) -> None:
-    from raysft.cluster import check_shared_storage, ensure_ray, logical_cpus
+    from raysft.cluster import check_shared_storage, ensure_ray
     from raysft.config import load_config
     from raysft.data.prepared import summary
     from raysft.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
-    path, manifest = prepare(cfg, start_ray=lambda: (ensure_ray(cfg), check_shared_storage(cfg)),
-                             cpus=logical_cpus(cfg))
+    path, manifest = prepare(cfg, start_ray=lambda: (ensure_ray(cfg), check_shared_storage(cfg)))
     print(summary(manifest))
     print(f"prepared: {path}")
 

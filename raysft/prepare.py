@@ -29,19 +29,20 @@ from raysft.errors import UserError
 
 MAX_CHUNK_BYTES = 4 << 20  # fixed beyond small inputs: per-task memory must not grow with the input
 MIN_CHUNK_BYTES = 256 << 10
-CHUNKS_PER_CPU = 4  # enough tasks that a slow chunk does not leave the other CPUs idle
+TARGET_CHUNKS = 64  # enough tasks to keep a few nodes' CPUs busy, without a slow chunk leaving the others idle
 
 
-def chunk_bytes(total: int, cpus: int) -> int:
-    """Enough chunks to keep every CPU busy, none so big that memory grows with the input.
+def chunk_bytes(total: int) -> int:
+    """Enough chunks to keep a cluster's CPUs busy, none so big that memory grows with the input. It depends on the
+    input's size alone, never on the machine or the cluster: the rows (packed per chunk) are the same everywhere.
 
-    >>> chunk_bytes(100 << 20, 2) == MAX_CHUNK_BYTES, chunk_bytes(1000, 2) == MIN_CHUNK_BYTES
-    (True, True)
+    >>> chunk_bytes(1 << 30) == MAX_CHUNK_BYTES, chunk_bytes(1000) == MIN_CHUNK_BYTES, chunk_bytes(64 << 20) >> 20
+    (True, True, 1)
     """
-    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, total // max(1, CHUNKS_PER_CPU * cpus))))
+    return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, total // TARGET_CHUNKS)))
 
 
-def plan_inputs(cfg: Config, cpus: int) -> tuple[list[Chunk], list[Chunk], dict, list[dict]]:
+def plan_inputs(cfg: Config) -> tuple[list[Chunk], list[Chunk], dict, list[dict]]:
     """Expand, hash and chunk every input; returns (train chunks, eval chunks, inputs for the fingerprint, the
     training sources of `mixing.sources_of`, each with its `records`)."""
     d = cfg.data
@@ -50,7 +51,7 @@ def plan_inputs(cfg: Config, cpus: int) -> tuple[list[Chunk], list[Chunk], dict,
     files = [expand(s["files"], key) if s["files"] else [] for key, s in keyed]
     eval_files = expand(d.eval_files, "data.eval_files") if d.eval_files else []
     total = sum(os.path.getsize(p) for p in sum(files, []) + eval_files if not storage.is_uri(p))
-    size = chunk_bytes(total, cpus)
+    size = chunk_bytes(total)
     train_chunks: list[Chunk] = []
     train_inputs: list[dict] = []
     for i, (source, source_files) in enumerate(zip(sources, files)):
@@ -95,14 +96,15 @@ def _counts(work: str, split: str, max_seq_len: int) -> dict:
     return {**pipeline.side_counts(work, split), **prepared.split_statistics(work, split, max_seq_len)}
 
 
-def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional[Callable[[], None]] = None,
-            cpus: int = 0) -> tuple[str, dict]:
+def prepare(cfg: Config, log: Callable[[str], None] = print,
+            start_ray: Optional[Callable[[], None]] = None) -> tuple[str, dict]:
     """Prepare (or reuse) the dataset for `cfg`; returns (prepared folder, manifest)."""
     t0 = time.time()
     tokenizer = load_tokenizer(cfg.tokenizer.name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code,
                                "tokenizer.name_or_path" if cfg.tokenizer.name_or_path else "model.name_or_path",
                                cfg.data.chat_template)
-    train_chunks, eval_chunks, inputs, sources = plan_inputs(cfg, cpus or os.cpu_count() or 1)
+    train_chunks, eval_chunks, inputs, sources = plan_inputs(cfg)
+    phases = {"load_and_plan": time.time() - t0}  # seconds per phase, for the manifest (bench/prepare.py reads it)
     settings = Settings.from_config(cfg.data)
     per_source = source_settings(settings, sources, cfg.train.seed)
     staging = tempfile.mkdtemp(prefix="raysft-tok-")
@@ -125,8 +127,10 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
             f"end of turn {checked['end_of_turn']} trained, prompts as apply_chat_template gives them"
             + (f"; history of later turns as at inference: {checked['history_as_inference']}/"
                f"{checked['later_turns']}" if checked["later_turns"] else "") + ")")
+        phases["fingerprint_and_preflight"] = time.time() - t0 - sum(phases.values())
         if start_ray:
             start_ray()
+        phases["ray_start"] = time.time() - t0 - sum(phases.values())
         os.makedirs(os.path.dirname(final), exist_ok=True)
         work = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         pipeline.make_work_dir(work)
@@ -142,11 +146,13 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
             error = pipeline.run_split(task, chunks) if chunks else None
             if error is not None:
                 raise error
+        phases["ray_data"] = time.time() - t0 - sum(phases.values())
         train = _counts(work, prepared.TRAIN, settings.max_seq_len)
         if train["rows"] == 0:
             raise UserError(f"data.train_files: no training rows from {train['records_read']} records "
                             f"(rejected: {train['rejected_by_reason'] or 'none'}). fix: check the data's format")
-        evals = _counts(work, prepared.EVAL, settings.max_seq_len) if eval_chunks or settings.eval_fraction else None
+        held = any(st.eval_fraction for st in per_source)  # data.eval_fraction, or a source's own
+        evals = _counts(work, prepared.EVAL, settings.max_seq_len) if eval_chunks or held else None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         try:  # nothing is left of a failed prepare: not even an empty prepared/ folder
@@ -159,7 +165,9 @@ def prepare(cfg: Config, log: Callable[[str], None] = print, start_ray: Optional
                 "settings": settings.as_dict(), "inputs": inputs, "chat_template": checked,
                 "tokenizer": {"dir": prepared.TOKENIZER, "sha256": tok_hash, "vocab_size": len(tokenizer)},
                 "rejects_file": prepared.REJECTS if pipeline.merge_rejects(work, prepared.REJECTS) else None,
-                "seconds": round(time.time() - t0, 2)}
+                "prepare_nodes": pipeline.node_counts(work)}
+    phases["statistics_and_manifest"] = time.time() - t0 - sum(phases.values())
+    manifest.update(seconds=round(time.time() - t0, 2), phases={k: round(v, 3) for k, v in phases.items()})
     pipeline.remove_side_files(work)
     storage.write_atomic(os.path.join(work, prepared.MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
     if os.path.exists(final):  # an incomplete earlier attempt (no valid manifest): replace it

@@ -1,6 +1,7 @@
 """Launch paths: cluster/local.sh end to end (ray start + ray job submit), submit.sh, KubeRay manifests."""
 
 import copy
+import json
 import os
 import re
 import shlex
@@ -211,6 +212,42 @@ def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(multinode)
                                    r"check failed\. \w+.*\); "
                                    r"restarting the workers from the last checkpoint \(restart \d of \d\)$", line)
                           for line in failed), failed
+
+
+@pytest.mark.ray
+def test_prepare_spreads_over_the_nodes_and_gives_the_rows_one_node_gives(multinode, tmp_path, tiny_model_dir,
+                                                                          ray_session):
+    """The multi-node run prepared its data on the cluster: its Ray Data tasks ran on more than one node (each task
+    names its node in the manifest), and the rows equal, column by column, those of the same config prepared by a
+    single-node Ray."""
+    import glob
+    import importlib.util
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysft.config import load_config
+    from raysft.prepare import prepare
+
+    out, _ = multinode
+    [spread] = glob.glob(os.path.join(out, "prepared", "*", "manifest.json"))
+    manifest = json.load(open(spread))
+    nodes = manifest["prepare_nodes"]
+    assert len(nodes) >= 2 and all(n >= 1 for n in nodes.values()), nodes
+    spec = importlib.util.spec_from_file_location("multinode", os.path.join(ROOT, "tests", "scripts", "multinode.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    sample = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
+    single, single_manifest = prepare(load_config(None, script.overrides(str(tmp_path / "single"), tiny_model_dir,
+                                                                          sample)))
+    assert single_manifest["fingerprint"] == manifest["fingerprint"] and len(single_manifest["prepare_nodes"]) == 1
+
+    def rows(folder):
+        files = sorted(glob.glob(os.path.join(folder, "train", "*.parquet")))
+        return pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
+
+    a, b = rows(os.path.dirname(spread)), rows(single)
+    assert a.num_rows == manifest["rows"] and a.equals(b)
 
 
 @pytest.mark.ray

@@ -50,11 +50,13 @@ def test_a_sources_column_the_records_lack_is_named_before_ray(tmp_path, tiny_mo
 
 @pytest.mark.ray
 def test_shares_follow_the_weights_exactly_and_the_seed_picks_the_records(tmp_path, tiny_model_dir, ray_session):
-    # 7,000 records of one source and 3,000 of another, weighted 0.3 / 0.7: the first is sampled to ~3,000
-    # examples, the second repeated to ~7,000; source b renames its fields (its own data.columns)
+    # 7,000 records of one source (10% held out for eval: 6,300 train) and 3,000 of another, weighted 0.3 / 0.7:
+    # the first is sampled to 0.3 x 9,300 = 2,790 examples, the second repeated to 6,510; source b renames its
+    # fields (its own data.columns)
     a = write_jsonl(tmp_path / "a.jsonl", [{"messages": msgs(f"a{i}", f"x{i}")} for i in range(7000)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"dialog": msgs(f"b{i}", f"y{i}")} for i in range(3000)])
-    sources = [{"files": a, "weight": 0.3}, {"files": [b], "weight": 0.7, "name": "bee", "columns": {"messages": "dialog"}}]
+    sources = [{"files": a, "weight": 0.3, "eval_fraction": 0.1},
+               {"files": [b], "weight": 0.7, "name": "bee", "columns": {"messages": "dialog"}}]
     one, m1 = prepare(mixed_config(tmp_path, tiny_model_dir, "one", sources))
     same, m2 = prepare(mixed_config(tmp_path, tiny_model_dir, "same", sources))
     other, m3 = prepare(mixed_config(tmp_path, tiny_model_dir, "other", sources, seed=7))
@@ -62,9 +64,11 @@ def test_shares_follow_the_weights_exactly_and_the_seed_picks_the_records(tmp_pa
     assert list(report) == ["a", "bee"]
     for name, target in (("a", 0.3), ("bee", 0.7)):
         assert report[name]["target_share"] == target and abs(report[name]["share"] - target) < 0.01, report
+    held = report["a"]["records_held_out"]
+    assert abs(held - 700) < 100 and m1["eval"]["records_kept"] == held  # a's own eval_fraction, to the eval split
     assert {k: report["a"][k] for k in ("records_read", "records_kept", "records_rejected")} == {
-        "records_read": 7000, "records_kept": 7000, "records_rejected": 0}
-    assert report["bee"]["records_read"] == 3000 and report["bee"]["uses_per_record"] == round(7 / 3, 6)
+        "records_read": 7000, "records_kept": 7000 - held, "records_rejected": 0}
+    assert report["bee"]["records_read"] == 3000 and report["bee"]["uses_per_record"] == round(0.7 * 9300 / 3000, 6)
     assert report["a"]["examples"] + report["bee"]["examples"] == m1["rows"]  # packing off: a row per example
     assert all(report[n]["rows"] == report[n]["examples"] and report[n]["trained_tokens"] > 0 for n in report)
     assert m1["trained_tokens"] == report["a"]["trained_tokens"] + report["bee"]["trained_tokens"]
@@ -74,7 +78,10 @@ def test_shares_follow_the_weights_exactly_and_the_seed_picks_the_records(tmp_pa
     rows = rows_of(one)
     assert rows == rows_of(same)  # the same seed: the same rows
     other_rows = rows_of(other)
-    assert other_rows != rows and abs(len(other_rows) - len(rows)) <= 10  # another seed: other records, same shares
+    # another seed: other records, the same shares (a's held-out records, a hash of file and line, take a random
+    # few of each block's picks: within 1%, not to the record)
+    assert other_rows != rows and abs(len(other_rows) - len(rows)) <= 0.01 * len(rows)
+    assert all(abs(s["share"] - s["target_share"]) < 0.01 for s in m3["sources"])
     # every record of b is used 2 or 3 times; a's picked records once; the rows say which source they hold
     from collections import Counter
 

@@ -57,6 +57,13 @@ class Task:
 _tokenizer = functools.lru_cache(maxsize=4)(saved_tokenizer)
 
 
+def _node() -> str:
+    """The Ray node this task runs on (its id, shortened), for the manifest's `prepare_nodes`."""
+    import ray
+
+    return (ray.get_runtime_context().get_node_id() or "")[:12] if ray.is_initialized() else ""
+
+
 def _error_json(exc: UserError) -> str:
     if isinstance(exc, RecordError):
         return json.dumps({"record": [exc.reason, exc.message, exc.where]})
@@ -112,7 +119,7 @@ def process_chunks(batch: dict, task: Task) -> pa.Table:
                          json.dumps({"records_read": n, "records_kept": n, "rejected_by_reason": {}}))
         chunk_tables = train_tables(result, s.max_seq_len, s.packing, chunk.origin)
         write_atomic(os.path.join(work, STATS, f"{name}.json"), json.dumps(
-            {**result.counts, "source": chunk.origin, "rows": sum(len(t) for t in chunk_tables)}))
+            {**result.counts, "source": chunk.origin, "rows": sum(len(t) for t in chunk_tables), "node": _node()}))
         tables += chunk_tables
     return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
 
@@ -174,6 +181,19 @@ def side_counts(work: str, split: str) -> dict:
     keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples_truncated",
             "examples_dropped")
     return {**{k: counts[k] for k in keys}, "rejected_by_reason": dict(sorted(by_reason.items()))}
+
+
+def node_counts(work: str) -> dict:
+    """{Ray node: chunks it prepared}, over both splits: where the tasks ran."""
+    from collections import Counter
+
+    nodes: Counter = Counter()
+    for path in glob.glob(os.path.join(work, STATS, "*-[0-9]*.json")):
+        with open(path, encoding="utf-8") as f:
+            node = json.load(f).get("node")
+        if node:  # the held-out counts' files name none (their chunk's file does)
+            nodes[node] += 1
+    return dict(sorted(nodes.items()))
 
 
 def source_counts(work: str, split: str, n_sources: int) -> list[dict]:

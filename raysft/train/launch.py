@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from raysft import checkpoint as ckpt
 from raysft import storage
-from raysft.cluster import auth_line, check_machine_fits, check_shared_storage, ensure_ray, logical_cpus
+from raysft.cluster import auth_line, check_machine_fits, check_shared_storage, ensure_ray
 from raysft.config import Config, load_config, to_dict, worker_range
 from raysft.console import Feed
 from raysft.data.prepared import has_eval, short, summary
@@ -157,7 +157,7 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
             check_shared_storage(cfg)
             connected.append(True)
 
-    prepared, manifest = prepare(cfg, log=log, cpus=logical_cpus(cfg), start_ray=connect)
+    prepared, manifest = prepare(cfg, log=log, start_ray=connect)
     log(summary(manifest))
     t = cfg.train
     schedule = Schedule(manifest["rows"], t.global_batch_size, t.seed, t.epochs, t.max_steps)

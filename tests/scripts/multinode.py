@@ -20,6 +20,16 @@ import ray
 from ray.cluster_utils import Cluster
 
 
+def overrides(out: str, model_dir: str, data: str, mode: str = "fixed") -> list[str]:
+    """The run's config (also what the test prepares on one node to compare the rows with)."""
+    return [
+        f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=256", f"model.name_or_path={model_dir}",
+        "model.from_scratch=true", "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=10",
+        "train.dtype=fp32", "train.lr=1e-3", "train.log_every_steps=1", "checkpoint.every_steps=2",
+        "cluster.num_workers=" + ("[1, 2]" if mode == "elastic" else "2"), "cluster.max_failures=2",
+        "cluster.resources_per_worker={CPU: 1, train_slot: 1}", "train.zero_stage=2"]
+
+
 def main(out: str, model_dir: str, data: str, mode: str = "fixed") -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
@@ -28,12 +38,7 @@ def main(out: str, model_dir: str, data: str, mode: str = "fixed") -> None:
     from raysft.config import load_config
     from raysft.train.launch import train
 
-    cfg = load_config(None, [
-        f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=256", f"model.name_or_path={model_dir}",
-        "model.from_scratch=true", "train.micro_batch_size=2", "train.global_batch_size=4", "train.max_steps=10",
-        "train.dtype=fp32", "train.lr=1e-3", "train.log_every_steps=1", "checkpoint.every_steps=2",
-        "cluster.num_workers=" + ("[1, 2]" if mode == "elastic" else "2"), "cluster.max_failures=2",
-        "cluster.resources_per_worker={CPU: 1, train_slot: 1}", "train.zero_stage=2"])
+    cfg = load_config(None, overrides(out, model_dir, data, mode))
     result, errors = {}, []
 
     def run():
