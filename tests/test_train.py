@@ -360,6 +360,12 @@ def assert_tracked(cfg, uri, resumed_from):
         '["tensorboard", "mlflow", "wandb"]' and run.data.params["data.max_seq_len"] == "256"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert {h.step for h in history} == set(steps) and all(h.value == steps[h.step] for h in history)
+    # the eval prompt's answer at the last step, as samples.jsonl has it
+    with open(os.path.join(cfg.output_dir, "samples.jsonl"), encoding="utf-8") as f:
+        samples = [json.loads(line) for line in f]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(6, "What is 2 + 2?")]
+    local = client.download_artifacts(run.info.run_id, "samples/step_00000006.jsonl", cfg.output_dir)
+    assert [json.loads(line) for line in open(local, encoding="utf-8")] == samples
     # W&B (offline): a folder per attempt, of the run state.json names. The killed attempt's folder may hold only a
     # header: W&B's service process went down with the worker before writing it out. The resumed attempt logged every
     # step from its checkpoint on, as metrics.jsonl has them, and the config.
@@ -368,6 +374,8 @@ def assert_tracked(cfg, uri, resumed_from):
     assert attempts[-1]["config"]["train.lr"] == "0.003"
     logged = {h["_step"]: h["train/loss"] for h in attempts[-1]["history"] if "train/loss" in h}
     assert sorted(logged) == list(range(resumed_from + 1, 7)) and all(logged[s] == steps[s] for s in logged)
+    tables = [h for h in attempts[-1]["history"] if "samples/_type" in h]
+    assert [(h["_step"], h["samples/_type"], h["samples/nrows"]) for h in tables] == [(6, "table-file", 1)]
 
 
 def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir, mlflow_server):
@@ -379,7 +387,8 @@ def test_sigkill_of_a_worker_process_resumes_and_ends_identical(reference, tmp_p
 
     # tracked by MLflow (a real server) and W&B (offline): the resumed attempt continues both runs
     cfg = run_config(tmp_path, tiny_model_dir, "killed", cluster={"max_failures": 2}, train={
-        "report_to": ["tensorboard", "mlflow", "wandb"], "tracking_uri": mlflow_server, "tracking_project": "killed"})
+        "report_to": ["tensorboard", "mlflow", "wandb"], "tracking_uri": mlflow_server, "tracking_project": "killed",
+        "eval_prompts": ["What is 2 + 2?"], "eval_max_new_tokens": 4})  # answered at the end (greedy: no RNG drawn)
     step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
     thread, outcome = train_in_thread(cfg)
     wait_for(lambda: ckpt.verify(step2, checksums=False) is None, thread)
