@@ -36,6 +36,23 @@ def test_each_use_of_a_repeated_example_is_packed_in_another_row():
     assert [t.column("source").to_pylist() for t in tables] == [[1], [1]]
 
 
+def test_a_sources_own_settings_override_the_data_ones(tmp_path, tokenizer):
+    """Settings.for_source: a source's system_message, columns and eval_fraction replace data.*'s for its records."""
+    from raysft.data.chunks import Settings, chunk_to_examples
+    from raysft.data.sources import plan
+
+    path = write_jsonl(tmp_path / "s.jsonl", [{"dialog": msgs(f"q{i}", f"a{i}")} for i in range(40)])
+    base = Settings(max_seq_len=128, packing=True, loss_on="completion", system_message="Base.",
+                    on_bad_record="error", on_overlong="truncate", hf_split="train", eval_fraction=0.0)
+    own = base.for_source({"system_message": "Be brief.", "columns": {"messages": "dialog"}, "eval_fraction": 0.25},
+                          1.0, 42)
+    result = chunk_to_examples(plan([path], 1 << 20)[0][0], own, tokenizer)
+    text = tokenizer.decode(result.examples[0][0])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq0") and "Base." not in text
+    assert 0 < sum(result.held_out) < 40 and result.counts["records_held_out"] == sum(result.held_out)
+    assert result.copies == [0 if h else 1 for h in result.held_out]  # weight ratio 1: each kept record once
+
+
 def test_a_sources_column_the_records_lack_is_named_before_ray(tmp_path, tiny_model_dir):
     from raysft.errors import UserError
 
