@@ -164,15 +164,138 @@ def raw(data: str, tokenizer_dir: str, procs: int) -> int:
 
 # ------------------------------------------------------------------ raysft
 
-def raysft_prepare(data: str, tokenizer_dir: str, out: str):
+def bench_config(data: str, tokenizer_dir: str, out: str):
     from raysft.config import load_config
+
+    return load_config(None, [f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=2048",
+                              f"model.name_or_path={tokenizer_dir}", "cluster.num_workers=1",
+                              "train.global_batch_size=1"])
+
+
+def raysft_prepare(data: str, tokenizer_dir: str, out: str):
     from raysft.prepare import prepare
 
-    cfg = load_config(None, [f"output_dir={out}", f"data.train_files={data}", "data.max_seq_len=2048",
-                             f"model.name_or_path={tokenizer_dir}", "cluster.num_workers=1",
-                             "train.global_batch_size=1"])
-    _, manifest = prepare(cfg, log=lambda s: None)
-    return manifest
+    return prepare(bench_config(data, tokenizer_dir, out), log=lambda s: None)
+
+
+# ------------------------------------------------------------------ the check: sampled rows against the slow path
+
+def slow_example(line: str, tokenizer, settings) -> tuple[list, list]:
+    """One record the slow, obvious way: `json.loads` with a hook on every object, the ChatML segments, each run of
+    text segments with one training flag tokenized alone by transformers (`split_special_tokens=True`), each control
+    token looked up, the labels per segment, the first label ignored."""
+    from raysft.data import records
+    from raysft.data.chunks import render
+    from raysft.data.packing import fit_length
+    from raysft.data.tokenize import IGNORE_INDEX
+
+    record = json.loads(line, object_pairs_hook=records._no_duplicate_keys)
+    runs: list = []  # [text, control, trained]
+    for seg in render(record, settings, tokenizer).segments:
+        if runs and not seg.control and not runs[-1][1] and runs[-1][2] == seg.trained:
+            runs[-1][0] += seg.text
+        elif seg.text:
+            runs.append([seg.text, seg.control, seg.trained])
+    ids, labels = [], []
+    for text, control, trained in runs:
+        piece = [tokenizer.convert_tokens_to_ids(text)] if control else \
+            tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    labels[0] = IGNORE_INDEX
+    return fit_length(ids, labels, settings.max_seq_len, settings.on_overlong)
+
+
+def check_rows(data: str, prepared_dir: str, cfg, every: int = 1000) -> tuple[int, int]:
+    """(sampled records, of them found as an example in the prepared rows, ids and labels exactly)."""
+    import pyarrow.parquet as pq
+
+    from raysft.data.chunks import Settings
+    from raysft.data.prepared import saved_tokenizer, split_dir
+
+    found = set()
+    for path in sorted(os.listdir(split_dir(prepared_dir, "train"))):
+        table = pq.read_table(os.path.join(split_dir(prepared_dir, "train"), path),
+                              columns=["input_ids", "labels", "seq_lengths"]).to_pydict()
+        for ids, labels, lengths in zip(table["input_ids"], table["labels"], table["seq_lengths"]):
+            at = 0
+            for n in lengths:
+                found.add(hash((tuple(ids[at:at + n]), tuple(labels[at:at + n]))))
+                at += n
+    tokenizer, settings = saved_tokenizer(prepared_dir), Settings.from_config(cfg.data)
+    sampled = equal = 0
+    with open(data, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % every == 0:
+                ids, labels = slow_example(line, tokenizer, settings)
+                sampled += 1
+                equal += hash((tuple(ids), tuple(labels))) in found
+    return sampled, equal
+
+
+# ------------------------------------------------------------------ the profile: one task's work, and Ray's timeline
+
+def profile_chunk(data: str, tokenizer_dir: str, work: str) -> None:
+    """cProfile of one chunk's whole task work outside Ray (read, parse, render, tokenize, pack, Arrow, Parquet)."""
+    import cProfile
+    import pstats
+
+    import pyarrow.parquet as pq
+
+    from raysft.data.chunks import Settings, chunk_to_examples, train_tables
+    from raysft.data.sources import plan
+    from raysft.data.tokenize import load_tokenizer
+
+    cfg = bench_config(data, tokenizer_dir, os.path.join(work, "profile"))
+    s = Settings.from_config(cfg.data)
+    chunk = plan([data], 4 << 20)[0][0]
+    tokenizer = load_tokenizer(tokenizer_dir)  # as prepare's driver loads it
+
+    def task():
+        result = chunk_to_examples(chunk, s, tokenizer)
+        for t in train_tables(result, s.max_seq_len, s.packing, 0):
+            pq.write_table(t, os.path.join(work, "profile.parquet"))
+        return result
+
+    task()  # warm: the tokenizer's memo, imports
+    t = time.time()
+    n = len(task().examples)
+    plain = time.time() - t
+    prof = cProfile.Profile()
+    prof.runcall(task)
+    stats = pstats.Stats(prof)
+    def cum(name: str) -> float:  # cumulative seconds of the function so named (a builtin: within its name)
+        return max((v[3] for f, v in stats.stats.items() if f[2] == name or f"'{name}'" in f[2]), default=0.0)
+
+    total = stats.total_tt
+    print(f"profile of one chunk ({n} records, {plain:.2f} s, {n / plain:.0f} records/s on one core; profiled "
+          f"{total:.2f} s):")
+    for label, fn in (("read + parse (json, duplicate keys)", "_parsed_lines"), ("  of it json", "_loads"),
+                      ("render (records -> ChatML segments)", "render"), ("tokenize with the mask", "tokenize_rendered"),
+                      ("  of it the Rust call", "encode_batch_fast"), ("pack + Arrow", "rows_table"),
+                      ("Parquet write", "write_table")):
+        print(f"  {label:<40} {cum(fn):6.2f} s  {cum(fn) / total:5.0%}")
+
+
+def timeline_summary(path: str, since: float) -> None:
+    """Per Ray worker that ran prepare tasks: when its first task started, how long it took against the others,
+    and the idle time between its tasks (Ray's timeline, `ray.timeline()`)."""
+    with open(path) as f:
+        events = [e for e in json.load(f) if e.get("ph") == "X" and e["name"] == "task:execute"]
+    workers: dict = {}
+    for e in events:
+        if e["ts"] / 1e6 >= since:
+            workers.setdefault(e["tid"], []).append((e["ts"] / 1e6, e["dur"] / 1e6))
+    for tid, tasks in workers.items():
+        tasks.sort()
+        if len(tasks) < 2 or tasks[0][1] < 0.05:  # Ray Data's own actors' calls
+            continue
+        rest = sorted(d for _, d in tasks[1:])
+        gaps = sum(b[0] - (a[0] + a[1]) for a, b in zip(tasks, tasks[1:]))
+        busy = sum(d for _, d in tasks)
+        print(f"  worker {tid[-6:]}: {len(tasks)} tasks, first at +{tasks[0][0] - since:.2f} s taking {tasks[0][1]:.2f} s "
+              f"(the others: median {rest[len(rest) // 2]:.2f} s), idle between tasks {gaps:.2f} s of "
+              f"{gaps + busy:.2f} s")
 
 
 def check_text(data: str, ds) -> int:
@@ -185,7 +308,7 @@ def check_text(data: str, ds) -> int:
     return mismatches
 
 
-def run(records: int, scales: list[int], work: str) -> None:
+def run(records: int, scales: list[int], work: str, profile: bool = False) -> None:
     import datasets
     import ray
 
@@ -193,6 +316,8 @@ def run(records: int, scales: list[int], work: str) -> None:
     base = os.path.join(work, "data-1x.jsonl")
     make_data(base, records)
     tok_dir = train_tokenizer(base, os.path.join(work, "tokenizer"))
+    if profile:
+        profile_chunk(base, tok_dir, work)
     t = time.time()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -211,7 +336,8 @@ def run(records: int, scales: list[int], work: str) -> None:
             with PeakMemory() as mem:
                 t = time.time()
                 if name == "raysft":
-                    m = raysft_prepare(data, tok_dir, os.path.join(work, f"out-{scale}"))
+                    since = time.time()
+                    prepared_dir, m = raysft_prepare(data, tok_dir, os.path.join(work, f"out-{scale}"))
                     tokens, extra = m["tokens"], f"rows={m['rows']} padding={m['padding_fraction']:.3f}"
                     phases[scale] = m["phases"]
                 elif name.startswith("raw"):
@@ -223,6 +349,14 @@ def run(records: int, scales: list[int], work: str) -> None:
             results[(scale, name)] = (n / dt, tokens / dt, dt, mem.peak / 2**20)
             print(f"{scale:>4}x {name:<22} {n / dt:>10.0f} {tokens / dt:>11.0f} {dt:>8.1f} {mem.peak / 2**20:>8.0f} {extra}",
                   flush=True)
+            if name == "raysft" and scale == scales[0]:
+                if profile:
+                    ray.timeline(os.path.join(work, "timeline.json"))
+                    print("Ray's timeline of the prepare tasks:")
+                    timeline_summary(os.path.join(work, "timeline.json"), since)
+                sampled, equal = check_rows(data, prepared_dir, bench_config(data, tok_dir, work))
+                print(f"      rows check: {equal}/{sampled} sampled records are in the rows as the slow path makes them")
+                assert equal == sampled
             if name == "peer num_proc=1" and scale == scales[0]:
                 bad = check_text(data, ds)
                 print(f"      text check: {n - bad}/{n} records give the same text (mismatches: {bad})")
@@ -247,6 +381,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--profile", action="store_true", help="cProfile one chunk's task, and summarise Ray's timeline")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
-        run(args.records, args.scales, work)
+        run(args.records, args.scales, work, args.profile)

@@ -142,7 +142,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
     try:
         for split, chunks in ((prepared.TRAIN, train_chunks), (prepared.EVAL, eval_chunks)):
             task = pipeline.Task(settings, work, split, log_dir=os.path.join(cfg.output_dir, "logs"),
-                                 sources=per_source if split == prepared.TRAIN else ())
+                                 sources=per_source if split == prepared.TRAIN else (),
+                                 tokenizer_class=prepared.tokenizer_class(tokenizer))
             error = pipeline.run_split(task, chunks) if chunks else None
             if error is not None:
                 raise error

@@ -272,7 +272,7 @@ def test_an_unexpected_error_in_a_task_is_one_line_with_the_chunk_and_a_log(tmp_
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(pipeline, "chunk_to_examples", bug)
-    monkeypatch.setattr(pipeline, "_tokenizer", lambda work: None)
+    monkeypatch.setattr(pipeline, "_tokenizer", lambda work, class_path: None)
     settings = Settings(64, True, "completion", None, "error", "truncate", "train", 0.0)
     task = pipeline.Task(settings, work, "train", log_dir=str(tmp_path / "run" / "logs"))
     chunk = Chunk(str(data), "jsonl", 0, data.stat().st_size, 1, 0).as_row()

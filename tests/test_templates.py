@@ -291,6 +291,28 @@ def test_a_duplicated_key_is_a_bad_record():
                          "lost); fix: give each key once")
 
 
+@pytest.mark.parametrize("line, key", [
+    ('{"a": 1, "a": 2}', "a"),
+    ('{"a": "x:y", "b": {"c": "1:2", "c": {"d": 1}}}', "c"),  # colons in strings and a lost object
+    ('{"k\\u003a": 1, "k:": 2}', "k:"),  # the same key, once written with an escaped colon
+    ('{"l": [{"z": 1}, {"z": 1, "z": 1}]}', "z"),  # equal values: the lost one is still a key given twice
+    ('{"x": [1, {"t": "a", "t": "a:b:c"}]}', "t"),
+    ('{"a": 1, "a": "\\u003a"}', "a"),  # a lost colon made up by an escaped one: the counts alone would agree
+])
+def test_a_key_given_twice_is_found_at_any_depth(line, key):
+    with pytest.raises(RecordError) as info:
+        parse_line(line)
+    assert info.value.reason == "duplicate_key" and f"key {key!r} appears twice" in info.value.message
+
+
+@pytest.mark.parametrize("line", [
+    '{"a": "x:y:z", "b": {"c": ":"}}', '{"k": "\\u003a", "m": {"x": 1}}', '{"k\\u003a": 1, "k": 2}',
+    '{"a": 1, "b": {"a": 1}}', '{"n": NaN, "s": "\\ud800:"}',
+])
+def test_lines_without_a_repeated_key_parse_as_json_does(line):
+    assert parse_line(line) == json.loads(line)
+
+
 # ---- the checks before training ------------------------------------------------------------------------------------
 
 def _preflight(tmp_path, tok, records, **kw):
@@ -483,3 +505,31 @@ def test_export_keeps_the_base_models_stop_tokens():
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     assert chat_ready(tok, "model", base_eos=[eot, 7])["eos_token_id"] == [eot, 7] + (
         [tok.eos_token_id] if tok.eos_token_id not in (eot, 7) else [])
+
+
+# ---- the tokenizer a prepare task loads ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(templates.KINDS))
+def test_a_prepare_task_loads_the_drivers_tokenizer_class_without_torch(tmp_path, kind):
+    """A task loads the saved tokenizer as the driver's own class: the same ids, specials and template as
+    AutoTokenizer gives, without AutoTokenizer's import of torch (1.7 s of each Ray worker's first task)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from raysft.data.prepared import saved_tokenizer, tokenizer_class, tokenizer_dir
+
+    tok = templates.family_tokenizer("llama3", kind)
+    tok.save_pretrained(tokenizer_dir(str(tmp_path)))
+    path = tokenizer_class(tok)
+    assert path == f"{type(tok).__module__}:{type(tok).__qualname__}" and path.startswith("transformers.")
+    task_side, auto = saved_tokenizer(str(tmp_path), path), AutoTokenizer.from_pretrained(tokenizer_dir(str(tmp_path)))
+    assert type(task_side) is type(auto)
+    assert (task_side.get_vocab(), task_side.all_special_tokens, task_side.chat_template) == (
+        auto.get_vocab(), auto.all_special_tokens, auto.chat_template)
+    text = "<|start_header_id|>user\n  Two words,\tthen more: 2 + 2?<|eot_id|>"
+    assert task_side(text)["input_ids"] == auto(text)["input_ids"] == tok(text)["input_ids"]
+    code = ("import sys; from raysft.data.prepared import saved_tokenizer; "
+            f"t = saved_tokenizer({str(tmp_path)!r}, {path!r}); t('x'); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

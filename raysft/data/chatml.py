@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from raysft.data.records import Example, RecordError, split_record
 
@@ -69,8 +69,7 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):  # a tuple: made for every part of every message, so it must be cheap
     text: str
     control: bool = False  # one control token, never split
     trained: bool = False  # loss is taken on these tokens (loss_on: completion)
@@ -126,9 +125,17 @@ def _body(m: Mapping, trained: bool, train_on_reasoning: bool) -> list[Segment]:
     return out + [Segment(answer, trained=trained)]
 
 
+_START, _NEWLINE = Segment(IM_START, True), Segment("\n")
+_END = {True: Segment(IM_END, True, True), False: Segment(IM_END, True, False)}
+_HEADS: dict = {}  # role -> its "{role}\n" segment
+
+
 def _message(m: Mapping, trained: bool, train_on_reasoning: bool = True) -> list[Segment]:
-    return [Segment(IM_START, control=True), Segment(f"{m['role']}\n"), *_body(m, trained, train_on_reasoning),
-            Segment(IM_END, control=True, trained=trained), Segment("\n")]
+    role = m["role"]
+    head = _HEADS.get(role) or _HEADS.setdefault(role, Segment(f"{role}\n"))
+    if role != "assistant":
+        return [_START, head, Segment(m["content"], False, trained), _END[trained], _NEWLINE]
+    return [_START, head, *_body(m, trained, train_on_reasoning), _END[trained], _NEWLINE]
 
 
 def _text(segments) -> str:

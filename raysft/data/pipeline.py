@@ -46,6 +46,7 @@ class Task:
     split: str
     log_dir: str = ""  # where an unexpected error's traceback goes (default: {work_dir}/../logs)
     sources: tuple = ()  # data.sources' own Settings, by Chunk.origin (empty: `settings` for every chunk)
+    tokenizer_class: str = ""  # the driver's tokenizer class (prepared.tokenizer_class): loads without torch
 
     def settings_of(self, chunk: Chunk) -> Settings:
         return self.sources[chunk.origin] if self.sources else self.settings
@@ -99,7 +100,7 @@ def process_chunks(batch: dict, task: Task) -> pa.Table:
             continue
         name = f"{task.split}-{chunk.index:06d}"
         try:
-            result = chunk_to_examples(chunk, s, _tokenizer(work))
+            result = chunk_to_examples(chunk, s, _tokenizer(work, task.tokenizer_class))
         except UserError as exc:
             write_atomic(os.path.join(work, ERRORS, f"{name}.json"), _error_json(exc))
             continue

@@ -119,8 +119,23 @@ def split_dir(prepared_dir: str, split: str) -> str:
     return os.path.join(prepared_dir, split)
 
 
-def saved_tokenizer(prepared_dir: str):
-    """The tokenizer the rows were made with."""
+def tokenizer_class(tokenizer) -> str:
+    """``module:class`` of a tokenizer transformers made ("" for remote code), to load its saved copy with."""
+    cls = type(tokenizer)
+    return f"{cls.__module__}:{cls.__qualname__}" if cls.__module__.startswith("transformers.") else ""
+
+
+def saved_tokenizer(prepared_dir: str, class_path: str = ""):
+    """The tokenizer the rows were made with; as the class `class_path` names (`tokenizer_class`) when given.
+
+    `AutoTokenizer` imports torch (transformers' configuration classes do), 1.7 s of each Ray worker's first prepare
+    task on 2 cores for nothing: a prepare task loads the driver's own tokenizer class, which does not.
+    """
+    if class_path:
+        import importlib
+
+        module, name = class_path.split(":")
+        return getattr(importlib.import_module(module), name).from_pretrained(tokenizer_dir(prepared_dir))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir(prepared_dir))
