@@ -1,19 +1,22 @@
-"""Benchmark `raysft prepare` against the original scripts' preprocessing, on the same generated data.
+"""Benchmark `raysft prepare` against the raw work and the original scripts' preprocessing, on the same generated data.
 
-    python bench/prepare.py                       # 200k records at 1x and 4x (about 10 minutes on 2 cores)
+    python bench/prepare.py                       # 200k records at 1x and 4x (about 12 minutes on 2 cores)
     python bench/prepare.py --records 20000 --scales 1
+    python bench/prepare.py --scales 1 --profile  # and cProfile one chunk's task, and summarise Ray's timeline
 
 Raw reference: `json.loads` + `to_chatml` + the Rust tokenizer's `encode_batch` in one process per core, nothing
 else (no masks, packing, Arrow or writes): raysft's Ray Data stage and its whole command are printed as ratios to it.
 Peer (the original scripts' way): `datasets.load_dataset("json")` -> `map(trl.extract_prompt)` ->
 chosen becomes the completion -> ChatML -> prompt + completion joined into `text` -> batched tokenization,
 with `num_proc=1` and `num_proc=2`. raysft: the whole `prepare` (parse, validate, render, tokenize with the
-loss mask, pack, write Parquet) on Ray Data, Ray started once beforehand (its start-up is printed apart).
+loss mask, pack, write Parquet) on Ray Data. Each path runs in a fresh process, its libraries imported first;
+raysft's starts Ray there, until a worker per CPU has run a task (printed apart, not counted).
 
-Both use the same fast (Rust) byte-level BPE tokenizer, trained here on the data. The check: the peer's
-`text` equals raysft's `to_chatml(record)["text"]` for every record. Peak memory is the largest sum of
-PSS (proportional set size: shared pages split between the processes sharing them) over the process and
-all its children (Ray's workers and object store; the peer's `num_proc` workers), sampled every 0.2 s.
+Both use the same fast (Rust) byte-level BPE tokenizer, trained here on the data. The checks: the peer's
+`text` equals raysft's `to_chatml(record)["text"]` for every record, and every 1,000th record, made into ids and
+labels the slow way (`slow_example`), is an example of raysft's rows. Peak memory is the largest sum of PSS
+(proportional set size: shared pages split between the processes sharing them) over the path's process and all
+its children (Ray's workers and object store; the peer's `num_proc` workers), sampled every 0.1 s.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ os.environ.setdefault("RAYSFT_DASHBOARD", "0")
 class PeakMemory:
     """Peak PSS of this process tree, sampled in a thread."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.1, children_only: bool = False):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.children_only = children_only
 
     def _sample(self) -> int:
         total = 0
         me = psutil.Process()
-        for p in [me] + me.children(recursive=True):
+        for p in ([] if self.children_only else [me]) + me.children(recursive=True):
             try:
                 total += p.memory_full_info().pss
             except (psutil.Error, AttributeError):
@@ -52,7 +56,6 @@ class PeakMemory:
         return total
 
     def __enter__(self):
-        self.base = self._sample()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
@@ -277,12 +280,13 @@ def profile_chunk(data: str, tokenizer_dir: str, work: str) -> None:
         print(f"  {label:<40} {cum(fn):6.2f} s  {cum(fn) / total:5.0%}")
 
 
-def timeline_summary(path: str, since: float) -> None:
+def timeline_summary(path: str, since: float) -> list[str]:
     """Per Ray worker that ran prepare tasks: when its first task started, how long it took against the others,
     and the idle time between its tasks (Ray's timeline, `ray.timeline()`)."""
     with open(path) as f:
         events = [e for e in json.load(f) if e.get("ph") == "X" and e["name"] == "task:execute"]
     workers: dict = {}
+    lines = ["      Ray's timeline of the prepare tasks:"]
     for e in events:
         if e["ts"] / 1e6 >= since:
             workers.setdefault(e["tid"], []).append((e["ts"] / 1e6, e["dur"] / 1e6))
@@ -293,9 +297,10 @@ def timeline_summary(path: str, since: float) -> None:
         rest = sorted(d for _, d in tasks[1:])
         gaps = sum(b[0] - (a[0] + a[1]) for a, b in zip(tasks, tasks[1:]))
         busy = sum(d for _, d in tasks)
-        print(f"  worker {tid[-6:]}: {len(tasks)} tasks, first at +{tasks[0][0] - since:.2f} s taking {tasks[0][1]:.2f} s "
-              f"(the others: median {rest[len(rest) // 2]:.2f} s), idle between tasks {gaps:.2f} s of "
-              f"{gaps + busy:.2f} s")
+        lines.append(f"        worker {tid[-6:]}: {len(tasks)} tasks, the first at +{tasks[0][0] - since:.2f} s taking "
+                     f"{tasks[0][1]:.2f} s (the others: median {rest[len(rest) // 2]:.2f} s), idle between tasks "
+                     f"{gaps:.2f} s of {gaps + busy:.2f} s")
+    return lines
 
 
 def check_text(data: str, ds) -> int:
@@ -308,20 +313,70 @@ def check_text(data: str, ds) -> int:
     return mismatches
 
 
-def run(records: int, scales: list[int], work: str, profile: bool = False) -> None:
+PATHS = ("raysft", "raw (all cores)", "peer num_proc=1", "peer num_proc=2")
+
+
+def one(name: str, data: str, tok_dir: str, out: str, profile: bool, check: bool) -> dict:
+    """One path on one input, in a process of its own (the parent measures the memory of it and its children):
+    its seconds and tokens, and for raysft the manifest's phases. Not counted: importing the libraries (torch among
+    them, about 2.5 s on 2 cores, which a cold `raysft prepare` command pays in its driver) and starting Ray."""
     import datasets
-    import ray
+    import trl.data_utils  # noqa: F401  (imports torch, as AutoTokenizer in raysft's driver does: not counted)
+    from transformers import AutoTokenizer  # noqa: F401
+
+    import raysft.prepare  # noqa: F401
 
     datasets.disable_progress_bars()
+    if name == "raysft":
+        import ray
+
+        t = time.time()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ready = ray.remote(num_cpus=1)(lambda: os.getpid())  # Ray is up when a worker per CPU has run a task
+        ray.get([ready.remote() for _ in range(os.cpu_count() or 1)])
+        ray_start, t = time.time() - t, time.time()
+        prepared_dir, m = raysft_prepare(data, tok_dir, out)
+        info = {"seconds": time.time() - t, "tokens": m["tokens"], "phases": m["phases"], "prepared": prepared_dir,
+                "extra": f"rows={m['rows']} padding={m['padding_fraction']:.3f}", "ray_start": ray_start}
+        if profile:
+            ray.timeline(out + "-timeline.json")
+            info["timeline"] = timeline_summary(out + "-timeline.json", t)
+        return info
+    t = time.time()
+    if name.startswith("raw"):
+        return {"seconds": 0.0, "tokens": raw(data, tok_dir, os.cpu_count() or 1)} | {"seconds": time.time() - t}
+    ds, tokens = peer(data, tok_dir, int(name[-1]), out + "-cache")
+    info = {"seconds": time.time() - t, "tokens": tokens}
+    if check:
+        info["mismatches"] = check_text(data, ds)
+    return info
+
+
+def measure(name: str, data: str, tok_dir: str, out: str, profile: bool, check: bool) -> tuple[dict, float]:
+    """`one` in a fresh Python process: what it returned, and the peak PSS (MB) of that process and its children
+    (none of this process's own memory, which holds what earlier measurements left)."""
+    import subprocess
+
+    result = out + "-result.json"
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--data", data, "--tokenizer", tok_dir,
+           "--out", out, "--result", result] + ["--profile"] * profile + ["--check"] * check
+    with PeakMemory(children_only=True) as mem:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    with open(result) as f:
+        return json.load(f), mem.peak / 2**20
+
+
+def run(records: int, scales: list[int], work: str, profile: bool = False) -> None:
     base = os.path.join(work, "data-1x.jsonl")
     make_data(base, records)
     tok_dir = train_tokenizer(base, os.path.join(work, "tokenizer"))
     if profile:
         profile_chunk(base, tok_dir, work)
-    t = time.time()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"ray start-up: {time.time() - t:.1f}s (not counted below)")
+    print("each path runs in a fresh process; raysft's starts Ray first, until a worker per CPU has run a task "
+          "(not counted, printed apart)")
     print(f"{'scale':>5} {'path':<22} {'records/s':>10} {'tokens/s':>11} {'seconds':>8} {'peak MB':>8}")
     results, phases = {}, {}
     for scale in scales:
@@ -332,33 +387,26 @@ def run(records: int, scales: list[int], work: str, profile: bool = False) -> No
                 for _ in range(scale):
                     out.write(body)
         n = records * scale
-        for name in ("raysft", "raw (all cores)", "peer num_proc=1", "peer num_proc=2"):
-            with PeakMemory() as mem:
-                t = time.time()
-                if name == "raysft":
-                    since = time.time()
-                    prepared_dir, m = raysft_prepare(data, tok_dir, os.path.join(work, f"out-{scale}"))
-                    tokens, extra = m["tokens"], f"rows={m['rows']} padding={m['padding_fraction']:.3f}"
-                    phases[scale] = m["phases"]
-                elif name.startswith("raw"):
-                    tokens, extra = raw(data, tok_dir, os.cpu_count() or 1), ""
-                else:
-                    ds, tokens = peer(data, tok_dir, int(name[-1]), os.path.join(work, f"cache-{scale}-{name[-1]}"))
-                    extra = ""
-                dt = time.time() - t
-            results[(scale, name)] = (n / dt, tokens / dt, dt, mem.peak / 2**20)
-            print(f"{scale:>4}x {name:<22} {n / dt:>10.0f} {tokens / dt:>11.0f} {dt:>8.1f} {mem.peak / 2**20:>8.0f} {extra}",
-                  flush=True)
-            if name == "raysft" and scale == scales[0]:
-                if profile:
-                    ray.timeline(os.path.join(work, "timeline.json"))
-                    print("Ray's timeline of the prepare tasks:")
-                    timeline_summary(os.path.join(work, "timeline.json"), since)
-                sampled, equal = check_rows(data, prepared_dir, bench_config(data, tok_dir, work))
-                print(f"      rows check: {equal}/{sampled} sampled records are in the rows as the slow path makes them")
-                assert equal == sampled
-            if name == "peer num_proc=1" and scale == scales[0]:
-                bad = check_text(data, ds)
+        for name in PATHS:
+            first = scale == scales[0]
+            out = os.path.join(work, f"out-{scale}-{PATHS.index(name)}")
+            info, peak = measure(name, data, tok_dir, out, profile and first, first and name == "peer num_proc=1")
+            dt, tokens = info["seconds"], info["tokens"]
+            results[(scale, name)] = (n / dt, tokens / dt, dt, peak)
+            print(f"{scale:>4}x {name:<22} {n / dt:>10.0f} {tokens / dt:>11.0f} {dt:>8.1f} {peak:>8.0f} "
+                  f"{info.get('extra', '')}", flush=True)
+            if name == "raysft":
+                phases[scale] = info["phases"]
+                print(f"      Ray start-up {info['ray_start']:.1f} s (not counted)")
+                for line in info.get("timeline", []):
+                    print(line)
+                if first:
+                    sampled, equal = check_rows(data, info["prepared"], bench_config(data, tok_dir, work))
+                    print(f"      rows check: {equal}/{sampled} sampled records are in the rows as the slow path "
+                          "makes them")
+                    assert equal == sampled
+            if "mismatches" in info:
+                bad = info["mismatches"]
                 print(f"      text check: {n - bad}/{n} records give the same text (mismatches: {bad})")
                 assert bad == 0
     for scale in scales:
@@ -372,9 +420,8 @@ def run(records: int, scales: list[int], work: str, profile: bool = False) -> No
               f"peak memory raysft/num_proc=1: {r[3] / p1[3]:.2f}")
     if len(scales) > 1:
         lo, hi = scales[0], scales[-1]
-        for name in ("raysft", "raw (all cores)", "peer num_proc=1", "peer num_proc=2"):
+        for name in PATHS:
             print(f"peak memory {hi}x/{lo}x input, {name}: {results[(hi, name)][3] / results[(lo, name)][3]:.2f}")
-    ray.shutdown()
 
 
 if __name__ == "__main__":
@@ -382,6 +429,14 @@ if __name__ == "__main__":
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--profile", action="store_true", help="cProfile one chunk's task, and summarise Ray's timeline")
+    ap.add_argument("--one", choices=PATHS, help=argparse.SUPPRESS)  # measure()'s child: one path, its result to --result
+    for flag in ("--data", "--tokenizer", "--out", "--result"):
+        ap.add_argument(flag, help=argparse.SUPPRESS)
+    ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
-        run(args.records, args.scales, work, args.profile)
+    if args.one:
+        with open(args.result, "w") as f:
+            json.dump(one(args.one, args.data, args.tokenizer, args.out, args.profile, args.check), f)
+    else:
+        with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
+            run(args.records, args.scales, work, args.profile)
