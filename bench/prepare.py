@@ -190,21 +190,15 @@ def slow_example(line: str, tokenizer, settings) -> tuple[list, list]:
     from raysft.data import records
     from raysft.data.chunks import render
     from raysft.data.packing import fit_length
-    from raysft.data.tokenize import IGNORE_INDEX
+    from raysft.data.tokenize import IGNORE_INDEX, _merged
 
     record = json.loads(line, object_pairs_hook=records._no_duplicate_keys)
-    runs: list = []  # [text, control, trained]
-    for seg in render(record, settings, tokenizer).segments:
-        if runs and not seg.control and not runs[-1][1] and runs[-1][2] == seg.trained:
-            runs[-1][0] += seg.text
-        elif seg.text:
-            runs.append([seg.text, seg.control, seg.trained])
     ids, labels = [], []
-    for text, control, trained in runs:
-        piece = [tokenizer.convert_tokens_to_ids(text)] if control else \
-            tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    for seg in _merged(render(record, settings, tokenizer).segments):  # runs of text with one training flag
+        piece = [tokenizer.convert_tokens_to_ids(seg.text)] if seg.control else \
+            tokenizer(seg.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         ids += piece
-        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        labels += piece if seg.trained else [IGNORE_INDEX] * len(piece)
     labels[0] = IGNORE_INDEX
     return fit_length(ids, labels, settings.max_seq_len, settings.on_overlong)
 
@@ -216,9 +210,9 @@ def check_rows(data: str, prepared_dir: str, cfg, every: int = 1000) -> tuple[in
     from raysft.data.chunks import Settings
     from raysft.data.prepared import saved_tokenizer, split_dir
 
-    found = set()
-    for path in sorted(os.listdir(split_dir(prepared_dir, "train"))):
-        table = pq.read_table(os.path.join(split_dir(prepared_dir, "train"), path),
+    found, rows_dir = set(), split_dir(prepared_dir, "train")
+    for path in sorted(os.listdir(rows_dir)):
+        table = pq.read_table(os.path.join(rows_dir, path),
                               columns=["input_ids", "labels", "seq_lengths"]).to_pydict()
         for ids, labels, lengths in zip(table["input_ids"], table["labels"], table["seq_lengths"]):
             at = 0
@@ -267,6 +261,7 @@ def profile_chunk(data: str, tokenizer_dir: str, work: str) -> None:
     prof = cProfile.Profile()
     prof.runcall(task)
     stats = pstats.Stats(prof)
+
     def cum(name: str) -> float:  # cumulative seconds of the function so named (a builtin: within its name)
         return max((v[3] for f, v in stats.stats.items() if f[2] == name or f"'{name}'" in f[2]), default=0.0)
 
@@ -345,7 +340,8 @@ def one(name: str, data: str, tok_dir: str, out: str, profile: bool, check: bool
         return info
     t = time.time()
     if name.startswith("raw"):
-        return {"seconds": 0.0, "tokens": raw(data, tok_dir, os.cpu_count() or 1)} | {"seconds": time.time() - t}
+        tokens = raw(data, tok_dir, os.cpu_count() or 1)
+        return {"seconds": time.time() - t, "tokens": tokens}
     ds, tokens = peer(data, tok_dir, int(name[-1]), out + "-cache")
     info = {"seconds": time.time() - t, "tokens": tokens}
     if check:

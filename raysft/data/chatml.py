@@ -133,8 +133,6 @@ _HEADS: dict = {}  # role -> its "{role}\n" segment
 def _message(m: Mapping, trained: bool, train_on_reasoning: bool = True) -> list[Segment]:
     role = m["role"]
     head = _HEADS.get(role) or _HEADS.setdefault(role, Segment(f"{role}\n"))
-    if role != "assistant":
-        return [_START, head, Segment(m["content"], False, trained), _END[trained], _NEWLINE]
     return [_START, head, *_body(m, trained, train_on_reasoning), _END[trained], _NEWLINE]
 
 
