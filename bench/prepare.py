@@ -187,12 +187,12 @@ def slow_example(line: str, tokenizer, settings) -> tuple[list, list]:
     """One record the slow, obvious way: `json.loads` with a hook on every object, the ChatML segments, each run of
     text segments with one training flag tokenized alone by transformers (`split_special_tokens=True`), each control
     token looked up, the labels per segment, the first label ignored."""
-    from raysft.data import records
     from raysft.data.chunks import render
     from raysft.data.packing import fit_length
+    from raysft.data.parsing import _no_duplicate_keys
     from raysft.data.tokenize import IGNORE_INDEX, _merged
 
-    record = json.loads(line, object_pairs_hook=records._no_duplicate_keys)
+    record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     ids, labels = [], []
     for seg in _merged(render(record, settings, tokenizer).segments):  # runs of text with one training flag
         piece = [tokenizer.convert_tokens_to_ids(seg.text)] if seg.control else \
@@ -268,7 +268,7 @@ def profile_chunk(data: str, tokenizer_dir: str, work: str) -> None:
     total = stats.total_tt
     print(f"profile of one chunk ({n} records, {plain:.2f} s, {n / plain:.0f} records/s on one core; profiled "
           f"{total:.2f} s):")
-    for label, fn in (("read + parse (json, duplicate keys)", "_parsed_lines"), ("  of it json", "_loads"),
+    for label, fn in (("read + parse (json, duplicate keys)", "_parsed_lines"), ("  of it json", "loads"),
                       ("render (records -> ChatML segments)", "render"), ("tokenize with the mask", "tokenize_rendered"),
                       ("  of it the Rust call", "encode_batch_fast"), ("pack + Arrow", "rows_table"),
                       ("Parquet write", "write_table")):

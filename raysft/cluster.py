@@ -29,6 +29,15 @@ def in_process(cfg: Config) -> bool:
     return not (ray.is_initialized() or cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
 
 
+def local_cores() -> int:
+    """The cores Ray's tasks share when Ray runs in this process (this machine alone: its logical CPUs may be more
+    than its cores, to fit Train workers and data tasks), else 0: a cluster's CPUs are its own."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return (os.cpu_count() or 1) if ray.is_initialized() and node is not None and node.head else 0
+
+
 def check_machine_fits(cfg: Config) -> None:
     """With Ray started in this process, the Train workers must fit this machine's cores (or cluster.num_cpus, when
     set on purpose): 64 workers on 2 cores start 64 processes that thrash and hang. Checked before Ray starts;

@@ -18,6 +18,7 @@ import uuid
 from typing import Callable, Optional
 
 from raysft import storage
+from raysft.cluster import local_cores
 from raysft.config import Config
 from raysft.data import pipeline, prepared
 from raysft.data.chunks import Settings
@@ -92,8 +93,8 @@ def combined(checks: list[dict]) -> dict:
     return out
 
 
-def _counts(work: str, split: str, max_seq_len: int) -> dict:
-    return {**pipeline.side_counts(work, split), **prepared.split_statistics(work, split, max_seq_len)}
+def _counts(stats: list, work: str, split: str, max_seq_len: int) -> dict:
+    return {**pipeline.side_counts(stats, split), **prepared.split_statistics(work, split, max_seq_len)}
 
 
 def prepare(cfg: Config, log: Callable[[str], None] = print,
@@ -140,20 +141,23 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
     size = f"{sum(i.get('bytes', 0) for i in inputs['train'] + inputs['eval']) / 1e6:.1f} MB"
     log(f"prepare: {len(train_chunks)} train chunks + {len(eval_chunks)} eval chunks ({size}) -> {final}")
     try:
+        # an in-process Ray has more logical CPUs than cores (room for the Train workers): no more tasks than cores
+        max_tasks = local_cores()
         for split, chunks in ((prepared.TRAIN, train_chunks), (prepared.EVAL, eval_chunks)):
             task = pipeline.Task(settings, work, split, log_dir=os.path.join(cfg.output_dir, "logs"),
                                  sources=per_source if split == prepared.TRAIN else (),
-                                 tokenizer_class=prepared.tokenizer_class(tokenizer))
+                                 tokenizer_class=prepared.tokenizer_class(tokenizer), max_tasks=max_tasks)
             error = pipeline.run_split(task, chunks) if chunks else None
             if error is not None:
                 raise error
         phases["ray_data"] = time.time() - t0 - sum(phases.values())
-        train = _counts(work, prepared.TRAIN, settings.max_seq_len)
+        stats = pipeline.read_stats(work)
+        train = _counts(stats, work, prepared.TRAIN, settings.max_seq_len)
         if train["rows"] == 0:
             raise UserError(f"data.train_files: no training rows from {train['records_read']} records "
                             f"(rejected: {train['rejected_by_reason'] or 'none'}). fix: check the data's format")
         held = any(st.eval_fraction for st in per_source)  # data.eval_fraction, or a source's own
-        evals = _counts(work, prepared.EVAL, settings.max_seq_len) if eval_chunks or held else None
+        evals = _counts(stats, work, prepared.EVAL, settings.max_seq_len) if eval_chunks or held else None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         try:  # nothing is left of a failed prepare: not even an empty prepared/ folder
@@ -161,12 +165,12 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
         except OSError:
             pass  # other prepared datasets are in it
         raise
-    report = source_report(sources, per_source, pipeline.source_counts(work, prepared.TRAIN, len(sources)))
+    report = source_report(sources, per_source, pipeline.source_counts(stats, prepared.TRAIN, len(sources)))
     manifest = {"fingerprint": fingerprint, "format": prepared.FORMAT, **train, "eval": evals, "sources": report,
                 "settings": settings.as_dict(), "inputs": inputs, "chat_template": checked,
                 "tokenizer": {"dir": prepared.TOKENIZER, "sha256": tok_hash, "vocab_size": len(tokenizer)},
                 "rejects_file": prepared.REJECTS if pipeline.merge_rejects(work, prepared.REJECTS) else None,
-                "prepare_nodes": pipeline.node_counts(work)}
+                "prepare_nodes": pipeline.node_counts(stats), "prepare_max_tasks": max_tasks or None}
     phases["statistics_and_manifest"] = time.time() - t0 - sum(phases.values())
     manifest.update(seconds=round(time.time() - t0, 2), phases={k: round(v, 3) for k, v in phases.items()})
     pipeline.remove_side_files(work)

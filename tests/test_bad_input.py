@@ -228,8 +228,9 @@ def test_damaged_gzip_yields_the_records_before_the_damage_then_one_error(tmp_pa
     and, last, one RecordError naming the file and the line after the last good one."""
     import random
 
+    from raysft.data.reading import read_chunk
     from raysft.data.records import RecordError
-    from raysft.data.sources import Chunk, read_chunk
+    from raysft.data.sources import Chunk
 
     whole = gzip_records(3000)
     cut = tmp_path / "cut.jsonl.gz"
@@ -315,7 +316,8 @@ def test_skip_counts_a_too_deep_record_and_keeps_a_cut_files_records(tmp_path, r
     deep.write_text('{"text": "fine"}\n' + DEEP + "\n")
     cfg = load_config(good_config(tmp_path), [f"data.train_files=[{gz}, {deep}]", "data.on_bad_record=skip"])
     path, manifest = prepare(cfg)
-    from raysft.data.sources import Chunk, read_chunk
+    from raysft.data.reading import read_chunk
+    from raysft.data.sources import Chunk
 
     before_cut = sum(1 for *_, rec in read_chunk(Chunk(str(gz), "jsonl.gz", 0, 0, 1)) if isinstance(rec, dict))
     assert 0 < before_cut < 400

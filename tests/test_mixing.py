@@ -144,3 +144,27 @@ def test_a_mixed_run_counts_rows_per_source_in_checkpoints_and_resumes_identical
                                                                                           for i in seen)}
         assert state["samples_seen_by_source"] == expected and sum(expected.values()) == state["samples_seen"]
         assert all(expected.values())
+
+
+@pytest.mark.ray
+def test_a_saved_hf_dataset_is_a_source_like_any_file(tmp_path, tiny_model_dir, ray_session):
+    """data.sources: a `datasets` folder (save_to_disk, a DatasetDict) mixed 1:1 with a JSONL file: 200 + 100 records
+    give 150 examples each, the dataset's sampled and the file's repeated, its own hf_split and columns applied."""
+    import datasets
+    from test_prepare import rows_of
+
+    saved = str(tmp_path / "saved")
+    datasets.DatasetDict({"dev": datasets.Dataset.from_list(
+        [{"dialog": msgs(f"h{i}", f"z{i}")} for i in range(200)])}).save_to_disk(saved)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"messages": msgs(f"b{i}", f"y{i}")} for i in range(100)])
+    sources = [{"hf_dataset": saved, "hf_split": "dev", "weight": 1, "name": "hub", "columns": {"messages": "dialog"}},
+               {"files": b, "weight": 1}]
+    path, m = prepare(mixed_config(tmp_path, tiny_model_dir, "hf", sources))
+    report = {s["name"]: s for s in m["sources"]}
+    assert list(report) == ["hub", "b"]
+    assert report["hub"]["records_read"] == 200 and report["b"]["records_read"] == 100
+    assert report["hub"]["uses_per_record"] == 0.75 and report["b"]["uses_per_record"] == 1.5
+    assert abs(report["hub"]["examples"] - 150) <= 3 and abs(report["b"]["examples"] - 150) <= 3
+    assert m["inputs"]["train"][0]["path"] == f"{saved}[dev]" and m["inputs"]["train"][0]["source"] == "hub"
+    rows = rows_of(path)
+    assert {r["source"] for r in rows} == {0, 1} and sum(r["source"] == 0 for r in rows) == report["hub"]["examples"]

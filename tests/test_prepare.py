@@ -76,6 +76,8 @@ def test_prepare_writes_rows_and_manifest_and_reuses(tmp_path, tiny_model_dir, t
     assert manifest["trained_tokens"] == sum(sum(1 for x in e[1] if x != -100) for e in expected)
     assert manifest["padding_fraction"] == round(1 - tokens / (len(rows) * 128), 6)
     assert manifest["eval"]["records_kept"] == 40
+    # Ray runs in this process (4 logical CPUs on this machine's cores): no more tasks at once than cores
+    assert manifest["prepare_max_tasks"] == os.cpu_count()
     # same fingerprint: reused, nothing recomputed; another data setting: another fingerprint
     again_path, again = prepare(cfg, log=logs.append)
     assert (again_path, again) == (path, manifest)

@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from raysft.data.chatml import render_example
-from raysft.data.records import RecordError, parse_line, split_record
+from raysft.data.parsing import parse_line
+from raysft.data.records import RecordError, split_record
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
 
 text = st.text(max_size=12)

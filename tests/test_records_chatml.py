@@ -2,7 +2,8 @@ import pytest
 
 from raysft.data import RecordError, to_chatml
 from raysft.data.chatml import CHAT_TEMPLATE, render_example
-from raysft.data.records import parse_line, split_record
+from raysft.data.parsing import parse_line
+from raysft.data.records import split_record
 
 S, E = "<|im_start|>", "<|im_end|>"
 

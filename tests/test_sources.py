@@ -5,8 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raysft.data.reading import read_chunk
 from raysft.data.records import RecordError
-from raysft.data.sources import expand, plan, read_chunk
+from raysft.data.sources import expand, plan
 from raysft.errors import UserError
 
 

@@ -13,8 +13,9 @@ import templates
 
 from raysft.data.chatml import CHAT_TEMPLATE, IM_END, IM_START
 from raysft.data.chunks import Settings, render
+from raysft.data.parsing import parse_line
 from raysft.data.preflight import preflight
-from raysft.data.records import RecordError, parse_line, split_record
+from raysft.data.records import RecordError, split_record
 from raysft.data.sources import plan
 from raysft.data.template import end_of_turn
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered

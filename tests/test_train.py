@@ -364,7 +364,10 @@ def assert_tracked(cfg, uri, resumed_from):
     with open(os.path.join(cfg.output_dir, "samples.jsonl"), encoding="utf-8") as f:
         samples = [json.loads(line) for line in f]
     assert [(s["step"], s["prompt"]) for s in samples] == [(6, "What is 2 + 2?")]
-    local = client.download_artifacts(run.info.run_id, "samples/step_00000006.jsonl", cfg.output_dir)
+    from mlflow.artifacts import download_artifacts
+
+    local = download_artifacts(run_id=run.info.run_id, artifact_path="samples/step_00000006.jsonl",
+                               dst_path=cfg.output_dir, tracking_uri=uri)
     assert [json.loads(line) for line in open(local, encoding="utf-8")] == samples
     # W&B (offline): a folder per attempt, of the run state.json names. The killed attempt's folder may hold only a
     # header: W&B's service process went down with the worker before writing it out. The resumed attempt logged every

@@ -23,8 +23,9 @@ from raysft.data.chatml import Rendered, Segment, render_example
 from raysft.data.mixing import PER_SOURCE_SETTINGS, copies
 from raysft.data.packing import fit_length, make_rows
 from raysft.data.prepared import LIST_COLUMNS, ROW_SCHEMA
+from raysft.data.reading import read_chunk
 from raysft.data.records import Example, RecordError, rename, split_record
-from raysft.data.sources import Chunk, read_chunk
+from raysft.data.sources import Chunk
 from raysft.data.template import render_native
 from raysft.data.tokenize import IGNORE_INDEX, count_trained, tokenize_rendered
 
@@ -89,11 +90,12 @@ def example_of(record, settings: Settings) -> Example:
     return split_record(rename(record, settings.columns))
 
 
-def render(record, settings: Settings, tokenizer) -> Rendered:
-    """A parsed record -> its rendered segments under `data.chat_template`; raises RecordError.
+def render(record, settings: Settings, tokenizer, example: Optional[Example] = None) -> Rendered:
+    """A parsed record (or its `example_of`, when the caller has it) -> its rendered segments under
+    `data.chat_template`; raises RecordError.
 
     Plain text is ended with the tokenizer's EOS token, trained (unless it already ends with it)."""
-    example = example_of(record, settings)
+    example = example or example_of(record, settings)
     if settings.chat_template == "chatml":
         rendered = render_example(example, settings.system_message, settings.train_on_reasoning)
     else:
@@ -174,7 +176,6 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
             n = 0 if out.held_out[-1] else copies(s.repeat, s.mix_seed, name, line)
             out.copies.append(n)
             counts["examples"] += n
-            counts["trained_tokens"] += n * count_trained(fitted[1])
     counts["records_rejected"] = sum(by_reason.values())
     out.rejects.sort(key=lambda r: r["line"])  # file order (token-level rejects are found after parse errors)
     out.counts = {**counts, "rejected_by_reason": dict(by_reason)}

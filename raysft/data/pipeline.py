@@ -23,13 +23,15 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysft.data.chunks import Settings, chunk_to_examples, rows_table, train_tables
 from raysft.data.prepared import EVAL, ROW_SCHEMA, TRAIN, saved_tokenizer, split_dir
+from raysft.data.reading import describe_chunk
 from raysft.data.records import RecordError
-from raysft.data.sources import Chunk, describe_chunk
+from raysft.data.sources import Chunk
 from raysft.errors import UserError
 from raysft.storage import write_atomic
 
@@ -47,6 +49,7 @@ class Task:
     log_dir: str = ""  # where an unexpected error's traceback goes (default: {work_dir}/../logs)
     sources: tuple = ()  # data.sources' own Settings, by Chunk.origin (empty: `settings` for every chunk)
     tokenizer_class: str = ""  # the driver's tokenizer class (prepared.tokenizer_class): loads without torch
+    max_tasks: int = 0  # chunk tasks at once; 0 = as many as Ray Data's free CPUs allow
 
     def settings_of(self, chunk: Chunk) -> Settings:
         return self.sources[chunk.origin] if self.sources else self.settings
@@ -119,8 +122,10 @@ def process_chunks(batch: dict, task: Task) -> pa.Table:
             write_atomic(os.path.join(work, STATS, f"{EVAL}-held-out-{chunk.index:06d}.json"),
                          json.dumps({"records_read": n, "records_kept": n, "rejected_by_reason": {}}))
         chunk_tables = train_tables(result, s.max_seq_len, s.packing, chunk.origin)
+        trained = sum(int(np.sum(t["num_trained"])) for t in chunk_tables)  # counted once, per row (rows_table)
         write_atomic(os.path.join(work, STATS, f"{name}.json"), json.dumps(
-            {**result.counts, "source": chunk.origin, "rows": sum(len(t) for t in chunk_tables), "node": _node()}))
+            {**result.counts, "source": chunk.origin, "rows": sum(len(t) for t in chunk_tables),
+             "trained_tokens": trained, "node": _node()}))
         tables += chunk_tables
     return pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
 
@@ -155,7 +160,8 @@ def run_split(task: Task, chunks: list[Chunk]) -> Optional[UserError]:
     ctx.enable_progress_bars = verbose()  # raysft's own bar in a terminal instead (console.ChunkProgress)
     ctx.print_on_execution_start = verbose()
     ds = ray.data.from_items([c.as_row() for c in chunks], override_num_blocks=len(chunks))
-    ds = ds.map_batches(process_chunks, batch_size=1, batch_format="numpy", fn_kwargs={"task": task})
+    ds = ds.map_batches(process_chunks, batch_size=1, batch_format="numpy", fn_kwargs={"task": task},
+                        compute=ray.data.TaskPoolStrategy(size=task.max_tasks or None))
     done = functools.partial(_chunks_done, task)
     with ChunkProgress(done, len(chunks), f"prepare {task.split}"):
         ds.write_parquet(split_dir(task.work_dir, task.split), min_rows_per_file=1)
@@ -168,45 +174,53 @@ def _chunks_done(task: Task) -> int:
                if name.startswith(f"{task.split}-"))
 
 
-def side_counts(work: str, split: str) -> dict:
+def read_stats(work: str) -> list[tuple[str, dict]]:
+    """Every task's counts file (`stats/`), read once: (file name, counts), for the three summaries below."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(work, STATS, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            out.append((os.path.basename(path), json.load(f)))
+    return out
+
+
+def side_counts(stats: list[tuple[str, dict]], split: str) -> dict:
     """The tasks' counts of one split, added up."""
     from collections import Counter
 
     counts: Counter = Counter()
     by_reason: Counter = Counter()
-    for path in glob.glob(os.path.join(work, STATS, f"{split}-*.json")):
-        with open(path, encoding="utf-8") as f:
-            c = json.load(f)
-        by_reason.update(c.pop("rejected_by_reason"))
-        counts.update(c)
+    for name, c in stats:
+        if name.startswith(f"{split}-"):
+            by_reason.update(c["rejected_by_reason"])
+            counts.update({k: v for k, v in c.items() if isinstance(v, int) and k != "source"})
     keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples_truncated",
             "examples_dropped")
     return {**{k: counts[k] for k in keys}, "rejected_by_reason": dict(sorted(by_reason.items()))}
 
 
-def node_counts(work: str) -> dict:
+def _chunk_file(name: str, split: str = "") -> bool:
+    """A chunk's own counts file (`{split}-{index}.json`), not the held-out counts written beside it."""
+    head, _, rest = name.partition("-")
+    return (not split or head == split) and rest[:1].isdigit()
+
+
+def node_counts(stats: list[tuple[str, dict]]) -> dict:
     """{Ray node: chunks it prepared}, over both splits: where the tasks ran."""
     from collections import Counter
 
-    nodes: Counter = Counter()
-    for path in glob.glob(os.path.join(work, STATS, "*-[0-9]*.json")):
-        with open(path, encoding="utf-8") as f:
-            node = json.load(f).get("node")
-        if node:  # the held-out counts' files name none (their chunk's file does)
-            nodes[node] += 1
+    nodes = Counter(c["node"] for name, c in stats if _chunk_file(name) and c.get("node"))
     return dict(sorted(nodes.items()))
 
 
-def source_counts(work: str, split: str, n_sources: int) -> list[dict]:
+def source_counts(stats: list[tuple[str, dict]], split: str, n_sources: int) -> list[dict]:
     """The tasks' counts of one split per source (data.sources): records, examples, trained tokens, rows."""
     keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples", "trained_tokens",
             "rows")
     out = [dict.fromkeys(keys, 0) for _ in range(n_sources)]
-    for path in glob.glob(os.path.join(work, STATS, f"{split}-[0-9]*.json")):
-        with open(path, encoding="utf-8") as f:
-            c = json.load(f)
-        for k in keys:
-            out[c.get("source", 0)][k] += c.get(k, 0)
+    for name, c in stats:
+        if _chunk_file(name, split):
+            for k in keys:
+                out[c.get("source", 0)][k] += c.get(k, 0)
     return out
 
 

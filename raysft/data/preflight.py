@@ -22,8 +22,9 @@ import difflib
 from typing import Optional
 
 from raysft.data.chunks import Settings, example_of, mask_error, render
+from raysft.data.reading import read_chunk
 from raysft.data.records import MESSAGE_FIELDS, RECORD_FIELDS, ROLE_VALUES, RecordError
-from raysft.data.sources import Chunk, read_chunk
+from raysft.data.sources import Chunk
 from raysft.data.template import _compiled, control_tokens, conversation, end_of_turn
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from raysft.errors import UserError, format_error
@@ -58,7 +59,8 @@ def _first(chunks: list[Chunk], settings: Settings, sample: int) -> list:
 def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, int]:
     """One record's checks; returns (later assistant turns, those whose history is tokenized as at inference).
     Raises RecordError: a data problem (the prepare policy decides) or one of FATAL (the template's)."""
-    rendered = render(record, settings, tokenizer)
+    example = example_of(record, settings)
+    rendered = render(record, settings, tokenizer, example)
     ids, labels = tokenize_rendered([rendered], tokenizer, settings.loss_on)[0]
     broken = mask_error(rendered, labels, settings.loss_on)
     if broken is not None:
@@ -69,7 +71,6 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
     if not trained & set(closers):  # a turn may close with another control token (a tool call's, e.g. <|call|>)
         raise RecordError("end_of_turn_untrained", "the end-of-turn token is not among the trained labels, so the "
                                                    "model would never learn to stop; fix: check data.chat_template")
-    example = example_of(record, settings)
     messages, start = conversation(example, tokenizer, settings.system_message)
     if _compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
         return 0, 0  # control-token syntax typed in the data: kept as text, by design unlike a plain render

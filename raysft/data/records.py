@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from raysft.errors import UserError
+from raysft.data.parsing import RecordError, loads, shorten
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -40,23 +40,6 @@ RECORD_FIELDS = ("messages", "conversations", "chosen", "rejected", "prompt", "c
                  "input", "output", "system", "tools")
 MESSAGE_FIELDS = ("role", "content", "tool_calls", "reasoning_content", "tool_call_id", "name")
 ROLE_VALUES = ("system", "user", "assistant", "tool")
-
-
-class RecordError(UserError, ValueError):
-    """A bad record: `reason` is a short code for counting, the message says what and how to fix it."""
-
-    def __init__(self, reason: str, message: str, where: str = ""):
-        self.reason = reason
-        self.message = message
-        self.where = where
-        super().__init__(f"{where}: {message}" if where else message)
-
-    def at(self, where: str) -> "RecordError":
-        """The same error, located (e.g. ``data/train.jsonl:12``)."""
-        return RecordError(self.reason, self.message, where)
-
-    def __reduce__(self):  # picklable across Ray tasks
-        return (RecordError, (self.reason, self.message, self.where))
 
 
 Message = dict  # {"role": str, "content": str} + tool_calls / reasoning_content / tool_call_id / name
@@ -74,65 +57,6 @@ class Example:
     tools: Optional[list] = None  # JSON schemas of the functions the assistant may call (chat only)
 
 
-def _no_duplicate_keys(pairs: list) -> dict:
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise RecordError("duplicate_key", f"key {key!r} appears twice in one object (JSON keeps only the last, "
-                                           "so a value would be lost); fix: give each key once")
-    return value
-
-
-_ENCODE = json.JSONEncoder(check_circular=False).encode  # a parsed value is never circular
-
-
-def _loads(line: str) -> Any:
-    """`json.loads` that refuses an object with a key twice, at C speed for the common case.
-
-    A key given twice is lost in the parsed value, and with it at least one structural colon: the value written back
-    (`json.dumps` escapes no colon) has fewer colons than the line. Without a lost key the counts are equal, since
-    every other colon is a character of a string, unless written as the escape \\u003a; only then, or when the counts
-    differ, is the line parsed again with a hook on every object that names the key.
-    """
-    value = json.loads(line)
-    if "{" not in line or ("\\u003" not in line and line.count(":") == _ENCODE(value).count(":")):
-        return value
-    return json.loads(line, object_pairs_hook=_no_duplicate_keys)
-
-
-def parse_line(line: str | bytes) -> dict:
-    """A JSONL line -> its object. BOM and CR are tolerated; anything but a JSON object is a RecordError.
-
-    >>> parse_line('\\ufeff{"text": "hi"}\\r')
-    {'text': 'hi'}
-    """
-    if isinstance(line, bytes):
-        try:
-            line = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecordError("invalid_utf8",
-                              f"not valid UTF-8 at byte {exc.start}; fix: save the file as UTF-8") from None
-    line = line.lstrip("\ufeff").strip()
-    try:
-        value = _loads(line)
-    except json.JSONDecodeError as exc:
-        raise RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; "
-                                          "fix: one JSON object per line") from None
-    except RecursionError:  # json's parser recurses once per level of nesting
-        raise RecordError("too_deep", "nested too deeply for a JSON parser (more than ~1,000 levels of [ or {); "
-                                      "fix: flatten the record") from None
-    if not isinstance(value, dict):
-        raise RecordError("not_an_object", f"a JSON {type(value).__name__} is not a record "
-                                           f"(got {_short(value)}); fix: one JSON object per line")
-    return value
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _content(value: Any, field: str) -> str:
     if isinstance(value, str):
         return value
@@ -141,10 +65,10 @@ def _content(value: Any, field: str) -> str:
         for i, part in enumerate(value):
             if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise RecordError("bad_message", f"{field}[{i}]: only text parts are supported "
-                                                 f"(got {_short(part)}); fix: give content as a string")
+                                                 f"(got {shorten(part)}); fix: give content as a string")
             parts.append(part["text"])
         return "".join(parts)
-    raise RecordError("bad_message", f"{field}: content must be a string (got {_short(value)}); "
+    raise RecordError("bad_message", f"{field}: content must be a string (got {shorten(value)}); "
                                      "fix: give each message a string content")
 
 
@@ -152,12 +76,12 @@ def _arguments(value: Any, where: str) -> dict:
     """A tool call's `arguments`: a JSON object, or a string holding one."""
     if isinstance(value, str):
         try:
-            value = _loads(value) if value.strip() else {}
+            value = loads(value) if value.strip() else {}
         except (json.JSONDecodeError, RecursionError):
-            raise RecordError("bad_tool_call", f"{where}: arguments are not valid JSON (got {_short(value)}); "
+            raise RecordError("bad_tool_call", f"{where}: arguments are not valid JSON (got {shorten(value)}); "
                                                "fix: give arguments as a JSON object or a string holding one") from None
     if not isinstance(value, dict):
-        raise RecordError("bad_tool_call", f"{where}: arguments must be a JSON object (got {_short(value)}); "
+        raise RecordError("bad_tool_call", f"{where}: arguments must be a JSON object (got {shorten(value)}); "
                                            'fix: {"arguments": {"city": "Paris"}}')
     return value
 
@@ -169,14 +93,14 @@ def tool_calls_from(value: Any, where: str) -> list[dict]:
     [{'type': 'function', 'function': {'name': 'f', 'arguments': {'x': 1}}}]
     """
     if not isinstance(value, list) or not value:
-        raise RecordError("bad_tool_call", f"{where}: must be a non-empty list (got {_short(value)}); "
+        raise RecordError("bad_tool_call", f"{where}: must be a non-empty list (got {shorten(value)}); "
                                            f"fix: [{CALL_FORM}]")
     out = []
     for i, call in enumerate(value):
         at = f"{where}[{i}]"
         fn = call.get("function", call) if isinstance(call, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise RecordError("bad_tool_call", f"{at}: a tool call needs a function name (got {_short(call)}); "
+            raise RecordError("bad_tool_call", f"{at}: a tool call needs a function name (got {shorten(call)}); "
                                                f"fix: {CALL_FORM}")
         norm = {"type": "function", "function": {"name": fn["name"], "arguments": _arguments(
             fn.get("arguments", {}), f"{at}.function.arguments")}}
@@ -191,15 +115,15 @@ def tools_from(record: Mapping) -> Optional[list]:
     tools = record.get("tools")
     if isinstance(tools, str):  # many datasets keep the schemas as a JSON string
         try:
-            tools = _loads(tools) if tools.strip() else None
+            tools = loads(tools) if tools.strip() else None
         except (json.JSONDecodeError, RecursionError):
-            raise RecordError("bad_tools", f"tools: a string that is not valid JSON (got {_short(tools)}); fix: give "
+            raise RecordError("bad_tools", f"tools: a string that is not valid JSON (got {shorten(tools)}); fix: give "
                                            "tools as a list of JSON schema objects, or a string holding one") from None
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, Mapping) and isinstance(t.get("function", {}), Mapping)
                                               for t in tools):
-        raise RecordError("bad_tools", f"tools: must be a list of JSON schema objects (got {_short(tools)}); "
+        raise RecordError("bad_tools", f"tools: must be a list of JSON schema objects (got {shorten(tools)}); "
                                        'fix: [{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
     return [dict(t) for t in tools]
 
@@ -219,7 +143,7 @@ def _assistant_fields(msg: Mapping, out: dict, where: str, content_key: str) -> 
     reasoning = msg.get("reasoning_content")
     if reasoning is not None:
         if not isinstance(reasoning, str):
-            raise RecordError("bad_message", f"{where}.reasoning_content: must be a string (got {_short(reasoning)})")
+            raise RecordError("bad_message", f"{where}.reasoning_content: must be a string (got {shorten(reasoning)})")
     else:
         reasoning, out["content"] = _split_think(out["content"])
     if reasoning is not None:
@@ -233,9 +157,9 @@ def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: M
                 roles[role] == "assistant" and THINK_OPEN in content):
             return {"role": roles[role], "content": content}
     if not isinstance(msg, Mapping):
-        raise RecordError("bad_message", f"{where}: a message must be an object (got {_short(msg)})")
+        raise RecordError("bad_message", f"{where}: a message must be an object (got {shorten(msg)})")
     if role_key not in msg:
-        raise RecordError("bad_message", f"{where}: message has no {role_key!r} (got {_short(msg)}); "
+        raise RecordError("bad_message", f"{where}: message has no {role_key!r} (got {shorten(msg)}); "
                                          f"fix: every message needs {role_key!r} and {content_key!r}")
     role = msg[role_key]
     if role not in roles:
@@ -244,7 +168,7 @@ def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: M
     calls = role == "assistant" and bool(msg.get("tool_calls"))
     if msg.get(content_key) is None and not calls:
         missing = "no" if content_key not in msg else "a null"
-        raise RecordError("bad_message", f"{where}: message has {missing} {content_key!r} (got {_short(msg)}); "
+        raise RecordError("bad_message", f"{where}: message has {missing} {content_key!r} (got {shorten(msg)}); "
                                          f"fix: every message needs {role_key!r} and {content_key!r}"
                                          + (" (null is allowed only beside tool_calls)" if role == "assistant" else ""))
     out = {"role": role, "content": "" if msg.get(content_key) is None else
@@ -265,7 +189,7 @@ def messages_from(value: Any, field: str, sharegpt: bool = False) -> list[Messag
     [{'role': 'user', 'content': 'hi'}]
     """
     if not isinstance(value, list):
-        raise RecordError("bad_type", f"{field}: must be a list of messages (got {_short(value)}); "
+        raise RecordError("bad_type", f"{field}: must be a list of messages (got {shorten(value)}); "
                                       'fix: [{"role": "user", "content": "..."}, ...]')
     if not value:
         raise RecordError("empty_conversation", f"{field}: empty conversation; fix: give at least one "
@@ -380,7 +304,7 @@ def split_alpaca(record: Mapping) -> Example:
                                                "(and optionally 'input', 'system')")
     for key in ("instruction", "input", "output", "system"):
         if key in record and not isinstance(record[key], str):
-            raise RecordError("bad_type", f"{key}: must be a string (got {_short(record[key])})")
+            raise RecordError("bad_type", f"{key}: must be a string (got {shorten(record[key])})")
     if not record["output"]:
         raise RecordError("no_completion", "output: empty; fix: give the answer to train on")
     user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
@@ -446,12 +370,7 @@ def _split(record: Mapping) -> Example:
         return split_alpaca(record)
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"]:
-            raise RecordError("bad_type", f"text: must be a non-empty string (got {_short(record['text'])})")
+            raise RecordError("bad_type", f"text: must be a non-empty string (got {shorten(record['text'])})")
         return Example("text", "", record["text"])
     keys = ", ".join(map(repr, list(record)[:8])) or "none"
     raise RecordError("unknown_format", f"no known fields (got keys {keys}); fix: {FORMATS_HINT}")
-
-
-def drop_nulls(row: Mapping) -> dict:
-    """Columnar sources (Parquet, datasets) fill absent fields with None: treat those as absent."""
-    return {k: v for k, v in row.items() if v is not None}

@@ -1,4 +1,4 @@
-"""Input files: expand paths/globs/URIs, hash their content and cut them into chunks; read one chunk.
+"""Input files: expand paths/globs/URIs, hash their content and cut them into chunks (`reading.py` reads one).
 
 Planning runs on the driver in one streaming pass per file: it hashes the bytes (for the prepared
 data's fingerprint) and cuts JSONL files into chunks of whole lines, remembering each chunk's first line
@@ -14,16 +14,14 @@ import fnmatch
 import glob
 import gzip
 import hashlib
-import json
 import os
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import pyarrow.fs as pafs
 
 from raysft import storage
-from raysft.data.records import RecordError, drop_nulls, parse_line
 from raysft.errors import UserError, format_error
 
 FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -106,22 +104,6 @@ def has_records(source: str) -> bool:
     except (EOFError, OSError, zlib.error):
         return True
     return False
-
-
-def describe_chunk(chunk: Chunk) -> str:
-    """Where a chunk's records are, for a message: ``file:lines A-B`` (JSONL), ``file:rows A-B`` (Parquet, HF)."""
-    if chunk.fmt == "jsonl":
-        fs, path = storage.filesystem(chunk.source)
-        with fs.open_input_file(path) as f:
-            f.seek(chunk.start)
-            data = f.read(chunk.end - chunk.start)
-        lines = data.count(b"\n") + (not data.endswith(b"\n"))
-        return f"{chunk.source}:lines {chunk.first_line}-{chunk.first_line + max(lines - 1, 0)}"
-    if chunk.fmt == "hf":
-        return f"{chunk.source}:rows {chunk.first_line}-{chunk.end}"
-    if chunk.fmt == "parquet":
-        return f"{chunk.source}:row group {chunk.start} (from row {chunk.first_line})"
-    return f"{chunk.source} (the whole compressed file)"
 
 
 def _plan_jsonl(fs, path: str, source: str, chunk_bytes: int, h) -> tuple[list[Chunk], int]:
@@ -226,77 +208,3 @@ def plan_hf(name: str, split: str) -> tuple[list[Chunk], list[dict]]:
     chunks = [Chunk(name, "hf", s, min(s + HF_ROWS_PER_CHUNK, n), s + 1, i)
               for i, s in enumerate(range(0, n, HF_ROWS_PER_CHUNK))]
     return chunks, [{"path": f"{name}[{split}]", "records": n, "sha256": ds._fingerprint}]
-
-
-def _lines(data: bytes, first_line: int) -> Iterator[tuple[int, bytes]]:
-    for i, line in enumerate(data.split(b"\n")):
-        if line.strip():  # blank lines (and a final newline) are not records
-            yield first_line + i, line
-
-
-class DamagedFile(Exception):
-    """A compressed file that ends early or is corrupt after line `after` (its records up to there are good)."""
-
-    def __init__(self, after: int, detail: str):
-        self.after, self.detail = after, detail
-        super().__init__(detail)
-
-
-def _gzip_lines(source: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) of a .jsonl.gz, streamed; a cut or corrupt stream ends it with `DamagedFile`."""
-    fs, path = storage.filesystem(source)
-    n = 0
-    try:
-        with fs.open_input_stream(path, compression=None) as raw, gzip.GzipFile(fileobj=raw) as lines:
-            for n, line in enumerate(lines, 1):
-                if line.strip():
-                    yield n, line
-    except (EOFError, OSError, zlib.error) as exc:  # cut short (a partial download) or damaged bytes
-        raise DamagedFile(n, f"{'zlib.error' if isinstance(exc, zlib.error) else type(exc).__name__}: {exc}") from None
-
-
-def _parsed(numbered, source: str):
-    try:
-        yield from _parsed_lines(numbered, source)
-    except DamagedFile as exc:
-        where = f"{source}:{exc.after + 1}"
-        yield where, exc.after + 1, "", RecordError(
-            "damaged_file", f"the compressed file is cut short or damaged after line {exc.after} "
-            f"({exc.detail}); the records before it are read. fix: download or compress the file again "
-            f"(`gzip -t {os.path.basename(source)}` checks it)", where)
-
-
-def _parsed_lines(numbered, source: str):
-    for n, line in numbered:
-        where = f"{source}:{n}"
-        raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
-        try:
-            yield where, n, raw, parse_line(line)
-        except RecordError as exc:
-            yield where, n, raw, exc.at(where)
-
-
-def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, object]]:
-    """(where, line or row number, raw text, record dict or RecordError) for each record of the chunk, in order."""
-    if chunk.fmt == "jsonl":
-        fs, path = storage.filesystem(chunk.source)
-        with fs.open_input_file(path) as f:
-            f.seek(chunk.start)
-            data = f.read(chunk.end - chunk.start)
-        yield from _parsed(_lines(data, chunk.first_line), chunk.source)
-        return
-    if chunk.fmt == "jsonl.gz":  # streamed: memory stays flat whatever the file's size
-        yield from _parsed(_gzip_lines(chunk.source), chunk.source)
-        return
-    if chunk.fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        fs, path = storage.filesystem(chunk.source)
-        with fs.open_input_file(path) as f:
-            rows = pq.ParquetFile(f).read_row_group(chunk.start).to_pylist()
-    else:
-        rows = load_hf(chunk.source, hf_split).select(range(chunk.start, chunk.end)).to_list()
-    for i, row in enumerate(rows):
-        row = drop_nulls(row)
-        n = chunk.first_line + i
-        yield f"{chunk.source}:row {n}", n, json.dumps(row, ensure_ascii=False, default=str), row

@@ -26,11 +26,13 @@ import re
 import weakref
 from typing import Mapping, Optional, Sequence
 
-from raysft.data.chatml import Rendered, Segment, answer_text, empty_answer, think_text
-from raysft.data.records import THINK_CLOSE, Example, RecordError, _short
+from raysft.data.chatml import Rendered, Segment, answer_text, empty_answer, think_text, with_system
+from raysft.data.parsing import shorten
+from raysft.data.records import THINK_CLOSE, Example, RecordError
 
 MARK_START, MARK_END = "\ue000", "\ue001"  # private-use characters: never in a template, stripped from user strings
 _patterns: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (template, find, split)
+_end_of_turn: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> ((template, size), token)
 
 
 def control_tokens(tokenizer, template: str) -> tuple[str, ...]:
@@ -92,7 +94,7 @@ def render(tokenizer, messages: list, tools: Optional[list], generation: bool) -
         return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation, tokenize=False)
     except Exception as exc:  # jinja2 errors and the template's own raise_exception
         raise RecordError("template_error", f"the chat template failed on this record ({type(exc).__name__}: "
-                                            f"{_short(str(exc), 160)}); fix: make the record fit the template "
+                                            f"{shorten(str(exc), 160)}); fix: make the record fit the template "
                                             "(e.g. alternate user and assistant turns), or use another "
                                             "data.chat_template") from None
 
@@ -125,13 +127,6 @@ def _native(message: Mapping, field: Optional[str]) -> dict:
     return out
 
 
-def with_system(messages: Sequence[Mapping], system_message: Optional[str]) -> list:
-    messages = list(messages)
-    if system_message and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": system_message})
-    return messages
-
-
 def conversation(example: Example, tokenizer, system_message: Optional[str] = None) -> tuple[list, int]:
     """The example's messages as `apply_chat_template` takes them at inference, and where the completion starts."""
     field = reasoning_field(tokenizer.chat_template)
@@ -153,8 +148,8 @@ class _Pieces:
             at = next((i for i, (a, b) in enumerate(zip(text, self.text)) if a != b), min(len(text), len(self.text)))
             raise RecordError("template_not_prefix_stable", (
                 f"the chat template is not prefix-stable for this record: rendering {what} does not extend the "
-                f"render before it (they differ at character {at}: {_short(plain(text[at:at + 40]))} vs "
-                f"{_short(plain(self.text[at:at + 40]))}), so the model would train on text it never sees at "
+                f"render before it (they differ at character {at}: {shorten(plain(text[at:at + 40]))} vs "
+                f"{shorten(plain(self.text[at:at + 40]))}), so the model would train on text it never sees at "
                 "inference; fix: use a template that renders earlier turns as it renders the last one, or "
                 "data.chat_template: chatml"))
         piece = text[len(self.text):]
@@ -183,7 +178,7 @@ def _check_turn(turn: str, message: Mapping, j: int) -> None:
     if lost:
         raise RecordError("template_drops_content", f"messages[{j}]: the chat template does not render "
                                                     f"{', '.join(lost)} of this assistant turn (rendered: "
-                                                    f"{_short(shown, 120)}); fix: use a template that renders it "
+                                                    f"{shorten(shown, 120)}); fix: use a template that renders it "
                                                     "(tool calls need a template with tool support), or "
                                                     "data.chat_template: chatml")
 
@@ -200,7 +195,7 @@ def _reasoning_end(common: str, full: str, start: int) -> Optional[int]:
 
 def end_of_turn_error(turn: str, j: int) -> RecordError:
     return RecordError("no_end_of_turn", f"messages[{j}]: the chat template ends this assistant turn without a "
-                                         f"control token (it ends with {_short(plain(turn)[-30:])}), so the model "
+                                         f"control token (it ends with {shorten(plain(turn)[-30:])}), so the model "
                                          "would never learn to stop; fix: add the template's end-of-turn token to the "
                                          "tokenizer as a special token, or use data.chat_template: chatml")
 
@@ -267,14 +262,20 @@ def render_prompt(messages: Sequence[Mapping], tokenizer, system_message: Option
 def end_of_turn(tokenizer) -> Optional[str]:
     """The control token the tokenizer's template closes an assistant turn with (None when it closes with none).
 
-    Found by rendering a two-message probe conversation, as training does."""
+    Found by rendering a two-message probe conversation, as training does; once per tokenizer and template."""
+    cached = _end_of_turn.get(tokenizer)
+    key = (tokenizer.chat_template, len(tokenizer))
+    if cached is not None and cached[0] == key:
+        return cached[1]
     probe = Example("chat", [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
     try:
         rendered = render_native(probe, tokenizer)
     except RecordError:
-        return None
-    trained = [s for s in rendered.segments if s.trained]
-    return trained[-1].text if trained and trained[-1].control else None
+        rendered = None
+    trained = [s for s in rendered.segments if s.trained] if rendered else []
+    found = trained[-1].text if trained and trained[-1].control else None
+    _end_of_turn[tokenizer] = (key, found)
+    return found
 
 
 def stop_ids(tokenizer, also=()) -> list[int]:

@@ -16,7 +16,7 @@ from raysft.checkpoint import RunState
 from raysft.config import Config
 from raysft.data.prepared import PreparedRows
 from raysft.train.hooks import WorkerHooks
-from raysft.train.metrics import StepLog
+from raysft.train.metrics import StepLog, StepMetrics
 from raysft.train.resize import Universal
 from raysft.train.schedule import BatchShape, Schedule
 
@@ -65,6 +65,15 @@ class Worker:
         self.step_log = StepLog(self.rank, self.cfg.output_dir, t.log_every_steps, start_step, self.log,
                                 tensorboard="tensorboard" in t.report_to, trackers=trackers)
         return self.step_log
+
+    def step_metrics(self, state: Optional[RunState]) -> StepMetrics:
+        """The run's per-step metrics (metrics.StepMetrics), continuing the counts of the restored `state`."""
+        from raysft.train.metrics import gpu_peak
+
+        return StepMetrics(self.schedule, self.rows, self.world, self.n_params, self.model.config,
+                           gpu_peak(self.cfg.cluster.use_gpu), state.step if state else 0,
+                           state.samples_seen if state else 0, state.tokens_seen if state else 0,
+                           state.samples_seen_by_source if state else None, self.rank)
 
     def run_state(self, step: int, steps, backend: str) -> RunState:
         """The state.json of a checkpoint at `step`; `steps`: the run's `metrics.StepMetrics` (what was seen)."""

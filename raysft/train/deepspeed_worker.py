@@ -18,7 +18,7 @@ from raysft import checkpoint as ckpt
 from raysft.train import context, resize
 from raysft.train.context import Worker, WorkerJob
 from raysft.train.evaluate import due, eval_due, run_evals
-from raysft.train.metrics import StepMetrics, gpu_peak, setup_line
+from raysft.train.metrics import setup_line
 from raysft.train.optim import deepspeed_config, lr_scheduler_name
 from raysft.train.report import ReportGate
 
@@ -95,19 +95,18 @@ def train_loop(loop_config: dict) -> None:
         return engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
 
     # ------------------------------------------------------------------ restore
-    start_step, samples_seen, tokens_seen = 0, 0, 0
+    start_step = 0
     if state is not None:
         load_dir, tag = (universal.load_dir, universal.tag) if universal else (ckpt.model_dir(good), None)
         engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                                load_module_strict=not t.lora.r)  # a LoRA checkpoint holds the adapter only
         ckpt.restore_rng(good, rank)
-        start_step, samples_seen, tokens_seen = state.step, state.samples_seen, state.tokens_seen
-        w.log(f"resume: from {good} at step {start_step} (epoch {state.epoch}, {samples_seen} rows seen"
+        start_step = state.step
+        w.log(f"resume: from {good} at step {start_step} (epoch {state.epoch}, {state.samples_seen} rows seen"
               + (f", written by {state.world_size} workers, loaded as a universal checkpoint)" if universal else ")"))
 
     # ------------------------------------------------------------------ loop
-    steps = StepMetrics(schedule, rows, world, w.n_params, w.model.config, gpu_peak(cfg.cluster.use_gpu), start_step,
-                        samples_seen, tokens_seen)
+    steps = w.step_metrics(state)
     step_log = w.open_step_log(start_step, state)
     gate = ReportGate(rank)
     engine.train()

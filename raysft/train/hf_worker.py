@@ -26,7 +26,7 @@ from raysft.train import context
 from raysft.train.context import WorkerJob
 from raysft.train.evaluate import due, eval_due, run_evals
 from raysft.train.hf_args import sft_config
-from raysft.train.metrics import StepMetrics, gpu_peak, setup_line
+from raysft.train.metrics import setup_line
 from raysft.train.optim import deepspeed_config
 from raysft.train.report import ReportGate
 
@@ -66,15 +66,14 @@ def train_loop(loop_config: dict) -> None:
 
     # ------------------------------------------------------------------ restore (the Trainer loads model/)
     good = ckpt.latest_good(w.run_dir, warn=w.log)
-    start_step, samples_seen, tokens_seen, state = 0, 0, 0, None
+    start_step, state = 0, None
     if good is not None:
         state = ckpt.read_state(good)
-        start_step, samples_seen, tokens_seen = state.step, state.samples_seen, state.tokens_seen
-        w.log(f"resume: from {good} at step {start_step} (epoch {state.epoch}, {samples_seen} rows seen)")
+        start_step = state.step
+        w.log(f"resume: from {good} at step {start_step} (epoch {state.epoch}, {state.samples_seen} rows seen)")
 
     # ------------------------------------------------------------------ loop: the Trainer's, calling these
-    steps = StepMetrics(schedule, rows, world, w.n_params, w.model.config, gpu_peak(cfg.cluster.use_gpu), start_step,
-                        samples_seen, tokens_seen)
+    steps = w.step_metrics(state)
     step_log = w.open_step_log(start_step, state)
     gate = ReportGate(rank)
     last_metrics: dict = {}

@@ -40,22 +40,31 @@ class StepMetrics:
     """Turns one optimizer step's sums (already reduced over ranks) into the metrics dict both workers log."""
 
     def __init__(self, schedule, rows, world: int, n_params: int, model_config, peak: Optional[float],
-                 start_step: int, samples_seen: int, tokens_seen: int):
+                 start_step: int = 0, samples_seen: int = 0, tokens_seen: int = 0,
+                 seen_by_source: Optional[dict] = None, rank: int = 0):
         self.schedule, self.rows, self.world, self.n_params = schedule, rows, world, n_params
         self.layers, self.hidden = model_config.num_hidden_layers, model_config.hidden_size
         self.peak, self.resumed_from = peak, start_step
         self.samples_seen, self.tokens_seen = samples_seen, tokens_seen
         self.t_start, self.steps_timed = time.time(), 0
-        k = len(rows.source_names)  # rows seen per data.sources entry: the steps before start_step replayed
-        done = [schedule.global_batch(s) for s in range(start_step)]
-        self.by_source = np.bincount(rows.source[np.concatenate(done)], minlength=k) if done else np.zeros(k, int)
+        # rows seen per data.sources entry, for state.json, which rank 0 alone writes: continued from the restored
+        # checkpoint's counts; only a checkpoint written before it kept them has them rebuilt from the schedule
+        self.by_source = None if rank else self._restored_by_source(start_step, seen_by_source or {})
+
+    def _restored_by_source(self, start_step: int, seen: dict) -> np.ndarray:
+        names = self.rows.source_names
+        if start_step == 0 or set(seen) == set(names):
+            return np.array([seen.get(name, 0) for name in names], dtype=np.int64)
+        done = [self.schedule.global_batch(s) for s in range(start_step)]
+        return np.bincount(self.rows.source[np.concatenate(done)], minlength=len(names))
 
     def __call__(self, step: int, loss: float, processed: float, data_time: float, step_time: float, lr: float,
                  grad_norm: float) -> dict:
         global_rows = self.schedule.global_batch(step - 1)
         real_tokens = int(self.rows.num_tokens[global_rows].sum())
         self.samples_seen += len(global_rows)
-        self.by_source += np.bincount(self.rows.source[global_rows], minlength=len(self.by_source))
+        if self.by_source is not None:
+            self.by_source += np.bincount(self.rows.source[global_rows], minlength=len(self.by_source))
         self.tokens_seen += real_tokens
         self.steps_timed += 1
         m = {"step": step, "total_steps": self.schedule.total_steps, "epoch": self.schedule.epoch_of(step - 1),
@@ -77,7 +86,9 @@ class StepMetrics:
         return m
 
     def seen_by_source(self) -> dict:
-        """{source name: rows trained on so far} (data.sources), for state.json."""
+        """{source name: rows trained on so far} (data.sources), for state.json; empty on ranks other than 0."""
+        if self.by_source is None:
+            return {}
         return {name: int(n) for name, n in zip(self.rows.source_names, self.by_source)}
 
 
