@@ -3,7 +3,7 @@
 #   make test         # the linter, then the whole test suite (what CI runs)
 PYTHON ?= python3
 
-.PHONY: install quickstart test test-fast lint
+.PHONY: install quickstart test test-fast test-train lint
 
 install:
 	@bash scripts/install.sh
@@ -17,6 +17,9 @@ test: install lint
 
 test-fast: install lint
 	$(PYTHON) -m pytest -q -m "not ray"
+
+test-train: install lint
+	$(PYTHON) -m pytest -q -m "not e2e"
 
 lint: install
 	ruff check .

@@ -110,6 +110,8 @@ def check_shared_storage(cfg: Config) -> None:
     if all(n["NodeID"] == here for n in nodes):
         return  # Ray runs on this machine only
     paths = {"output_dir": cfg.output_dir, "checkpoint.storage_path": cfg.checkpoint.storage_path}
+    if not cfg.data.prepared_path.startswith(os.path.join(cfg.output_dir, "")):  # its own place: checked too
+        paths["data.prepared_path"] = cfg.data.prepared_path
     paths = {k: v for k, v in paths.items() if not storage.is_uri(v)}
     token = uuid.uuid4().hex
     markers = {}
@@ -142,5 +144,5 @@ def check_shared_storage(cfg: Config) -> None:
             names = ", ".join(f"{n['NodeManagerAddress']} (id {n['NodeID'][:8]})" for n in blind)
             raise UserError(format_error(
                 key, f"not shared with every node: {len(blind)} of {len(nodes)} nodes ({names}) do not see what the "
-                "driver writes there", path, "put output_dir and checkpoint.storage_path on storage every node mounts "
-                "at the same path (NFS, a ReadWriteMany volume); checkpoint.storage_path may also be s3:// or gs://"))
+                "driver writes there", path, "put output_dir, checkpoint.storage_path and data.prepared_path on storage "
+                "every node mounts at the same path (NFS, a ReadWriteMany volume); checkpoint.storage_path may also be s3:// or gs://"))

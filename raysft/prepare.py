@@ -115,7 +115,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
         fingerprint = prepared.fingerprint(inputs, {**settings.as_dict(), "sources": [
             {"name": src["name"], "weight": src["weight"], **st.as_dict()} for src, st in zip(sources, per_source)]},
             tok_hash)
-        final = prepared.location(cfg.output_dir, fingerprint)
+        final = prepared.location(cfg.data.prepared_path, fingerprint)
         manifest = prepared.read_manifest(final)
         if manifest and manifest.get("fingerprint") == fingerprint:
             log(f"prepare: reusing {final} (fingerprint {prepared.short(fingerprint)}, same inputs, settings and "
@@ -175,7 +175,23 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
     manifest.update(seconds=round(time.time() - t0, 2), phases={k: round(v, 3) for k, v in phases.items()})
     pipeline.remove_side_files(work)
     storage.write_atomic(os.path.join(work, prepared.MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
-    if os.path.exists(final):  # an incomplete earlier attempt (no valid manifest): replace it
-        shutil.rmtree(final)
-    os.rename(work, final)
-    return final, manifest
+    return _move_into_place(work, final, fingerprint, manifest)
+
+
+def _move_into_place(work: str, final: str, fingerprint: str, manifest: dict) -> tuple[str, dict]:
+    """The finished work folder renamed to `final`. Another run sharing data.prepared_path may have prepared the
+    same fingerprint meanwhile: then its folder is used (the same rows) and this one dropped; a folder there without
+    a valid manifest is an interrupted attempt, replaced."""
+    for _ in range(2):
+        theirs = prepared.read_manifest(final) if os.path.exists(final) else None
+        if theirs and theirs.get("fingerprint") == fingerprint:
+            shutil.rmtree(work, ignore_errors=True)
+            return final, theirs
+        if os.path.exists(final):
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(work, final)
+            return final, manifest
+        except OSError:  # made by another run between the check and the rename: look again
+            continue
+    raise RuntimeError(f"{final}: cannot move the prepared dataset into place (another run keeps writing it)")

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import helpers
 from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -16,6 +17,11 @@ os.environ.setdefault("RAYSFT_DASHBOARD", "0")  # tests do not need the dashboar
 # may contain it (tests/test_train.py checks).
 SECRET_CANARY = "hf_raysftCanaryToken0123456789"
 os.environ["HF_TOKEN"] = SECRET_CANARY
+# Ray Train's controller polls the workers (reports, checkpoint commits, a finished or dead worker) every 2 s by
+# default; a test run of a few 0.1 s steps would spend most of its time waiting for the poll. Set before any Ray
+# starts, so every Ray of the session (in-process, `ray start` clusters, the CLI's) inherits it. raysft's own
+# report pacing (train/report.ReportGate) reads the same variable.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # W&B writes its runs to files (no account, no network) on the driver and every Ray worker
 os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 # the MLflow tracking server the tests start: its own venv (scripts/install.sh makes it), as a real server would be
@@ -95,3 +101,26 @@ def mlflow_server(tmp_path_factory):
     os.killpg(server.pid, 15)
     server.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_prepared(tmp_path_factory):
+    """One data.prepared_path for the session's training runs (helpers.run_config): each dataset is prepared once,
+    by fingerprint, and reused by every run on the same data and settings."""
+    helpers.SHARED["prepared"] = str(tmp_path_factory.mktemp("prepared"))
+    yield helpers.SHARED["prepared"]
+    helpers.SHARED.clear()
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, tiny_model_dir, ray_session):
+    """The uninterrupted run every fault, resume and resize test compares with (helpers.run_config: 6 steps,
+    2 workers, ZeRO-2, checkpoints at 2, 4, 6), trained once per session; the trained model's logits of the first
+    row go to probe.pt. (config, train's result)."""
+    from raysft.train.launch import train
+
+    from faults import Faults
+
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = helpers.run_config(tmp, tiny_model_dir, "ref")
+    return cfg, train(None, [], cfg=cfg, hooks=Faults(probe=os.path.join(cfg.output_dir, "probe.pt")))

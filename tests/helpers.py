@@ -1,4 +1,5 @@
-"""Plain helpers for tests: paths, JSONL writing, tiny run configs."""
+"""Plain helpers for tests: paths, JSONL writing, tiny run configs, and the training tests' shared pieces (the run
+config of the reference run, its weights, a run on a helper thread, the bit-identical comparison)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
+# set by conftest for the session: "prepared", the data.prepared_path training runs share (each dataset prepared once)
+SHARED: dict = {}
 
 
 def write_jsonl(path, records, raw_lines=()):
@@ -81,3 +85,70 @@ def wandb_history(folder):
                                        for i in r.history.item})
         out.append(run)
     return out
+
+
+def run_config(tmp_path, model_dir, name, shared_prepared=True, **sections):
+    """The reference run's config (conftest's `reference`: 6 steps of 8 rows on 2 workers, ZeRO-2, a checkpoint
+    every 2 steps), `sections` merged over it per section; its prepared data in the session's shared folder."""
+    from raysft.config import load_config
+
+    cfg = base_config(tmp_path / name, model_dir, SAMPLE)
+    cfg["data"].update({"max_seq_len": 256, **sections.get("data", {})})
+    if shared_prepared and SHARED.get("prepared"):
+        cfg["data"].setdefault("prepared_path", SHARED["prepared"])
+    cfg["train"] = {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6, "lr": 3e-3, "dtype": "fp32",
+                    "zero_stage": 2, "warmup_steps": 1, "log_every_steps": 1, **sections.get("train", {})}
+    cfg["checkpoint"] = {"every_steps": 2, "keep": 2, **sections.get("checkpoint", {})}
+    cfg["cluster"] = {"num_workers": 2, "max_failures": 1, **sections.get("cluster", {})}
+    for key in set(sections) - {"data", "train", "checkpoint", "cluster"}:
+        cfg[key] = {**cfg.get(key, {}), **sections[key]} if isinstance(sections[key], dict) else sections[key]
+    cfg["run_name"] = "run"
+    return load_config(config_file(tmp_path, cfg, f"{name}.yaml"))
+
+
+def weights(final_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(final_dir, "model.safetensors"))
+
+
+def train_in_thread(cfg, hooks=None):
+    """`launch.train` on a helper thread (the test kills a process meanwhile): (thread, {"result" | "error"})."""
+    import threading
+
+    from raysft.train.launch import train
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = train(None, [], cfg=cfg, log=lambda s: None, hooks=hooks)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(predicate, thread=None, timeout=300, proc=None):
+    """Until `predicate()`; fails when the training thread (or process) ended first, or after `timeout` s."""
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        alive = (thread is None or thread.is_alive()) and (proc is None or proc.poll() is None)
+        assert alive and time.time() < deadline, "training ended or hung before the moment to kill"
+        time.sleep(0.2)
+
+
+def assert_same_as_reference(reference, cfg, result):
+    """The same per-step losses as the reference run, and bit-identical final weights."""
+    import torch
+
+    from raysft.train.metrics import read_metrics
+
+    ref_cfg, ref = reference
+    assert [m["loss"] for m in read_metrics(cfg.output_dir)] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
+    a, b = weights(ref["final"]), weights(result["final"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

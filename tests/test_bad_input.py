@@ -123,11 +123,12 @@ def good_config(tmp_path):
 
 
 def run_cli(args, capfd):
+    """(exit status, the raysft error lines on stderr, all it printed: stderr then stdout)."""
     capfd.readouterr()
     code = main(args)
-    err = capfd.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("raysft: error: ")]
-    return code, errors, err
+    printed = capfd.readouterr()
+    errors = [line for line in printed.err.splitlines() if line.startswith("raysft: error: ")]
+    return code, errors, printed.err + printed.out
 
 
 @pytest.mark.parametrize("overrides, expected", BAD_CONFIGS, ids=[" ".join(c[0])[:40] for c in BAD_CONFIGS])
@@ -171,22 +172,6 @@ def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, 
         "to the tokenizer as a special token, or use data.chat_template: chatml (found by the chat template check "
         "before training, on the first 64 records; it is the template or the tokenizer, not this record alone)"])
     assert "Traceback" not in err and not ray.is_initialized()
-
-
-@pytest.mark.ray
-@pytest.mark.parametrize("text, expected", BAD_DATA, ids=[c[0][:30] or "empty" for c in BAD_DATA])
-def test_bad_data(tmp_path, text, expected):
-    """`raysft prepare` in its own process (its own Ray): everything it prints on stderr is what a user sees."""
-    import subprocess
-
-    data = tmp_path / "train.jsonl"
-    data.write_text(text)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run(["raysft", "prepare", good_config(tmp_path), f"data.train_files={data}", "cluster.num_cpus=2"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in r.stderr.splitlines() if line.startswith("raysft: error: ")]
-    assert (r.returncode, errors) == (2, [f"raysft: error: {expected.format(file=data)}"]), r.stderr[-3000:]
-    assert "Traceback" not in r.stderr + r.stdout
 
 
 BAD_FILES = [  # (what to make at the data path, the error; {file} is the path) — all found before Ray starts
@@ -286,23 +271,6 @@ def test_an_unexpected_error_in_a_task_is_one_line_with_the_chunk_and_a_log(tmp_
 
 
 @pytest.mark.ray
-def test_damaged_gzip_stops_prepare_with_one_line(tmp_path):
-    import subprocess
-
-    whole = gzip_records(500)
-    data = tmp_path / "train.jsonl.gz"
-    data.write_bytes(whole[: len(whole) * 2 // 3])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = subprocess.run(["raysft", "prepare", good_config(tmp_path), f"data.train_files={data}", "cluster.num_cpus=2"],
-                       env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in r.stderr.splitlines() if line.startswith("raysft: error: ")]
-    assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
-    assert errors[0].startswith(f"raysft: error: {data}:") and "cut short or damaged after line" in errors[0]
-    assert "Traceback" not in r.stderr + r.stdout
-    assert not (tmp_path / "run" / "prepared").exists()  # a failed prepare leaves nothing behind
-
-
-@pytest.mark.ray
 def test_skip_counts_a_too_deep_record_and_keeps_a_cut_files_records(tmp_path, ray_session):
     import json
 
@@ -327,3 +295,46 @@ def test_skip_counts_a_too_deep_record_and_keeps_a_cut_files_records(tmp_path, r
         rejects = [json.loads(line) for line in f]
     assert [(r["where"], r["reason"]) for r in rejects] == [(f"{gz}:{before_cut + 1}", "damaged_file"),
                                                             (f"{deep}:2", "too_deep")]
+
+
+# Last in this file: these use the session's Ray, and the tests above check that nothing started one.
+@pytest.mark.ray
+@pytest.mark.parametrize("text, expected", BAD_DATA, ids=[c[0][:30] or "empty" for c in BAD_DATA])
+def test_bad_data(tmp_path, capfd, ray_session, text, expected):
+    """`raysft prepare` (the CLI's main, on the session's Ray): the record's one line on stderr, exit 2, no
+    traceback."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(text)
+    code, errors, err = run_cli(["prepare", good_config(tmp_path), f"data.train_files={data}"], capfd)
+    assert (code, errors) == (2, [f"raysft: error: {expected.format(file=data)}"]), err[-3000:]
+    assert "Traceback" not in err
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_bad_data_in_its_own_process_is_one_line(tmp_path):
+    """The same as a user runs it: `raysft prepare` in its own process with its own Ray; everything it prints on
+    stderr is what a user sees (the first bad-data case; the table above runs the others in this process)."""
+    import subprocess
+
+    text, expected = BAD_DATA[0]
+    data = tmp_path / "train.jsonl"
+    data.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(["raysft", "prepare", good_config(tmp_path), f"data.train_files={data}", "cluster.num_cpus=2"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("raysft: error: ")]
+    assert (r.returncode, errors) == (2, [f"raysft: error: {expected.format(file=data)}"]), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.ray
+def test_damaged_gzip_stops_prepare_with_one_line(tmp_path, capfd, ray_session):
+    whole = gzip_records(500)
+    data = tmp_path / "train.jsonl.gz"
+    data.write_bytes(whole[: len(whole) * 2 // 3])
+    code, errors, err = run_cli(["prepare", good_config(tmp_path), f"data.train_files={data}"], capfd)
+    assert code == 2 and len(errors) == 1, err[-3000:]
+    assert errors[0].startswith(f"raysft: error: {data}:") and "cut short or damaged after line" in errors[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "prepared").exists()  # a failed prepare leaves nothing behind

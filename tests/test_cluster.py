@@ -38,6 +38,7 @@ def live_processes_mentioning(text):
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_local_cluster_runs_the_quickstart_job_and_stops_only_itself(tmp_path):
     out = str(tmp_path / "run")
     result = run_local("configs/quickstart.yaml", f"output_dir={out}", "train.max_steps=4", "checkpoint.every_steps=2")
@@ -50,14 +51,6 @@ def test_local_cluster_runs_the_quickstart_job_and_stops_only_itself(tmp_path):
     temp_dir = re.search(r"logs: (/tmp/raysft-ray-\w+)/", log).group(1)
     assert live_processes_mentioning(temp_dir) == []  # its raylet, GCS, dashboard and workers are gone
     assert re.search(r"Ray cluster up at 127\.0\.0\.1:\d+, dashboard http://127\.0\.0\.1:\d+", log)
-
-
-@pytest.mark.ray
-def test_local_cluster_reports_a_failed_job_by_exit_status(tmp_path):
-    result = run_local("configs/quickstart.yaml", f"output_dir={tmp_path}/run", "data.train_files=/nonexistent.jsonl")
-    assert result.returncode == 1
-    assert ("raysft: error: data.train_files: no file matches (got '/nonexistent.jsonl')"
-            in result.stdout + result.stderr)
 
 
 def test_submit_needs_an_address_and_checks_the_config_before_submitting(tmp_path):
@@ -198,6 +191,7 @@ def multinode(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(multinode):
     from raysft.train.metrics import read_metrics
 
@@ -215,6 +209,7 @@ def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(multinode)
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_prepare_spreads_over_the_nodes_and_gives_the_rows_one_node_gives(multinode, tmp_path, tiny_model_dir,
                                                                           ray_session):
     """The multi-node run prepared its data on the cluster: its Ray Data tasks ran on more than one node (each task
@@ -251,6 +246,7 @@ def test_prepare_spreads_over_the_nodes_and_gives_the_rows_one_node_gives(multin
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_elastic_mode_continues_on_fewer_workers_after_losing_a_node(multinode, tmp_path, tiny_model_dir):
     """cluster.num_workers: [1, 2]. A worker node is lost and none replaces it: Ray Train restarts the group with one
     worker, rank 0 converts the 2-worker ZeRO checkpoint to DeepSpeed's universal form, and the run continues on the
@@ -287,6 +283,7 @@ time.sleep(300)
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_token_authentication_is_on_when_raysft_starts_ray_itself(tmp_path):
     """`raysft train` without an address starts Ray in-process: its GCS refuses a client with a wrong token, its
     dashboard (on 127.0.0.1) refuses a request without one, and the run's log says so. (cluster/local.sh: see the
@@ -333,6 +330,7 @@ def free_port():
 
 
 @pytest.mark.ray
+@pytest.mark.e2e
 def test_a_folder_only_the_head_node_sees_is_reported_before_anything_runs(tmp_path):
     """A real two-node cluster (`ray start`, token auth on) whose worker node runs in its own mount namespace with
     an empty tmpfs over the run's folder: that node cannot see what the driver writes there, as on two machines
@@ -372,16 +370,20 @@ def test_a_folder_only_the_head_node_sees_is_reported_before_anything_runs(tmp_p
     error = [line for line in r.stderr.splitlines() if line.startswith("raysft: error:")]
     assert len(error) == 1 and re.fullmatch(
         rf"raysft: error: output_dir: not shared with every node: 1 of 2 nodes \([0-9.]+ \(id [0-9a-f]{{8}}\)\) "
-        rf"do not see what the driver writes there \(got '{re.escape(str(out))}'\)\. fix: put output_dir and "
-        r"checkpoint\.storage_path on storage every node mounts at the same path \(NFS, a ReadWriteMany volume\); "
+        rf"do not see what the driver writes there \(got '{re.escape(str(out))}'\)\. fix: put output_dir, "
+        r"checkpoint\.storage_path and data\.prepared_path on storage every node mounts at the same path \(NFS, a ReadWriteMany volume\); "
         r"checkpoint\.storage_path may also be s3:// or gs://", error[0]), error
     assert not os.path.exists(out / "prepared")  # nothing ran
     assert [f for f in os.listdir(out) if f.startswith(".raysft-shared-check")] == []
 
 
 @pytest.mark.ray
-def test_resubmitting_the_same_run_replaces_the_finished_job_and_trains_nothing(tmp_path):
-    """Two `cluster/submit.sh` calls on one running cluster: the second reuses the id and finds the run done."""
+@pytest.mark.e2e
+def test_a_failed_job_is_its_exit_status_and_resubmitting_a_run_trains_nothing(tmp_path):
+    """On one running cluster (`ray start`, token auth): a job that fails (no such data file) makes
+    `cluster/submit.sh` exit 1 with raysft's error line (what cluster/local.sh exits with: it ends with submit.sh's
+    status; this was a local.sh test with a cluster of its own); then two submissions of one run: the second
+    reuses the id and finds the run done."""
     import time
 
     gcs, dash = free_port(), free_port()
@@ -400,8 +402,13 @@ def test_resubmitting_the_same_run_replaces_the_finished_job_and_trains_nothing(
             if subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode == 0:
                 break
             time.sleep(1)
-        cmd = [os.path.join(ROOT, "cluster", "submit.sh"), "--address", address, "configs/quickstart.yaml",
-               f"output_dir={tmp_path}/resub", "train.max_steps=2", "checkpoint.every_steps=2"]
+        submit = [os.path.join(ROOT, "cluster", "submit.sh"), "--address", address, "configs/quickstart.yaml"]
+        failed = subprocess.run(submit + [f"output_dir={tmp_path}/failing", "data.train_files=/nonexistent.jsonl"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert failed.returncode == 1, (failed.stdout + failed.stderr)[-3000:]
+        assert ("raysft: error: data.train_files: no file matches (got '/nonexistent.jsonl')"
+                in failed.stdout + failed.stderr)
+        cmd = submit + [f"output_dir={tmp_path}/resub", "train.max_steps=2", "checkpoint.every_steps=2"]
         first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
         second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -117,7 +117,7 @@ def test_a_mixed_run_counts_rows_per_source_in_checkpoints_and_resumes_identical
     from raysft.train.schedule import Schedule
 
     from faults import Faults
-    from test_train import weights
+    from helpers import weights
 
     small = write_jsonl(tmp_path / "small.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(40)])
     sources = [{"files": SAMPLE, "weight": 1}, {"files": small, "weight": 1, "system_message": "Be brief."}]

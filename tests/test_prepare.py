@@ -196,3 +196,41 @@ def test_cli_prepare_prints_summary(tmp_path, tiny_model_dir, ray_session, capsy
     assert "records: 5 read, 5 kept, 0 rejected" in out and "prepared: " in out
     assert main(["prepare", path, "data.train_files=missing.jsonl"]) == 2
     assert "raysft: error: data.train_files: no file matches" in capsys.readouterr().err
+
+
+def test_runs_sharing_a_prepared_path_prepare_the_same_data_once(tmp_path, tiny_model_dir):
+    """data.prepared_path: a second run (another output_dir) reuses the first's prepared dataset, starting no Ray;
+    nothing is written under either output_dir/prepared."""
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    shared = str(tmp_path / "shared")
+    first, m1 = prepare(load(tmp_path, base_config(tmp_path / "a", tiny_model_dir, data), [
+        f"data.prepared_path={shared}"]))
+    logs = []
+    second, m2 = prepare(load(tmp_path, base_config(tmp_path / "b", tiny_model_dir, data), [
+        f"data.prepared_path={shared}"]), log=logs.append, start_ray=lambda: logs.append("ray started"))
+    assert first == second == os.path.join(shared, m1["fingerprint"][:16]) and m1 == m2
+    assert logs == [f"prepare: reusing {first} (fingerprint {m1['fingerprint'][:16]}, same inputs, settings and "
+                    "tokenizer)"]
+    assert not os.path.exists(tmp_path / "a" / "run" / "prepared") and not os.path.exists(tmp_path / "b" / "run")
+
+
+def test_a_dataset_another_run_finished_first_is_used_and_an_interrupted_one_replaced(tmp_path):
+    from raysft.prepare import _move_into_place
+
+    def folder(name, manifest):
+        os.makedirs(tmp_path / name)
+        if manifest is not None:
+            (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        return str(tmp_path / name)
+
+    final = str(tmp_path / "final")
+    ours = folder("work1", {"fingerprint": "f", "by": "us"})
+    folder("final", {"fingerprint": "f", "by": "them"})  # the other run renamed its folder into place first
+    assert _move_into_place(ours, final, "f", {"fingerprint": "f", "by": "us"}) == (final, {"fingerprint": "f",
+                                                                                           "by": "them"})
+    assert not os.path.exists(ours)
+    (tmp_path / "final" / "manifest.json").unlink()  # an interrupted attempt: no manifest
+    ours = folder("work2", {"fingerprint": "f", "by": "us"})
+    assert _move_into_place(ours, final, "f", {"fingerprint": "f", "by": "us"}) == (final, {"fingerprint": "f",
+                                                                                           "by": "us"})
+    assert json.load(open(os.path.join(final, "manifest.json")))["by"] == "us" and not os.path.exists(ours)

@@ -12,34 +12,9 @@ from raysft.train.launch import train
 from raysft.train.metrics import read_metrics
 
 from faults import Faults, load_probe
-from helpers import ROOT, base_config, config_file
+from helpers import ROOT, assert_same_as_reference, run_config, train_in_thread, wait_for, weights
 
 pytestmark = pytest.mark.ray
-SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
-
-
-def run_config(tmp_path, model_dir, name, **sections):
-    cfg = base_config(tmp_path / name, model_dir, SAMPLE, **sections)
-    cfg["data"].update({"max_seq_len": 256})
-    cfg["train"] = {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6, "lr": 3e-3, "dtype": "fp32",
-                    "zero_stage": 2, "warmup_steps": 1, "log_every_steps": 1, **sections.get("train", {})}
-    cfg["checkpoint"] = {"every_steps": 2, "keep": 2}
-    cfg["cluster"] = {"num_workers": 2, "max_failures": 1, **sections.get("cluster", {})}
-    cfg["run_name"] = "run"
-    return load_config(config_file(tmp_path, cfg, f"{name}.yaml"))
-
-
-def weights(final_dir):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(final_dir, "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_model_dir, ray_session):
-    tmp = tmp_path_factory.mktemp("ref")
-    cfg = run_config(tmp, tiny_model_dir, "ref")
-    return cfg, train(None, [], cfg=cfg, hooks=Faults(probe=os.path.join(cfg.output_dir, "probe.pt")))
 
 
 def test_loss_goes_down_and_run_folder_is_complete(reference):
@@ -91,6 +66,7 @@ def cli(*args, timeout=300):
     return subprocess.run(["raysft", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.e2e
 def test_finished_run_is_answered_and_a_changed_schedule_refused_before_ray_starts(reference, tmp_path):
     """Run again as a user would (its own process): `already finished` with no Ray started (no `ray:` line); a
     changed length or learning-rate setting is refused with both ways forward, also before Ray."""
@@ -271,7 +247,7 @@ def test_resuming_on_other_data_is_refused_unless_allowed(reference, tmp_path):
 def test_asking_for_more_than_the_cluster_has_fails_fast_naming_both_numbers(tmp_path, tiny_model_dir, ray_session):
     from raysft.errors import UserError
 
-    cfg = run_config(tmp_path, tiny_model_dir, "gpu", cluster={"use_gpu": True})
+    cfg = run_config(tmp_path, tiny_model_dir, "gpu", shared_prepared=False, cluster={"use_gpu": True})
     with pytest.raises(UserError) as info:
         train(None, [], cfg=cfg)
     assert str(info.value) == ("cluster.use_gpu: 2 workers need {'GPU': 2} but the cluster has {'GPU': 0}. fix: lower "
@@ -305,38 +281,6 @@ def test_no_secret_from_the_environment_reaches_configs_logs_or_checkpoints(refe
                 if SECRET_CANARY.encode() in f.read():
                     leaks.append(os.path.join(root, name))
     assert leaks == []
-
-
-def train_in_thread(cfg, hooks=None):
-    import threading
-
-    outcome = {}
-
-    def run():
-        try:
-            outcome["result"] = train(None, [], cfg=cfg, log=lambda s: None, hooks=hooks)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
-def wait_for(predicate, thread, timeout=300):
-    import time
-
-    deadline = time.time() + timeout
-    while not predicate():
-        assert thread.is_alive() and time.time() < deadline, "training ended or hung before the moment to kill"
-        time.sleep(0.2)
-
-
-def assert_same_as_reference(reference, cfg, result):
-    ref_cfg, ref = reference
-    assert [m["loss"] for m in read_metrics(cfg.output_dir)] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
-    a, b = weights(ref["final"]), weights(result["final"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def assert_tracked(cfg, uri, resumed_from):
@@ -452,12 +396,19 @@ def test_a_failed_run_started_again_after_pruning_resumes(reference, tmp_path, t
     assert_same_as_reference(reference, cfg, result)
 
 
-@pytest.mark.parametrize("what", ["driver", "driver-and-its-ray"])
-def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir,
-                                                                             what):
+@pytest.mark.e2e
+def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir):
+    """`raysft train` SIGKILLed with its whole local Ray after its step-2 checkpoint, the same command again
+    SIGKILLed after a newer checkpoint (the driver alone: its in-process Ray goes down with it, the Train workers
+    within seconds, and may train a step or two before), then the same command once more, once the killed
+    attempt's processes are gone: each attempt resumes from the last checkpoint, and the run ends identical to an
+    uninterrupted one. (The two kinds of kill were two tests, each with its own first run.)"""
+    import contextlib
     import signal
     import subprocess
     import time
+
+    import psutil
 
     from raysft import checkpoint as ckpt
 
@@ -465,45 +416,82 @@ def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(re
     path = str(tmp_path / "driver.yaml")  # written by run_config
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = ["raysft", "train", path]
-    step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
-    first = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while ckpt.verify(step2, checksums=False) is not None:
-        assert first.poll() is None and time.time() < deadline
-        time.sleep(0.2)
-    if what == "driver":
-        os.kill(first.pid, signal.SIGKILL)  # the driver only; its in-process Ray goes down with it
-    else:
-        os.killpg(first.pid, signal.SIGKILL)  # the whole local Ray instance too
-    first.wait(timeout=60)
+    run_dir = ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name)
+
+    def good_step() -> int:
+        good = ckpt.latest_good(run_dir, warn=lambda m: None)
+        return ckpt.read_state(good).step if good else 0
+
+    for whole_ray in (True, False):
+        before = good_step()
+        attempt = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        wait_for(lambda before=before: good_step() > max(before, 1), proc=attempt)
+        started = psutil.Process(attempt.pid).children(recursive=True)
+        # the whole local Ray instance (raylet, GCS, Train workers: Ray starts some in sessions of their own), at
+        # once; or the driver only
+        for process in [psutil.Process(attempt.pid)] + (started if whole_ray else []):
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGKILL)
+        attempt.wait(timeout=60)
+        # the killed driver's Ray goes down with it; until then its workers could still train and write (Ray's
+        # dashboard and runtime-env agents may outlive it a while: they train nothing)
+        training = [p for p in started if not re.search(r"DashboardAgent|RuntimeEnvAgent", command_of(p))]
+        _, alive = psutil.wait_procs(training, timeout=60)
+        assert alive == [], [command_of(p) for p in alive]
     t = time.time()
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
-    result = {"final": os.path.join(cfg.output_dir, "final")}
-    assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) >= 2
-    assert_same_as_reference(reference, cfg, result)
+    last = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, (last.stdout + last.stderr)[-3000:]
+    resumed = [m["resumed_from"] for m in read_metrics(cfg.output_dir)]
+    assert resumed == sorted(resumed) and resumed[0] == 0 and max(resumed) >= 2 and len(set(resumed)) >= 2, resumed
+    assert_same_as_reference(reference, cfg, {"final": os.path.join(cfg.output_dir, "final")})
     print(f"resubmitted run took {time.time() - t:.1f}s")
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_a_run_continues_on_another_number_of_workers(reference, tmp_path, tiny_model_dir, before, after):
-    """ZeRO-2 state of N workers resumed by M (DeepSpeed universal checkpoint): same samples, same losses."""
-    first = run_config(tmp_path, tiny_model_dir, "resize", cluster={"num_workers": before, "max_failures": 0})
-    with pytest.raises(Exception, match="injected failure after step 4"):  # after its step-4 checkpoint
-        train(None, [], cfg=first, log=lambda s: None, hooks=Faults(first.output_dir, fail_after_step=4))
-    second = run_config(tmp_path, tiny_model_dir, "resize", cluster={"num_workers": after})
-    logs = []
-    train(None, [], cfg=second, log=logs.append)
-    assert any(f"was written by {before} workers, resuming on {after}: converting it to DeepSpeed's universal "
-               "checkpoint" in line for line in logs)
+def command_of(process) -> str:
+    """A process's command line ('' once it is gone or a zombie)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def test_a_run_continues_on_fewer_then_more_workers(reference, tmp_path, tiny_model_dir):
+    """2 -> 1 -> 2 workers. The reference's 2-worker ZeRO-2 checkpoint at step 4 is resumed by 1 worker (converted
+    to DeepSpeed's universal checkpoint), which trains and checkpoints step 5 and fails; 2 workers resume that
+    1-worker checkpoint (converted again) and train step 6: the same samples, and losses within 1e-5 of the
+    uninterrupted run. (Was two tests, 2 -> 1 and 1 -> 2, each training its own first run.)"""
+    import shutil
+
     ref_cfg, _ = reference
-    ms = read_metrics(second.output_dir)
-    assert [m["step"] for m in ms] == [1, 2, 3, 4, 5, 6] and ms[-1]["resumed_from"] == 4
+    one = run_config(tmp_path, tiny_model_dir, "resize", cluster={"num_workers": 1, "max_failures": 0},
+                     checkpoint={"every_steps": 1})
+    shutil.copytree(ref_cfg.output_dir, one.output_dir, ignore=shutil.ignore_patterns("final", "checkpoint_00000006"))
+    logs = []
+    with pytest.raises(Exception, match="injected failure after step 5"):  # after its step-5 checkpoint
+        train(None, [], cfg=one, log=logs.append, hooks=Faults(one.output_dir, fail_after_step=5))
+    two = run_config(tmp_path, tiny_model_dir, "resize", checkpoint={"every_steps": 1})
+    train(None, [], cfg=two, log=logs.append)
+    for before, after in ((2, 1), (1, 2)):
+        assert any(f"was written by {before} workers, resuming on {after}: converting it to DeepSpeed's universal "
+                   "checkpoint" in line for line in logs), (before, after)
+    ms = read_metrics(two.output_dir)
+    assert [m["step"] for m in ms] == [1, 2, 3, 4, 5, 6] and [m["resumed_from"] for m in ms][3:] == [0, 4, 5]
     assert ms[-1]["samples_seen"] == 48
+    state5 = ckpt_state(two, 5)
+    assert (state5["world_size"], ckpt_state(two, 6)["world_size"]) == (1, 2)
     for a, b in zip([m["loss"] for m in ms], [m["loss"] for m in read_metrics(ref_cfg.output_dir)]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
 
 
+def ckpt_state(cfg, step: int) -> dict:
+    return json.load(open(os.path.join(cfg.checkpoint.storage_path, cfg.run_name, f"checkpoint_{step:08d}",
+                                       "state.json")))
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_an_interrupted_run_stops_everything_says_where_and_resumes_identical(reference, tmp_path, tiny_model_dir,
                                                                               sig, code):
@@ -571,9 +559,11 @@ def console_of(command: str, tmp_path, terminal: bool) -> str:
     return r.stdout + r.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "piped"])
 def test_the_console_shows_raysfts_lines_once_and_a_progress_bar_in_a_terminal(tmp_path, tiny_model_dir, terminal):
-    cfg = run_config(tmp_path, tiny_model_dir, "console", train={"max_steps": 6, "log_every_steps": 3})
+    cfg = run_config(tmp_path, tiny_model_dir, "console", shared_prepared=False,  # a first run: prepare too
+                     train={"max_steps": 6, "log_every_steps": 3})
     text = console_of(f"raysft train {tmp_path / 'console.yaml'}", tmp_path, terminal)
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # colour resets (Ray's, at exit) show as nothing
     lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 
+from raysft import storage
 from raysft.config.schema import Config, worker_range
 from raysft.errors import format_error
 from raysft.train.schedule import BatchShape
@@ -59,6 +60,9 @@ def check(cfg: Config, where, problems: list[str]) -> None:
         bad("data.chat_template", "is neither chatml, model nor a file" + (
             " (no such file)" if template.endswith(".jinja") else ""), template,
             "use chatml (raysft's), model (the tokenizer's own template) or the path of a .jinja file")
+    if storage.is_uri(cfg.data.prepared_path):
+        bad("data.prepared_path", "must be a folder (local, or storage mounted on every node), not a URI",
+            cfg.data.prepared_path, "use a mounted path such as /mnt/shared/prepared, or leave it empty")
     if cfg.data.max_seq_len < 8:
         bad("data.max_seq_len", "must be at least 8", cfg.data.max_seq_len, "use e.g. 2048")
     t = cfg.train

@@ -241,6 +241,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if source.get("hf_dataset") and os.path.exists(source["hf_dataset"]):
             source["hf_dataset"] = absolute(source["hf_dataset"])
     cfg.checkpoint.storage_path = absolute(cfg.checkpoint.storage_path) or os.path.join(cfg.output_dir, "ray")
+    cfg.data.prepared_path = absolute(cfg.data.prepared_path) or os.path.join(cfg.output_dir, "prepared")
     cfg.run_name = cfg.run_name or os.path.basename(cfg.output_dir.rstrip("/")) or "raysft"
     return cfg
 

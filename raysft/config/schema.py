@@ -37,6 +37,9 @@ class DataConfig:
         "several datasets mixed by weight, instead of train_files/hf_dataset: a list of {files | hf_dataset (+ "
         "hf_split), weight, name, columns, system_message, eval_fraction}; each source's share of the training "
         "examples is its weight's share (repeated or sampled at prepare, from train.seed)"))
+    prepared_path: str = field(default="", metadata=doc(
+        "where prepared datasets go, a folder per fingerprint; empty = {output_dir}/prepared. Runs that share it "
+        "prepare the same data once (local or mounted storage every node sees)"))
     max_seq_len: int = field(default=2048, metadata=doc("tokens per training row"))
     packing: bool = field(default=True, metadata=doc("pack several examples per row (best-fit decreasing); false pads"))
     loss_on: Literal["completion", "all"] = field(

@@ -37,8 +37,9 @@ def short(fingerprint: str) -> str:
     return fingerprint[:16]
 
 
-def location(output_dir: str, fingerprint: str) -> str:
-    return os.path.join(output_dir, "prepared", short(fingerprint))
+def location(prepared_path: str, fingerprint: str) -> str:
+    """The prepared dataset of `fingerprint` under `data.prepared_path`."""
+    return os.path.join(prepared_path, short(fingerprint))
 
 
 def fingerprint(inputs: dict, settings: dict, tokenizer_sha256: str) -> str:
