@@ -23,7 +23,7 @@ PAUSE_S = 300  # long enough for the test to kill the paused process
 
 @dataclass
 class Faults(WorkerHooks):
-    """`fail_after_step`: rank `rank` raises after that step, on the first attempt only (a marker file in
+    """`fail_after_step` (and each of `fail_after_steps`): rank `rank` raises after that step, once (a marker file in
     `marker_dir` remembers it). `pause_in_checkpoint_step`: rank `rank` holds still after every rank uploaded that
     checkpoint's files and before rank 0 verified them, its pid in `{marker_dir}/.paused-in-checkpoint-step{N}`,
     to be killed. `probe`: at the end, the trained model's logits of the first row's first tokens go to this file,
@@ -31,17 +31,19 @@ class Faults(WorkerHooks):
 
     marker_dir: str = ""
     fail_after_step: int = 0
+    fail_after_steps: tuple = ()  # more steps to fail after, each once (an attempt resumed past one fails at the next)
     pause_in_checkpoint_step: int = 0
     rank: int = 0
     probe: str = ""
     dynamo_stats: str = ""
 
     def __post_init__(self):
-        if (self.fail_after_step or self.pause_in_checkpoint_step) and not os.path.isabs(self.marker_dir):
+        if (self.fail_after_step or self.fail_after_steps or self.pause_in_checkpoint_step) and not os.path.isabs(
+                self.marker_dir):
             raise ValueError("Faults: give marker_dir, an absolute folder every worker sees (e.g. cfg.output_dir)")
 
     def after_step(self, step: int, rank: int) -> None:
-        if self.fail_after_step == step and rank == self.rank:
+        if step in (self.fail_after_step, *self.fail_after_steps) and step and rank == self.rank:
             marker = os.path.join(self.marker_dir, f".injected-failure-step{step}")
             if not os.path.exists(marker):
                 open(marker, "w").close()

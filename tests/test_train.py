@@ -12,7 +12,7 @@ from raysft.train.launch import train
 from raysft.train.metrics import read_metrics
 
 from faults import Faults, load_probe
-from helpers import ROOT, assert_same_as_reference, run_config, train_in_thread, wait_for, weights
+from helpers import ROOT, SHARED, assert_same_as_reference, run_config, train_in_thread, wait_for, weights
 
 pytestmark = pytest.mark.ray
 
@@ -37,18 +37,30 @@ def test_loss_goes_down_and_run_folder_is_complete(reference):
                                                    "data_wait", "step_time", "eta_s"}
 
 
-def test_injected_failure_resumes_on_the_next_sample_and_ends_identical(reference, tmp_path, tiny_model_dir):
-    ref_cfg, ref = reference
-    cfg = run_config(tmp_path, tiny_model_dir, "failing")
-    result = train(None, [], cfg=cfg, hooks=Faults(cfg.output_dir, fail_after_step=3))  # the last checkpoint: 2
+def test_injected_failures_resume_on_the_next_sample_and_a_failed_run_started_again_after_pruning(reference, tmp_path,
+                                                                                                 tiny_model_dir):
+    """A worker fails after step 3: Ray Train restarts the group (cluster.max_failures: 1), which resumes from the
+    step-2 checkpoint. With checkpoint.keep=1, committing step 4 deletes step 2, which Ray Train's own checkpoint list
+    still names; the worker fails again after step 5 and the run fails (no retries left). Started again, it must
+    resume from step 4 (Ray refused to start a run whose list names a missing checkpoint, until raysft cleared that
+    list). Each step is once in metrics.jsonl, the resumed attempt's, and the run ends identical to an uninterrupted
+    one. (Was two tests, the in-job restart and the failed run started again, each a run of its own.)"""
+    cfg = run_config(tmp_path, tiny_model_dir, "failing", checkpoint={"keep": 1})
+    with pytest.raises(Exception, match="injected failure after step 5"):
+        train(None, [], cfg=cfg, log=lambda s: None, hooks=Faults(cfg.output_dir, fail_after_steps=(3, 5)))
+    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
+    assert sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint_0")) == ["checkpoint_00000004"]
+    assert "checkpoint_00000002" in open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")).read()
+    logs = []
+    result = train(None, [], cfg=cfg, log=logs.append)
+    assert f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints" \
+        in logs
     with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f]
-    # step 3 ran twice (before the failure, and after resuming at step 2) and is in the file once: the resumed run's
+    # step 3 ran twice (before the failure, and after resuming at step 2), step 5 too: each is in the file once
     assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
-    assert [m["resumed_from"] for m in logged] == [0, 0, 2, 2, 2, 2]
-    assert [m["loss"] for m in read_metrics(cfg.output_dir)] == [m["loss"] for m in read_metrics(ref_cfg.output_dir)]
-    a, b = weights(ref["final"]), weights(result["final"])
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["resumed_from"] for m in logged] == [0, 0, 2, 2, 4, 4]
+    assert_same_as_reference(reference, cfg, result)
 
 
 def test_running_a_finished_run_again_trains_nothing(reference):
@@ -87,14 +99,14 @@ def test_finished_run_is_answered_and_a_changed_schedule_refused_before_ray_star
         f"new run from its model (model.name_or_path={cfg.output_dir}/final and another output_dir or run_name); or "
         "set checkpoint.allow_schedule_change=true to continue this run on the new schedule knowingly"])
     assert "ray: " not in r.stdout
-    # asked for knowingly (on a copy of the run): it continues from step 6 to the new length
+    # asked for knowingly (on a copy of the run; in this process, on the session's Ray): it continues from step 6
+    # to the new length
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(cfg.output_dir, copy)
-    r = cli("train", str(path), f"output_dir={copy}", f"checkpoint.storage_path={copy}/ray", "train.max_steps=9",
-            "checkpoint.allow_schedule_change=true", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    train(str(path), [f"output_dir={copy}", f"checkpoint.storage_path={copy}/ray", "train.max_steps=9",
+                      "checkpoint.allow_schedule_change=true"], log=lambda s: None)
     continued = read_metrics(str(copy))
     assert [m["step"] for m in continued] == list(range(1, 10)) and continued[-1]["resumed_from"] == 6
 
@@ -178,17 +190,17 @@ def test_accumulation_equals_more_workers_across_zero_stages_with_a_saved_model(
 
 
 def test_the_quickstart_answers_its_eval_prompts_and_they_change_as_it_learns(tmp_path, ray_session):
-    """configs/quickstart.yaml (its eval_prompts), shortened to 120 steps with an eval every 10: the answers at the
+    """configs/quickstart.yaml (its eval_prompts), shortened to 120 steps with an eval every 40: the answers at the
     last eval differ from those at the first, and each eval's are on the console."""
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), [
-        f"output_dir={tmp_path / 'run'}", "train.max_steps=120", "train.eval_every_steps=10",
-        "checkpoint.every_steps=0"])
+        f"output_dir={tmp_path / 'run'}", "train.max_steps=120", "train.eval_every_steps=40",
+        "checkpoint.every_steps=0", f"data.prepared_path={SHARED['prepared']}"])
     logs = []
     train(None, [], cfg=cfg, log=logs.append)
     with open(os.path.join(cfg.output_dir, "samples.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     prompts = cfg.train.eval_prompts
-    assert [r["step"] for r in rows] == [s for s in range(10, 121, 10) for _ in prompts]
+    assert [r["step"] for r in rows] == [s for s in (40, 80, 120) for _ in prompts]
     first, last = [r["answer"] for r in rows[:len(prompts)]], [r["answer"] for r in rows[-len(prompts):]]
     assert first != last, (first, last)
     with open(os.path.join(cfg.output_dir, "console.log"), encoding="utf-8") as f:
@@ -375,79 +387,6 @@ def test_a_worker_killed_while_writing_a_checkpoint_never_leaves_a_used_half_che
     assert_same_as_reference(reference, cfg, outcome["result"])
 
 
-def test_a_failed_run_started_again_after_pruning_resumes(reference, tmp_path, tiny_model_dir):
-    """keep=1: after committing step 4 raysft deletes step 2, which Ray Train's own checkpoint list still names. The
-    run fails (no retries left); starting it again must resume from step 4 (Ray refused to start a run whose list
-    names a missing checkpoint, until raysft cleared that list) and end identical."""
-    import dataclasses
-
-    cfg = run_config(tmp_path, tiny_model_dir, "pruned", cluster={"max_failures": 0})
-    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, keep=1))
-    with pytest.raises(Exception, match="injected failure after step 4"):
-        train(None, [], cfg=cfg, log=lambda s: None, hooks=Faults(cfg.output_dir, fail_after_step=4))
-    run_dir = os.path.join(cfg.checkpoint.storage_path, cfg.run_name)
-    assert sorted(f for f in os.listdir(run_dir) if f.startswith("checkpoint_0")) == ["checkpoint_00000004"]
-    assert "checkpoint_00000002" in open(os.path.join(run_dir, "checkpoint_manager_snapshot.json")).read()
-    logs = []
-    result = train(None, [], cfg=cfg, log=logs.append)
-    assert f"train: cleared Ray Train's checkpoint list in {run_dir}; resuming from raysft's verified checkpoints" \
-        in logs
-    assert max(m["resumed_from"] for m in read_metrics(cfg.output_dir)) == 4
-    assert_same_as_reference(reference, cfg, result)
-
-
-@pytest.mark.e2e
-def test_killed_driver_then_the_same_command_again_resumes_and_ends_identical(reference, tmp_path, tiny_model_dir):
-    """`raysft train` SIGKILLed with its whole local Ray after its step-2 checkpoint, the same command again
-    SIGKILLed after a newer checkpoint (the driver alone: its in-process Ray goes down with it, the Train workers
-    within seconds, and may train a step or two before), then the same command once more, once the killed
-    attempt's processes are gone: each attempt resumes from the last checkpoint, and the run ends identical to an
-    uninterrupted one. (The two kinds of kill were two tests, each with its own first run.)"""
-    import contextlib
-    import signal
-    import subprocess
-    import time
-
-    import psutil
-
-    from raysft import checkpoint as ckpt
-
-    cfg = run_config(tmp_path, tiny_model_dir, "driver")
-    path = str(tmp_path / "driver.yaml")  # written by run_config
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = ["raysft", "train", path]
-    run_dir = ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name)
-
-    def good_step() -> int:
-        good = ckpt.latest_good(run_dir, warn=lambda m: None)
-        return ckpt.read_state(good).step if good else 0
-
-    for whole_ray in (True, False):
-        before = good_step()
-        attempt = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        wait_for(lambda before=before: good_step() > max(before, 1), proc=attempt)
-        started = psutil.Process(attempt.pid).children(recursive=True)
-        # the whole local Ray instance (raylet, GCS, Train workers: Ray starts some in sessions of their own), at
-        # once; or the driver only
-        for process in [psutil.Process(attempt.pid)] + (started if whole_ray else []):
-            with contextlib.suppress(psutil.Error):
-                process.send_signal(signal.SIGKILL)
-        attempt.wait(timeout=60)
-        # the killed driver's Ray goes down with it; until then its workers could still train and write (Ray's
-        # dashboard and runtime-env agents may outlive it a while: they train nothing)
-        training = [p for p in started if not re.search(r"DashboardAgent|RuntimeEnvAgent", command_of(p))]
-        _, alive = psutil.wait_procs(training, timeout=60)
-        assert alive == [], [command_of(p) for p in alive]
-    t = time.time()
-    last = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert last.returncode == 0, (last.stdout + last.stderr)[-3000:]
-    resumed = [m["resumed_from"] for m in read_metrics(cfg.output_dir)]
-    assert resumed == sorted(resumed) and resumed[0] == 0 and max(resumed) >= 2 and len(set(resumed)) >= 2, resumed
-    assert_same_as_reference(reference, cfg, {"final": os.path.join(cfg.output_dir, "final")})
-    print(f"resubmitted run took {time.time() - t:.1f}s")
-
-
 def command_of(process) -> str:
     """A process's command line ('' once it is gone or a zombie)."""
     import psutil
@@ -492,12 +431,18 @@ def ckpt_state(cfg, step: int) -> dict:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_an_interrupted_run_stops_everything_says_where_and_resumes_identical(reference, tmp_path, tiny_model_dir,
-                                                                              sig, code):
-    """Ctrl-C or SIGTERM to `raysft train` (its own process and Ray): exit 128+N within seconds, one line saying
-    where the run stands, every process it started gone; the same command again resumes and ends identical to an
-    uninterrupted run, with each step once in metrics.jsonl."""
+def test_an_interrupted_or_killed_run_stops_says_where_and_the_same_command_resumes_it(reference, tmp_path,
+                                                                                       tiny_model_dir):
+    """`raysft train` (its own process and Ray, a checkpoint every step) stopped four ways, each after a newer
+    checkpoint, and the same command run again each time:
+    - SIGTERM, then Ctrl-C (SIGINT): exit 143 / 130 within seconds, one line saying where the run stands, every
+      process it started gone;
+    - SIGKILL of the driver with its whole local Ray (raylet, GCS, Train workers, at once); then of the driver
+      alone (its in-process Ray goes down with it, the Train workers within seconds, and they may train a step or
+      two first): the next attempt starts once the killed one's processes are gone.
+    Each attempt resumes from the last checkpoint; the last ends identical to an uninterrupted run, each step once in
+    metrics.jsonl. (Was three tests, the two signals and the two kinds of kill, each with its own first run.)"""
+    import contextlib
     import signal
     import subprocess
     import threading
@@ -507,42 +452,62 @@ def test_an_interrupted_run_stops_everything_says_where_and_resumes_identical(re
 
     from raysft import checkpoint as ckpt
 
-    cfg = run_config(tmp_path, tiny_model_dir, "interrupted")
-    path = str(tmp_path / "interrupted.yaml")
+    cfg = run_config(tmp_path, tiny_model_dir, "stopped", checkpoint={"every_steps": 1})
+    path = str(tmp_path / "stopped.yaml")  # written by run_config
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(["raysft", "train", path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    out = {"stderr": ""}
-    reader = threading.Thread(target=lambda: out.__setitem__("stderr", proc.stderr.read()), daemon=True)
-    reader.start()
-    threading.Thread(target=proc.stdout.read, daemon=True).start()
-    step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
-    deadline = time.time() + 300
-    while ckpt.verify(step2, checksums=False) is not None:
-        assert proc.poll() is None and time.time() < deadline, "the run ended or hung before the interrupt"
-        time.sleep(0.2)
-    started = psutil.Process(proc.pid).children(recursive=True)
-    assert any("raylet" in " ".join(p.cmdline()) for p in started)
-    t0 = time.time()
-    proc.send_signal(getattr(signal, sig))
-    assert proc.wait(timeout=30) == code
-    assert time.time() - t0 < 15
-    reader.join(timeout=10)
-    gone, alive = psutil.wait_procs(started, timeout=10)
-    assert alive == [], [p.cmdline()[:2] for p in alive]
-    good = ckpt.latest_good(ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name), warn=lambda m: None)
-    reached = read_metrics(cfg.output_dir)[-1]["step"]
-    lines = [line for line in out["stderr"].splitlines() if line.startswith("raysft: ")]
-    assert lines == [f"raysft: interrupted at step {reached}; last good checkpoint: {good} "
-                     f"(step {ckpt.read_state(good).step}); run the same command to resume"], out["stderr"][-3000:]
-    assert "Traceback" not in out["stderr"]
-    if sig == "SIGINT":  # the same command again
-        r = cli("train", path, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        with open(os.path.join(cfg.output_dir, "metrics.jsonl"), encoding="utf-8") as f:
-            steps = [json.loads(line)["step"] for line in f]
-        assert steps == list(range(1, 7))
-        assert_same_as_reference(reference, cfg, {"final": os.path.join(cfg.output_dir, "final")})
+    run_dir = ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name)
+
+    def good_step() -> int:
+        good = ckpt.latest_good(run_dir, warn=lambda m: None)
+        return ckpt.read_state(good).step if good else 0
+
+    for stop in ("SIGTERM", "SIGINT", "kill-ray", "kill-driver"):
+        before = good_step()
+        if before == 6:  # the Train workers of a killed driver finished the run: nothing left to stop
+            break
+        proc = subprocess.Popen(["raysft", "train", path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        out = {"stderr": ""}
+        reader = threading.Thread(target=lambda proc=proc, out=out: out.__setitem__("stderr", proc.stderr.read()),
+                                  daemon=True)
+        reader.start()
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        wait_for(lambda before=before: good_step() > before, proc=proc)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in command_of(p) for p in started)
+        t0 = time.time()
+        if stop.startswith("SIG"):
+            proc.send_signal(getattr(signal, stop))
+            assert proc.wait(timeout=30) == 128 + getattr(signal, stop)
+            assert time.time() - t0 < 15
+            reader.join(timeout=10)
+            _, alive = psutil.wait_procs(started, timeout=10)
+            assert alive == [], [command_of(p) for p in alive]
+            good = ckpt.latest_good(run_dir, warn=lambda m: None)
+            reached = read_metrics(cfg.output_dir)[-1]["step"]
+            lines = [line for line in out["stderr"].splitlines() if line.startswith("raysft: ")]
+            assert lines == [f"raysft: interrupted at step {reached}; last good checkpoint: {good} "
+                             f"(step {ckpt.read_state(good).step}); run the same command to resume"], \
+                out["stderr"][-3000:]
+            assert "Traceback" not in out["stderr"]
+            continue
+        for process in [psutil.Process(proc.pid)] + (started if stop == "kill-ray" else []):
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        # until a killed driver's Ray is down its workers could still train and write (Ray's dashboard and
+        # runtime-env agents may outlive it a while: they train nothing)
+        training = [p for p in started if not re.search(r"DashboardAgent|RuntimeEnvAgent", command_of(p))]
+        _, alive = psutil.wait_procs(training, timeout=60)
+        assert alive == [], [command_of(p) for p in alive]
+    r = cli("train", path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(cfg.output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == list(range(1, 7))
+    resumed = [m["resumed_from"] for m in read_metrics(cfg.output_dir)]
+    assert resumed == sorted(resumed) and resumed[0] == 0 and len(set(resumed)) >= 3, resumed
+    assert_same_as_reference(reference, cfg, {"final": os.path.join(cfg.output_dir, "final")})
 
 
 def console_of(command: str, tmp_path, terminal: bool) -> str:

@@ -3,11 +3,12 @@
 checkpoint is committed, one worker node is killed (its raylet and the worker with it) and a new node
 joins; the run must resume from its last checkpoint and finish. Prints one JSON line for the test.
 
-    python tests/scripts/multinode.py OUTPUT_DIR MODEL_DIR TRAIN_JSONL [elastic]
+    python tests/scripts/multinode.py OUTPUT_DIR MODEL_DIR TRAIN_JSONL [fixed | elastic | fixed,elastic]
 
 With `elastic`, `cluster.num_workers` is [1, 2] and no node replaces the killed one: Ray Train's elastic mode
 restarts the group with the one worker that fits, which converts the 2-worker ZeRO checkpoint to DeepSpeed's
-universal form and continues.
+universal form and continues. `fixed,elastic` runs both on one cluster, one after the other (the elastic run on the
+two worker nodes the fixed run left), each in OUTPUT_DIR-MODE.
 """
 
 import json
@@ -30,10 +31,9 @@ def overrides(out: str, model_dir: str, data: str, mode: str = "fixed") -> list[
         "cluster.resources_per_worker={CPU: 1, train_slot: 1}", "train.zero_stage=2"]
 
 
-def main(out: str, model_dir: str, data: str, mode: str = "fixed") -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
-    ray.init(address=cluster.address, logging_level="ERROR")
+def run(cluster, workers: list, out: str, model_dir: str, data: str, mode: str) -> dict:
+    """One run on `cluster`; its worker nodes `workers` (one is killed, and in fixed mode replaced: the list then
+    holds the nodes alive after it). The report the test reads."""
     from raysft import checkpoint as ckpt
     from raysft.config import load_config
     from raysft.train.launch import train
@@ -41,13 +41,13 @@ def main(out: str, model_dir: str, data: str, mode: str = "fixed") -> None:
     cfg = load_config(None, overrides(out, model_dir, data, mode))
     result, errors = {}, []
 
-    def run():
+    def go():
         try:
             result.update(train(None, [], cfg=cfg, log=print))
         except BaseException as exc:  # reported to the test below
             errors.append(repr(exc))
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=go)
     thread.start()
     step2 = os.path.join(cfg.checkpoint.storage_path, cfg.run_name, ckpt.dir_name(2))
     deadline = time.time() + 300
@@ -57,13 +57,30 @@ def main(out: str, model_dir: str, data: str, mode: str = "fixed") -> None:
     # a node whose only train_slot is taken lists none available (Ray leaves out resources at zero)
     slots_in_use = sorted(n.node_id for n in workers if n.node_id in per_node
                           and per_node[n.node_id].get("train_slot", 0) == 0)
-    victim = workers[1]
+    all_nodes = sorted(n.node_id for n in workers)
+    victim = workers[-1]
     cluster.remove_node(victim, allow_graceful=False)  # kills its raylet and the Train worker on it
+    workers.remove(victim)
     if mode != "elastic":
-        cluster.add_node(num_cpus=1, resources={"train_slot": 1})
+        workers.append(cluster.add_node(num_cpus=1, resources={"train_slot": 1}))
     thread.join(timeout=600)
-    print("MULTINODE " + json.dumps({"worker_nodes_busy": slots_in_use, "all_worker_nodes": sorted(n.node_id for n in workers),
-                                     "killed": victim.node_id, "result": result, "errors": errors}), flush=True)
+    return {"mode": mode, "worker_nodes_busy": slots_in_use, "all_worker_nodes": all_nodes, "killed": victim.node_id,
+            "result": result, "errors": errors}
+
+
+def main(out: str, model_dir: str, data: str, modes: str = "fixed") -> None:
+    """`modes`: fixed, elastic, or fixed,elastic (one after the other on the same cluster, OUTPUT_DIR-MODE each)."""
+    # the GCS marks a killed node dead after a few missed health checks (Ray's defaults: 5 missed, 3 s apart); a
+    # faster check makes this test wait less, not Ray Train behave otherwise
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, "_system_config": {
+        "health_check_initial_delay_ms": 1000, "health_check_period_ms": 500, "health_check_timeout_ms": 1000,
+        "health_check_failure_threshold": 3}})
+    workers = [cluster.add_node(num_cpus=1, resources={"train_slot": 1}) for _ in range(2)]
+    ray.init(address=cluster.address, logging_level="ERROR")
+    several = "," in modes
+    for mode in modes.split(","):
+        report = run(cluster, workers, f"{out}-{mode}" if several else out, model_dir, data, mode)
+        print("MULTINODE " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()
 
