@@ -144,5 +144,6 @@ def check_shared_storage(cfg: Config) -> None:
             names = ", ".join(f"{n['NodeManagerAddress']} (id {n['NodeID'][:8]})" for n in blind)
             raise UserError(format_error(
                 key, f"not shared with every node: {len(blind)} of {len(nodes)} nodes ({names}) do not see what the "
-                "driver writes there", path, "put output_dir, checkpoint.storage_path and data.prepared_path on storage "
-                "every node mounts at the same path (NFS, a ReadWriteMany volume); checkpoint.storage_path may also be s3:// or gs://"))
+                "driver writes there", path,
+                "put output_dir, checkpoint.storage_path and data.prepared_path on storage every node mounts at the "
+                "same path (NFS, a ReadWriteMany volume); checkpoint.storage_path may also be s3:// or gs://"))
