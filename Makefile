@@ -13,7 +13,7 @@ quickstart: install
 	raysft generate runs/quickstart/final "Reverse the word 'maple'."
 
 test: install lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 test-fast: install lint
 	$(PYTHON) -m pytest -q -m "not ray"
