@@ -17,7 +17,7 @@ from raysft.data.parsing import parse_line
 from raysft.data.preflight import preflight
 from raysft.data.records import RecordError, split_record
 from raysft.data.sources import plan
-from raysft.data.template import end_of_turn
+from raysft.data.template import conversation, end_of_turn
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from raysft.errors import UserError
 
@@ -328,12 +328,6 @@ MULTI_REASONING = {"messages": [{"role": "user", "content": Q1},
 
 
 @pytest.mark.parametrize("template, records, message", [
-    (templates.QWEN3_HISTORY, [RECORDS[0][0], MULTI_REASONING],
-     "train.jsonl:2: the chat template is not prefix-stable for this record: rendering messages[:3] with the "
-     "generation prompt does not extend the render before it (they differ at character 64: \"2 + 2 = 4.<|im_end|>\\n"
-     "<|im_start|>user\\nRe\" vs \"<think>\\nThe user asks for 2 + 2. That is\"), so the model would train on text "
-     "it never sees at inference; fix: use a template that renders earlier turns as it renders the last one, or "
-     "data.chat_template: chatml"),
     (templates.DROPS_ANSWERS, [RECORDS[0][0]],
      "train.jsonl:1: messages[1]: the chat template does not render its content of this assistant turn (rendered: "
      "\"<|im_end|>\"); fix: use a template that renders it (tool calls need a template with tool support), or "
@@ -354,6 +348,20 @@ def test_preflight_refuses_broken_templates(tmp_path, template, records, message
     assert os.path.basename(where) + ": " + rest.split(" (found by the chat template check")[0] == message
     first = f"{len(records)} records" if len(records) > 1 else "record"
     assert f"(found by the chat template check before training, on the first {first};" in str(info.value)
+
+
+def test_a_template_that_renders_history_otherwise_leaves_earlier_turns_untrained(tmp_path):
+    """Qwen3's shape: reasoning rendered only after the last user turn. The earlier turn is context, rendered as
+    inference renders the history (no reasoning), untrained; the last turn trained; the preflight reports it."""
+    tok = templates.byte_tokenizer(templates.QWEN3_HISTORY, templates.BROKEN_SPECIALS)
+    ids, labels = encode(MULTI_REASONING, tok, settings())
+    history = inference_ids(tok, MULTI_REASONING["messages"][:3], generation=True)
+    assert ids[: len(history)] == history and set(labels[: len(history)]) == {IGNORE_INDEX}
+    assert trained_runs(tok, ids, labels) == [A2 + IM_END]
+    rendered = render(MULTI_REASONING, settings(), tok)
+    assert rendered.history_untrained == 1 and rendered.rules == ("history", "prefix")
+    checked, _ = _preflight(tmp_path, tok, [MULTI_REASONING])
+    assert checked["records"] == 1 and checked["end_of_turn"] == IM_END
 
 
 def test_preflight_reports_what_it_checked(tmp_path, family):
@@ -534,3 +542,79 @@ def test_a_prepare_task_loads_the_drivers_tokenizer_class_without_torch(tmp_path
     code = ("import sys; from raysft.data.prepared import saved_tokenizer; "
             f"t = saved_tokenizer({str(tmp_path)!r}, {path!r}); t('x'); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+# ---- real templates (TRL's installed copies of the models' own): pre-fill, conditional end, next header -------------
+
+def trl_template(name: str) -> str:
+    import trl
+
+    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", f"{name}.jinja"), encoding="utf-8") as f:
+        return f.read()
+
+
+R1_SPECIALS = ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<｜end▁of▁sentence｜>"]
+REAL = {  # name: (specials, eos, the rule, what ends a trained turn)
+    "deepseek_r1_distill": (R1_SPECIALS, "<｜end▁of▁sentence｜>", "prefill", "<｜end▁of▁sentence｜>"),
+    "phi3_5": (["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|endoftext|>", "conditional end", "<|end|>"),
+    "glm4moe": (["[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|system|>", "<|observation|>", "<think>",
+                 "</think>"], "<|endoftext|>", "next header", "<|user|>"),
+}
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece"])
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_templates_prefill_conditional_end_and_next_header(name, kind):
+    """The prompt is apply_chat_template(prompt, add_generation_prompt=True) exactly (R1's `<think>\\n` pre-fill in
+    it, untrained); the trained run is what the model writes after it, up to the token that ends the turn (R1: the
+    empty reasoning closed, then the answer and eos; Phi-3.5: `<|end|>`, not the eos it writes only at the end of a
+    conversation; GLM-4: the next header's `<|user|>`), which is the end-of-turn token generation stops at."""
+    specials, eos, rule, end = REAL[name]
+    tok = templates.KINDS[kind](trl_template(name), specials, None, eos)
+    record = RECORDS[0][0]
+    ids, labels = encode(record, tok, settings())
+    prompt = inference_ids(tok, record["messages"][:1], generation=True)
+    assert ids[: len(prompt)] == prompt and set(labels[: len(prompt)]) == {IGNORE_INDEX}
+    runs = trained_runs(tok, ids, labels)
+    expected = {"deepseek_r1_distill": "\n</think>\n\n" + A1 + end, "phi3_5": A1 + end,
+                "glm4moe": "\n<think></think>\n" + A1 + end}[name]
+    if kind == "byte":
+        assert runs == [expected]
+    else:  # SentencePiece marks word starts: the decoded run has the same words, control tokens and ending
+        def bare(text):
+            return text.replace(" ", "").replace("\u2581", "")
+
+        assert bare(runs[0]).endswith(bare(A1 + end)) and len(runs) == 1
+    assert rule in render(record, settings(), tok).rules
+    assert end_of_turn(tok) == end
+    assert templates_stop_first(tok) == tok.convert_tokens_to_ids(end)
+
+
+def templates_stop_first(tok) -> int:
+    from raysft.data.template import stop_ids
+
+    return stop_ids(tok)[0]
+
+
+@pytest.mark.parametrize("train_on_reasoning", [True, False])
+def test_deepseek_r1_prefill_trains_the_reasoning_after_the_prompts_think(train_on_reasoning):
+    """DeepSeek-R1 (distills): the prompt ends with the pre-filled `<think>\\n`; the reasoning, `</think>`, the answer
+    and eos follow it, the reasoning untrained under data.train_on_reasoning: false; in a later turn the earlier one
+    is history as the template renders it (reasoning stripped), untrained."""
+    tok = templates.byte_tokenizer(trl_template("deepseek_r1_distill"), R1_SPECIALS, None, "<｜end▁of▁sentence｜>")
+    eos = "<｜end▁of▁sentence｜>"
+    record = {"messages": [{"role": "user", "content": Q1},
+                           {"role": "assistant", "content": A1, "reasoning_content": REASONING}]}
+    ids, labels = encode(record, tok, settings(train_on_reasoning=train_on_reasoning))
+    prompt = inference_ids(tok, record["messages"][:1], generation=True)
+    assert tok.decode(prompt[-3:]).endswith("<｜Assistant｜><think>\n") and ids[: len(prompt)] == prompt
+    assert tok.decode(ids[len(prompt):]) == REASONING + "\n</think>\n\n" + A1 + eos
+    assert trained_runs(tok, ids, labels) == ([REASONING + "\n</think>\n\n" + A1 + eos] if train_on_reasoning
+                                              else [A1 + eos])
+    multi = {"messages": MULTI_REASONING["messages"]}
+    ids, labels = encode(multi, tok, settings())
+    native, _ = conversation(split_record(multi), tok)  # the earlier reasoning as a think block: the template strips it
+    history = inference_ids(tok, native[:3], generation=True)
+    assert ids[: len(history)] == history and set(labels[: len(history)]) == {IGNORE_INDEX}
+    assert trained_runs(tok, ids, labels) == ["\n</think>\n\n" + A2 + eos]
+    assert render(multi, settings(), tok).history_untrained == 1

@@ -81,6 +81,8 @@ class Rendered:
     completion: str
     segments: tuple[Segment, ...]
     chat: bool = True  # a conversation (its mask is checked), not a `text` record
+    rules: tuple[str, ...] = ()  # how a model's own template was read (template.RULES), for the preflight's report
+    history_untrained: int = 0  # assistant turns left untrained: the template renders them differently in history
 
     @property
     def text(self) -> str:

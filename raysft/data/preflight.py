@@ -76,7 +76,8 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
         return 0, 0  # control-token syntax typed in the data: kept as text, by design unlike a plain render
     prompt = _inference_ids(tokenizer, messages[:start], example.tools)
     masked_reasoning = not settings.train_on_reasoning and example.completion[0].get("reasoning_content") is not None
-    starts = labels[len(prompt): len(prompt) + 1] != [IGNORE_INDEX] or masked_reasoning  # masked reasoning first
+    starts = (labels[len(prompt): len(prompt) + 1] != [IGNORE_INDEX] or masked_reasoning  # masked reasoning first
+              or rendered.history_untrained > 0)  # the first turn re-rendered as history: context, untrained
     if ids[: len(prompt)] != prompt or not starts or set(labels[: len(prompt)]) - {IGNORE_INDEX}:
         at = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
         raise RecordError("prompt_differs", f"the prompt's token ids differ from apply_chat_template(prompt, "
