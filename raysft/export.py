@@ -3,7 +3,9 @@
 The folder holds safetensors weights (ZeRO shards consolidated by DeepSpeed's own `zero_to_fp32`), the
 model config, the tokenizer with the chat template training used (`data.chat_template`: raysft's ChatML, which
 renders exactly as raysft's templating does, or the model's own or a file's), and a generation config whose eos
-is that template's end-of-turn token (then the base model's eos ids and the tokenizer's eos).
+is that template's end-of-turn token (then the base model's eos ids and the tokenizer's eos). `raysft.json` records
+the checkpoint, and `data.chat_template_kwargs` when the run set them: `raysft generate` renders with them, as
+training did (pass them to `apply_chat_template` yourself elsewhere).
 """
 
 from __future__ import annotations
@@ -120,15 +122,17 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
         model.tie_weights()
     config.use_cache = True  # off in training (see modeling.build_model), on for generation
     model.to(getattr(torch, DTYPE_NAMES[cfg.train.dtype]))
-    generation = GenerationConfig(**chat_ready(tokenizer, cfg.data.chat_template, _base_eos(cfg.model.name_or_path)),
-                                  bos_token_id=config.bos_token_id)
+    kwargs = cfg.data.chat_template_kwargs
+    generation = GenerationConfig(**chat_ready(tokenizer, cfg.data.chat_template, _base_eos(cfg.model.name_or_path),
+                                               kwargs), bos_token_id=config.bos_token_id)
     model.generation_config = generation
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     generation.save_pretrained(out_dir)  # an adapter folder has none of its own
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "raysft.json"), "w", encoding="utf-8") as f:
-        json.dump({"checkpoint": checkpoint_path, "step": state.step, "fingerprint": state.fingerprint}, f)
+        json.dump({"checkpoint": checkpoint_path, "step": state.step, "fingerprint": state.fingerprint,
+                   **({"chat_template_kwargs": kwargs} if kwargs else {})}, f)
     kind = ("LoRA merged into the base" if merge else "LoRA adapter") if state.lora else "model"
     log(f"export: {checkpoint_path} -> {out_dir} ({kind}, step {state.step})")
     return out_dir
@@ -145,7 +149,7 @@ def _base_eos(model: str) -> list:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def chat_ready(tokenizer, chat_template: str, base_eos=()) -> dict:
+def chat_ready(tokenizer, chat_template: str, base_eos=(), template_kwargs=None) -> dict:
     """Give the tokenizer the template training used; returns the generation config's token ids (eos: the template's
     end-of-turn token first, then the base model's generation eos ids, then the tokenizer's eos).
 
@@ -157,7 +161,7 @@ def chat_ready(tokenizer, chat_template: str, base_eos=()) -> dict:
 
     if chat_template == "chatml":
         tokenizer.chat_template = CHAT_TEMPLATE
-    return {"eos_token_id": stop_ids(tokenizer, base_eos), "pad_token_id": tokenizer.pad_token_id}
+    return {"eos_token_id": stop_ids(tokenizer, base_eos, template_kwargs), "pad_token_id": tokenizer.pad_token_id}
 
 
 def _with_adapter(cfg, tokenizer, adapter: dict, checkpoint_path: str):
@@ -201,10 +205,21 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, system_mess
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
     generation = GenerationConfig.from_pretrained(model_dir)
-    ids, _ = tokenize_rendered([render_prompt([{"role": "user", "content": prompt}], tokenizer, system_message)],
-                               tokenizer)[0]
+    rendered = render_prompt([{"role": "user", "content": prompt}], tokenizer, system_message,
+                             template_kwargs=exported_template_kwargs(model_dir))
+    ids, _ = tokenize_rendered([rendered], tokenizer)[0]
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, do_sample=False, generation_config=generation)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def exported_template_kwargs(model_dir: str) -> dict:
+    """The `data.chat_template_kwargs` an export was trained with (raysft.json), {} when none or not raysft's."""
+    try:
+        with open(os.path.join(model_dir, "raysft.json"), encoding="utf-8") as f:
+            kwargs = json.load(f).get("chat_template_kwargs") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return kwargs if isinstance(kwargs, dict) else {}

@@ -25,6 +25,7 @@ from raysft.data.chunks import Settings
 from raysft.data.mixing import repeat_ratios, sources_of
 from raysft.data.preflight import preflight
 from raysft.data.sources import Chunk, expand, plan, plan_hf
+from raysft.data.template import RULES
 from raysft.data.tokenize import load_tokenizer
 from raysft.errors import UserError
 
@@ -90,6 +91,7 @@ def combined(checks: list[dict]) -> dict:
     for c in checks[1:]:
         for k in ("records", "later_turns", "history_as_inference"):
             out[k] += c[k]
+        out["rules"] = sorted(set(out["rules"]) | set(c["rules"]))
     return out
 
 
@@ -124,10 +126,12 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
         checked = combined([preflight([c for c in train_chunks if c.origin == i], st, tokenizer,
                                       columns_key=f"data.sources[{i}].columns" if cfg.data.sources else "data.columns")
                             for i, st in enumerate(per_source)])
-        log(f"prepare: chat template {settings.chat_template} checked on {checked['records']} records (masks, "
+        kwargs = f" with {settings.chat_template_kwargs}" if settings.chat_template_kwargs else ""
+        log(f"prepare: chat template {settings.chat_template}{kwargs} checked on {checked['records']} records (masks, "
             f"end of turn {checked['end_of_turn']} trained, prompts as apply_chat_template gives them"
             + (f"; history of later turns as at inference: {checked['history_as_inference']}/"
-               f"{checked['later_turns']}" if checked["later_turns"] else "") + ")")
+               f"{checked['later_turns']}" if checked["later_turns"] else "") + ")"
+            + "".join(f"\nprepare: template rule {rule}: {RULES[rule]}" for rule in checked["rules"]))
         phases["fingerprint_and_preflight"] = time.time() - t0 - sum(phases.values())
         if start_ray:
             start_ray()

@@ -17,7 +17,7 @@ from raysft.data.parsing import parse_line
 from raysft.data.preflight import preflight
 from raysft.data.records import RecordError, split_record
 from raysft.data.sources import plan
-from raysft.data.template import conversation, end_of_turn
+from raysft.data.template import RULES, conversation, end_of_turn
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from raysft.errors import UserError
 
@@ -374,7 +374,8 @@ def test_preflight_reports_what_it_checked(tmp_path, family):
                           {"role": "user", "content": Q1}, {"role": "assistant", "content": A1}]}
     checked, _ = _preflight(tmp_path, tok, [r for r, _ in RECORDS] + [glued, {"messages": "bad"}])
     assert checked == {"records": 6, "end_of_turn": templates.FAMILIES[name][4], "later_turns": 2,
-                       "history_as_inference": 1 if kind_of(tok).startswith("sentencepiece") else 2}
+                       "history_as_inference": 1 if kind_of(tok).startswith("sentencepiece") else 2,
+                       "rules": ["prefix"]}
 
 
 # ---- export ---------------------------------------------------------------------------------------------------------
@@ -401,10 +402,20 @@ def test_exported_tokenizer_keeps_the_template_and_its_end_of_turn(tmp_path, fam
         assert tokenize_rendered([render_prompt(example.prompt, back)], back)[0][0] == ids[:start]
 
 
+DATED = "Today Date: 26 Jul 2024"
+DATED_LLAMA3 = templates.LLAMA3.replace(  # Llama-3.1's date_string, which its real template reads
+    "'<|start_header_id|>system<|end_header_id|>\\n\\n' + system",
+    "'<|start_header_id|>system<|end_header_id|>\\n\\n' + ('Today Date: ' + date_string + '\\n\\n' if "
+    "date_string is defined else '') + system")
+assert DATED_LLAMA3 != templates.LLAMA3
+
+
 @pytest.mark.ray
 def test_training_with_a_models_template_exports_it(tmp_path, ray_session):
-    """`data.chat_template: model` end to end: prepare checks and uses the model's template, the run trains, and the
-    exported folder renders the training prompt, stops at <|eot_id|>, and `raysft generate` uses the template."""
+    """`data.chat_template: model:tool_use` with `data.chat_template_kwargs` end to end: prepare picks the named
+    template, checks it with the kwargs and says so, the run trains, and the exported folder carries that template
+    alone, renders the training prompt with the recorded kwargs, stops at <|eot_id|>, and `raysft generate` renders
+    with them."""
     import sys
 
     from raysft.config import load_config
@@ -417,27 +428,38 @@ def test_training_with_a_models_template_exports_it(tmp_path, ray_session):
 
     model_dir = tmp_path / "llama3-like"
     tok = templates.family_tokenizer("llama3", "bpe")
+    tok.chat_template = {"default": templates.MISTRAL, "tool_use": DATED_LLAMA3}
     tok.save_pretrained(model_dir)
+    tok.chat_template = DATED_LLAMA3
     tiny_llama_config(len(tok)).save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "train.jsonl", [r for r, _ in RECORDS] * 8 + [TOOL_RECORD] * 4)
-    cfg = base_config(tmp_path, str(model_dir), data, data={"chat_template": "model", "max_seq_len": 512},
+    kwargs = {"date_string": "26 Jul 2024"}
+    cfg = base_config(tmp_path, str(model_dir), data, data={"chat_template": "model:tool_use", "max_seq_len": 512,
+                                                            "chat_template_kwargs": kwargs},
                       train={"max_steps": 2, "zero_stage": 0}, cluster={"num_workers": 1})
     logs = []
     result = train(None, [], cfg=load_config(config_file(tmp_path, cfg)), log=logs.append)
-    assert any(line.startswith("prepare: chat template model checked on 36 records (masks, end of turn <|eot_id|> "
-                               "trained, prompts as apply_chat_template gives them; history of later turns as at "
-                               "inference: 12/12)") for line in logs), logs
+    assert any(line.startswith("prepare: chat template model:tool_use with {'date_string': '26 Jul 2024'} checked on "
+                               "36 records (masks, end of turn <|eot_id|> trained, prompts as apply_chat_template "
+                               "gives them; history of later turns as at inference: 12/12)\nprepare: template rule "
+                               f"prefix: {RULES['prefix']}") for line in logs), logs
     from transformers import AutoTokenizer, GenerationConfig
+
+    from raysft.data.template import render_prompt
+    from raysft.export import exported_template_kwargs, generate
 
     final = result["final"]
     back = AutoTokenizer.from_pretrained(final)
-    assert back.chat_template == templates.LLAMA3
+    assert back.chat_template == DATED_LLAMA3
     assert GenerationConfig.from_pretrained(final).eos_token_id[0] == back.convert_tokens_to_ids("<|eot_id|>")
+    assert exported_template_kwargs(final) == kwargs
     prompt = [{"role": "user", "content": Q1}]
-    ids, labels = encode(RECORDS[0][0], tok, settings())
-    assert inference_ids(back, prompt, generation=True) == ids[: first_trained(labels)]
-    from raysft.export import generate
-
+    ids, labels = encode(RECORDS[0][0], tok, settings(chat_template_kwargs=kwargs))
+    exported = list(back.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                             **kwargs))
+    assert exported == ids[: first_trained(labels)] and DATED in back.decode(exported)
+    assert tokenize_rendered([render_prompt(prompt, back, template_kwargs=exported_template_kwargs(final))],
+                             back)[0][0] == exported  # what generate renders
     assert isinstance(generate(final, Q1, max_new_tokens=4), str)
 
 
@@ -618,3 +640,97 @@ def test_deepseek_r1_prefill_trains_the_reasoning_after_the_prompts_think(train_
     assert ids[: len(history)] == history and set(labels[: len(history)]) == {IGNORE_INDEX}
     assert trained_runs(tok, ids, labels) == ["\n</think>\n\n" + A2 + eos]
     assert render(multi, settings(), tok).history_untrained == 1
+
+
+# ---- named templates and template kwargs ---------------------------------------------------------------------------
+
+QWEN3_SPECIALS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_template_kwargs_reach_every_render(tmp_path, thinking):
+    """data.chat_template_kwargs on Qwen3's real template: the prompt is apply_chat_template(prompt,
+    add_generation_prompt=True, enable_thinking=...) exactly (false: the empty think block pre-filled, untrained;
+    true or unset: written by the turn, trained), the preflight and the eval prompts render with them, and a turn with
+    reasoning under enable_thinking: false is refused with the kwarg named."""
+    from raysft.data.template import render_prompt, stop_ids
+
+    tok = templates.byte_tokenizer(trl_template("qwen3"), QWEN3_SPECIALS, None, "<|im_end|>")
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    record = RECORDS[0][0]
+    ids, labels = encode(record, tok, settings(chat_template_kwargs=kwargs))
+    prompt = list(tok.apply_chat_template(record["messages"][:1], add_generation_prompt=True, tokenize=True,
+                                          return_dict=False, **kwargs))
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if thinking is False
+                                                                     else ""))
+    assert ids[: len(prompt)] == prompt and set(labels[: len(prompt)]) == {IGNORE_INDEX}
+    assert trained_runs(tok, ids, labels) == [("" if thinking is False else "<think>\n\n</think>\n\n") + A1
+                                              + "<|im_end|>"]
+    prompted = render_prompt(record["messages"][:1], tok, template_kwargs=kwargs)
+    assert tokenize_rendered([prompted], tok)[0][0] == prompt
+    assert stop_ids(tok, template_kwargs=kwargs)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+    checked, _ = _preflight(tmp_path, tok, [r for r, _ in RECORDS], chat_template_kwargs=kwargs)
+    assert checked == {"records": 4, "end_of_turn": "<|im_end|>", "later_turns": 1, "history_as_inference": 1,
+                       "rules": ["history", "prefix"]}  # the two-turn record: its first turn is history
+    multi = RECORDS[2][0]
+    ids, labels = encode(multi, tok, settings(chat_template_kwargs=kwargs))
+    later = list(tok.apply_chat_template(multi["messages"][:3], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False, **kwargs))
+    assert ids[: len(later)] == later and set(labels[: len(later)]) == {IGNORE_INDEX}
+    assert trained_runs(tok, ids, labels) == [("" if thinking is False else "<think>\n\n</think>\n\n") + A2
+                                              + "<|im_end|>"]
+    thought = {"messages": [{"role": "user", "content": Q1},
+                            {"role": "assistant", "content": A1, "reasoning_content": REASONING}]}
+    if thinking is False:
+        with pytest.raises(RecordError, match=r"not prefix-stable .* \(data\.chat_template_kwargs "
+                                              r"\{'enable_thinking': False\} shape the renders too"):
+            encode(thought, tok, settings(chat_template_kwargs=kwargs))
+    else:
+        ids, labels = encode(thought, tok, settings(chat_template_kwargs=kwargs))
+        assert trained_runs(tok, ids, labels) == [f"<think>\n{REASONING}\n</think>\n\n{A1}<|im_end|>"]
+
+
+NAMED = {"default": templates.QWEN, "tool_use": templates.LLAMA3}
+
+
+@pytest.mark.parametrize("chosen, expected", [("model", "default"), ("model:default", "default"),
+                                              ("model:tool_use", "tool_use")])
+def test_named_templates_pick_one_and_train_with_it_alone(tmp_path, chosen, expected):
+    """A tokenizer with named templates (additional_chat_templates/, as transformers saves a dict): `model` is its
+    default one, `model:NAME` the one named; the tokenizer then carries that template alone, so apply_chat_template
+    (also with tools, where transformers would otherwise switch to tool_use) renders what trains."""
+    from transformers import AutoTokenizer
+
+    from raysft.data.tokenize import load_tokenizer
+
+    specials = sorted(set(templates.FAMILIES["qwen"][1]) | set(templates.FAMILIES["llama3"][1]))
+    tok = templates.byte_tokenizer(NAMED["default"], specials, "<|begin_of_text|>", "<|im_end|>")
+    tok.chat_template = dict(NAMED)
+    tok.save_pretrained(tmp_path / "tok")
+    assert isinstance(AutoTokenizer.from_pretrained(tmp_path / "tok").chat_template, dict)
+    loaded = load_tokenizer(str(tmp_path / "tok"), chat_template=chosen)
+    assert loaded.chat_template == NAMED[expected]
+    ids, labels = encode(TOOL_RECORD, loaded, settings(chat_template=chosen))
+    assert ids == inference_ids(loaded, TOOL_RECORD["messages"], tools=TOOLS)
+    assert inference_ids(loaded, TOOL_RECORD["messages"][:1], generation=True, tools=TOOLS) == ids[
+        : first_trained(labels)]
+
+
+@pytest.mark.parametrize("names, chosen, message", [
+    (["default", "tool_use"], "model:rag", "data.chat_template: the tokenizer has no chat template named 'rag' (got "
+                                           "'model:rag'). fix: use one it has: model:default, model:tool_use"),
+    (["rag", "tool_use"], "model", "data.chat_template: the tokenizer has named chat templates and none is called "
+                                   "default (got '{path}'). fix: name the one to train with: model:rag, model:tool_use"),
+    ([], "model:tool_use", "data.chat_template: the tokenizer has no chat template named 'tool_use' (it has one "
+                           "template, unnamed) (got 'model:tool_use'). fix: use data.chat_template: model"),
+])
+def test_a_template_name_the_tokenizer_lacks_lists_the_names_it_has(tmp_path, names, chosen, message):
+    from raysft.data.tokenize import load_tokenizer
+
+    tok = templates.byte_tokenizer(templates.QWEN, templates.FAMILIES["qwen"][1])
+    if names:
+        tok.chat_template = {name: templates.QWEN for name in names}
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.raises(UserError) as err:
+        load_tokenizer(str(tmp_path / "tok"), chat_template=chosen)
+    assert str(err.value) == message.format(path=tmp_path / "tok")

@@ -13,6 +13,11 @@ from raysft.errors import format_error
 from raysft.train.schedule import BatchShape
 from raysft.train.tracking import TRACKERS
 
+# apply_chat_template's own arguments and the template's `messages`: not variables a config may set
+RENDER_ARGUMENTS = ("messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+                    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
 # attention kernels that cannot train on CPU, and why
 CUDA_ATTENTION = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn 3",
                   "flex_attention": "PyTorch's flex_attention has no backward on CPU"}
@@ -56,10 +61,16 @@ def check(cfg: Config, where, problems: list[str]) -> None:
                 bad(f"{prefix}.{ours}", "must be the dataset's name for it, a string", theirs,
                     f"e.g. {prefix}.{ours}: my_{ours}")
     template = cfg.data.chat_template
-    if template not in ("chatml", "model") and not os.path.isfile(template):
-        bad("data.chat_template", "is neither chatml, model nor a file" + (
+    named = template.startswith("model:") and not os.path.isfile(template)
+    if named and not template[len("model:"):].strip():
+        bad("data.chat_template", "names no template after model:", template,
+            "write model:NAME with one of the tokenizer's template names (e.g. model:tool_use), or model")
+    elif template not in ("chatml", "model") and not named and not os.path.isfile(template):
+        bad("data.chat_template", "is neither chatml, model, model:NAME nor a file" + (
             " (no such file)" if template.endswith(".jinja") else ""), template,
-            "use chatml (raysft's), model (the tokenizer's own template) or the path of a .jinja file")
+            "use chatml (raysft's), model (the tokenizer's own template), model:NAME (one of its named templates) "
+            "or the path of a .jinja file")
+    check_template_kwargs(cfg.data.chat_template_kwargs, template, bad)
     if storage.is_uri(cfg.data.prepared_path):
         bad("data.prepared_path", "must be a folder (local, or storage mounted on every node), not a URI",
             cfg.data.prepared_path, "use a mounted path such as /mnt/shared/prepared, or leave it empty")
@@ -162,3 +173,20 @@ def check(cfg: Config, where, problems: list[str]) -> None:
         bad("checkpoint.keep", "must be at least 1", cfg.checkpoint.keep, "use e.g. 2")
     if cfg.checkpoint.every_steps < 0:
         bad("checkpoint.every_steps", "must not be negative", cfg.checkpoint.every_steps, "use 0 for only at the end")
+
+
+def check_template_kwargs(kwargs, template: str, bad) -> None:
+    """`data.chat_template_kwargs` (a mapping: the schema checked that): template variable names, for a template
+    that reads them."""
+    key = "data.chat_template_kwargs"
+    if kwargs and template == "chatml":
+        bad(key, "are variables for the model's or a file's template; raysft's chatml reads none",
+            ", ".join(map(str, kwargs)), "set data.chat_template: model (or model:NAME, or a .jinja file), or remove "
+            f"{key}")
+    for name in kwargs:
+        if not isinstance(name, str) or not name.isidentifier():
+            bad(f"{key}.{name}", "is not a template variable name", name, "use a name the template reads, e.g. "
+                "enable_thinking")
+        elif name in RENDER_ARGUMENTS:
+            bad(f"{key}.{name}", "is set by raysft on every render, not by the config", name,
+                f"remove it from {key}; raysft renders prompts and turns itself")

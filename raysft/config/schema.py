@@ -51,7 +51,11 @@ class DataConfig:
         "role: speaker, content: text, user: human, assistant: bot}"))
     chat_template: str = field(default="chatml", metadata=doc(
         "how conversations become text: chatml (raysft's, with tools and reasoning), model (the tokenizer's own "
-        "Jinja template), or the path of a .jinja file"))
+        "Jinja template; its default one when it has several), model:NAME (the tokenizer's template of that name, "
+        "e.g. model:tool_use), or the path of a .jinja file"))
+    chat_template_kwargs: dict = field(default_factory=dict, metadata=doc(
+        "extra variables for every render of a model or file template (prepare, the preflight, the eval prompts, "
+        "the export and raysft generate), e.g. {enable_thinking: false} for Qwen3"))
     train_on_reasoning: bool = field(default=True, metadata=doc(
         "train on assistants' reasoning (reasoning_content, <think> blocks); false masks it, the answer stays "
         "trained"))

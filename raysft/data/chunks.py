@@ -45,6 +45,7 @@ class Settings:
     hf_split: str
     eval_fraction: float
     chat_template: str = "chatml"
+    chat_template_kwargs: dict = field(default_factory=dict)  # extra render variables (model or file templates)
     train_on_reasoning: bool = True
     columns: dict = field(default_factory=dict)
     repeat: float = 1.0  # data.sources: uses per record (data/mixing.py); 1 = each record once
@@ -99,7 +100,8 @@ def render(record, settings: Settings, tokenizer, example: Optional[Example] = N
     if settings.chat_template == "chatml":
         rendered = render_example(example, settings.system_message, settings.train_on_reasoning)
     else:
-        rendered = render_native(example, tokenizer, settings.system_message, settings.train_on_reasoning)
+        rendered = render_native(example, tokenizer, settings.system_message, settings.train_on_reasoning,
+                                 settings.chat_template_kwargs)
     if rendered.chat:
         return rendered
     eos = tokenizer.eos_token

@@ -34,9 +34,9 @@ FATAL = {"template_not_prefix_stable", "template_drops_content", "no_end_of_turn
          "all_trained", "end_of_turn_untrained", "prompt_differs"}
 
 
-def _inference_ids(tokenizer, messages: list, tools: Optional[list]) -> list[int]:
+def _inference_ids(tokenizer, messages: list, tools: Optional[list], kwargs: Optional[dict] = None) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
-                                        sanitize_control_tokens=True, return_dict=False)
+                                        sanitize_control_tokens=True, return_dict=False, **(kwargs or {}))
     return list(out)
 
 
@@ -56,9 +56,10 @@ def _first(chunks: list[Chunk], settings: Settings, sample: int) -> list:
     return out
 
 
-def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, int]:
-    """One record's checks; returns (later assistant turns, those whose history is tokenized as at inference).
-    Raises RecordError: a data problem (the prepare policy decides) or one of FATAL (the template's)."""
+def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, int, tuple]:
+    """One record's checks; returns (later assistant turns, those whose history is tokenized as at inference, the
+    template rules its render applied). Raises RecordError: a data problem (the prepare policy decides) or one of
+    FATAL (the template's)."""
     example = example_of(record, settings)
     rendered = render(record, settings, tokenizer, example)
     ids, labels = tokenize_rendered([rendered], tokenizer, settings.loss_on)[0]
@@ -66,15 +67,18 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
     if broken is not None:
         raise broken
     if not rendered.chat or settings.loss_on != "completion":
-        return 0, 0
+        return 0, 0, rendered.rules
     trained = {lab for lab in labels if lab != IGNORE_INDEX}
     if not trained & set(closers):  # a turn may close with another control token (a tool call's, e.g. <|call|>)
         raise RecordError("end_of_turn_untrained", "the end-of-turn token is not among the trained labels, so the "
                                                    "model would never learn to stop; fix: check data.chat_template")
     messages, start = conversation(example, tokenizer, settings.system_message)
     if _compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
-        return 0, 0  # control-token syntax typed in the data: kept as text, by design unlike a plain render
-    prompt = _inference_ids(tokenizer, messages[:start], example.tools)
+        return 0, 0, rendered.rules  # control-token syntax typed in the data: kept as text, unlike a plain render
+    kwargs = settings.chat_template_kwargs
+    prompt = _inference_ids(tokenizer, messages[:start], example.tools, kwargs)
+    if rendered.history_untrained and ids[: len(prompt)] != prompt:
+        prompt = _first_trained_prompt(tokenizer, messages, start, example.tools, kwargs, ids, labels) or prompt
     masked_reasoning = not settings.train_on_reasoning and example.completion[0].get("reasoning_content") is not None
     starts = (labels[len(prompt): len(prompt) + 1] != [IGNORE_INDEX] or masked_reasoning  # masked reasoning first
               or rendered.history_untrained > 0)  # the first turn re-rendered as history: context, untrained
@@ -89,9 +93,20 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
         if messages[j]["role"] != "assistant":
             continue
         later += 1
-        history = _inference_ids(tokenizer, messages[:j], example.tools)
+        history = _inference_ids(tokenizer, messages[:j], example.tools, kwargs)
         same += ids[: len(history)] == history
-    return later, same
+    return later, same, rendered.rules
+
+
+def _first_trained_prompt(tokenizer, messages: list, start: int, tools, kwargs, ids: list, labels: list):
+    """When the first turns became history (their prompt renders otherwise once they are, e.g. Qwen3's empty think
+    block under enable_thinking: false), the prompt of the first turn still trained, as inference gives it."""
+    for j in range(start + 1, len(messages)):
+        if messages[j]["role"] == "assistant":
+            prompt = _inference_ids(tokenizer, messages[:j], tools, kwargs)
+            if ids[: len(prompt)] == prompt and set(labels[: len(prompt)]) == {IGNORE_INDEX}:
+                return prompt
+    return None
 
 
 def _names(records: list) -> tuple[set, set, set]:
@@ -127,21 +142,25 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
               columns_key: str = "data.columns") -> dict:
     """The checks above on the first `sample` records of `chunks`; a UserError for any template problem.
 
-    Returns what was checked: ``{"records", "end_of_turn", "later_turns", "history_as_inference"}``."""
-    eot = end_of_turn(tokenizer)  # None when a probe conversation does not render: the records below say why
+    Returns what was checked: ``{"records", "end_of_turn", "later_turns", "history_as_inference", "rules"}``
+    (rules: how the records' renders were read, template.RULES' names, for the log)."""
+    # None when a probe conversation does not render: the records below say why
+    eot = end_of_turn(tokenizer, settings.chat_template_kwargs)
     closers = {tokenizer.convert_tokens_to_ids(t) for t in control_tokens(tokenizer, tokenizer.chat_template)}
     records = _first(chunks, settings, sample)
     check_columns([r[3] for r in records if not isinstance(r[3], RecordError)], settings.columns, columns_key)
-    checked, later, same = len(records), 0, 0
+    checked, later, same, rules = len(records), 0, 0, set()
     for where, _line, _raw, record in records:
         if isinstance(record, RecordError):
             continue  # a bad line: the prepare policy's business
         try:
-            turns, as_inference = check_example(record, settings, tokenizer, closers)
+            turns, as_inference, applied = check_example(record, settings, tokenizer, closers)
         except RecordError as err:
             if err.reason in FATAL:
                 raise _fail(err, where, checked) from None
             continue
         later += turns
         same += as_inference
-    return {"records": checked, "end_of_turn": eot, "later_turns": later, "history_as_inference": same}
+        rules.update(applied)
+    return {"records": checked, "end_of_turn": eot, "later_turns": later, "history_as_inference": same,
+            "rules": sorted(rules)}

@@ -287,6 +287,16 @@ def _prefill(prompt: str, turn: str, find: re.Pattern) -> Optional[int]:
     return common if common == k or not prompt[common:k].strip() else None
 
 
+def _empty_think(prompt: str) -> Optional[int]:
+    """Where a generation prompt's closing empty think block starts (Qwen3 under enable_thinking: false writes
+    `<think>\n\n</think>\n\n`), which the history may render otherwise (without it); None when there is none."""
+    k = prompt.rfind(THINK_OPEN)
+    rest = prompt[k + len(THINK_OPEN):] if k >= 0 else ""
+    if k < 0 or THINK_CLOSE not in rest or rest.replace(THINK_CLOSE, "", 1).strip():
+        return None
+    return k
+
+
 def _prefilled_turn(prompt: str, turn: str, cut: int, reasoning: str) -> Optional[tuple[str, str]]:
     """(reasoning part, answer part) of the turn as the model writes it after the pre-fill: the record's reasoning
     (empty when it has none) closed by </think>, then the answer and end as the template renders them."""
@@ -316,7 +326,21 @@ def _next_header(turn: str, following: str, start: int, find: re.Pattern) -> Opt
 
 def render_native(example: Example, tokenizer, system_message: Optional[str] = None,
                   train_on_reasoning: bool = True, template_kwargs: Optional[Mapping] = None) -> Rendered:
-    """An `Example` through the tokenizer's chat template, its segments marked trained by rendering prefixes."""
+    """An `Example` through the tokenizer's chat template, its segments marked trained by rendering prefixes;
+    `template_kwargs`: `data.chat_template_kwargs`, passed to every render."""
+    try:
+        return _render_native(example, tokenizer, system_message, train_on_reasoning, template_kwargs)
+    except RecordError as err:
+        if not template_kwargs or err.reason != "template_not_prefix_stable":
+            raise
+        raise RecordError(err.reason, f"{err.message} (data.chat_template_kwargs {dict(template_kwargs)} shape the "
+                          "renders too: e.g. enable_thinking: false pre-fills an empty think block, which a turn "
+                          "with reasoning does not extend; drop the reasoning from such records or that kwarg)"
+                          ) from None
+
+
+def _render_native(example: Example, tokenizer, system_message: Optional[str], train_on_reasoning: bool,
+                   template_kwargs: Optional[Mapping]) -> Rendered:
     find, split = _compiled(tokenizer)
     if example.kind == "text":
         segs = segments(example.prompt, False, split) + segments(example.completion, True, split)
@@ -363,6 +387,7 @@ def render_native(example: Example, tokenizer, system_message: Optional[str] = N
             turn = (think + answer).rstrip()
         else:
             opened = _prefill(prompt, prompt, find)  # a think block the prompt opens: history may render it otherwise
+            opened = _empty_think(prompt) if opened is None else opened  # or holds empty (Qwen3, no thinking)
             pieces.base = len(pieces.text) if opened is None else opened
             turn = ""
             if masked:

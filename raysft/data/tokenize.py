@@ -9,6 +9,7 @@ This module imports neither ray nor torch.
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Optional, Sequence
 
@@ -168,12 +169,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: st
         add_chatml_tokens(tokenizer)
         tokenizer.chat_template = CHAT_TEMPLATE
         return tokenizer
-    if chat_template == "model":
-        if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template.strip():
-            raise UserError(format_error("data.chat_template", "the tokenizer has no chat template", name_or_path,
-                                         "use a tokenizer whose tokenizer_config.json (or chat_template.jinja) has "
-                                         "one, give a .jinja file as data.chat_template, or use "
-                                         "data.chat_template: chatml"))
+    if chat_template == "model" or (chat_template.startswith("model:") and not os.path.isfile(chat_template)):
+        tokenizer.chat_template = own_template(tokenizer.chat_template, chat_template, name_or_path)
     else:
         tokenizer.chat_template = read_template(chat_template)
     if tokenizer.pad_token is None:
@@ -182,6 +179,35 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: st
         else:
             tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
+
+
+def own_template(templates, chat_template: str, name_or_path: str) -> str:
+    """The tokenizer's template that `data.chat_template` (``model`` or ``model:NAME``) picks: its only one, its
+    ``default`` entry when it has named ones (tokenizer_config.json's list, additional_chat_templates/), or the one
+    named. A UserError listing the names it has otherwise. Training, the preflight and the export then use that
+    one alone, so what trains is what renders."""
+    from raysft.errors import UserError, format_error
+
+    name = chat_template.partition(":")[2].strip() or None
+    if isinstance(templates, dict) and templates:
+        have = ", ".join(f"model:{n}" for n in sorted(templates))
+        if name is None and "default" not in templates:
+            raise UserError(format_error("data.chat_template", "the tokenizer has named chat templates and none is "
+                                         "called default", name_or_path, f"name the one to train with: {have}"))
+        chosen = templates.get(name or "default")
+        if chosen is None:
+            raise UserError(format_error("data.chat_template", f"the tokenizer has no chat template named {name!r}",
+                                         chat_template, f"use one it has: {have}"))
+        templates = chosen
+    elif name not in (None, "default") and isinstance(templates, str) and templates.strip():
+        raise UserError(format_error("data.chat_template", f"the tokenizer has no chat template named {name!r} "
+                                     "(it has one template, unnamed)", chat_template, "use data.chat_template: model"))
+    if not isinstance(templates, str) or not templates.strip():
+        raise UserError(format_error("data.chat_template", "the tokenizer has no chat template", name_or_path,
+                                     "use a tokenizer whose tokenizer_config.json (or chat_template.jinja) has "
+                                     "one, give a .jinja file as data.chat_template, or use "
+                                     "data.chat_template: chatml"))
+    return templates
 
 
 def read_template(path: str) -> str:
