@@ -106,6 +106,12 @@ ONLY_ANSWERS = (  # renders only assistant turns, and no generation prompt: ever
     "{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{- m['content'] + '<|im_end|>' }}{%- endif %}"
     "{%- endfor %}"
 )
+BLOCKS_SHORT = (  # {% generation %} blocks that leave out the end-of-turn token the turn is closed with
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- if m['role'] == 'assistant' %}{%- generation %}{{- m['content'] }}{%- endgeneration %}"
+    "{%- else %}{{- m['content'] }}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 NO_TOOLS = (  # a ChatML template that ignores tool calls
     "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -185,3 +191,68 @@ KINDS = {"byte": byte_tokenizer, "bpe": bpe_tokenizer, "sentencepiece": sentence
 def family_tokenizer(family: str, kind: str):
     template, specials, bos, eos, _ = FAMILIES[family]
     return KINDS[kind](template, specials, bos, eos)
+
+# Families whose templates no installed package ships, written in their real shape (item 7 of issue 23).
+PHI4 = (  # ChatML with <|im_sep|> after the role, no tools
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant<|im_sep|>' }}{%- endif %}"
+)
+MISTRAL_TOOLS = (  # Mistral v0.3: tools and the system message with the last user turn, [TOOL_CALLS], no header
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- set users = loop_messages | selectattr('role', 'equalto', 'user') | list %}"
+    "{{- bos_token }}{%- for m in loop_messages %}"
+    "{%- if m['role'] == 'user' %}"
+    "{%- if tools and m == users[-1] %}{{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}"
+    "{%- if system is defined and m == users[-1] %}{{- '[INST] ' + system + '\\n\\n' + m['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + m['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif m['role'] == 'assistant' and m.get('tool_calls') %}{{- '[TOOL_CALLS] [' }}"
+    "{%- for call in m['tool_calls'] %}{{- '{\"name\": \"' + call['function']['name'] + '\", \"arguments\": '"
+    " + call['function']['arguments'] | tojson + '}' }}{%- if not loop.last %}{{- ', ' }}{%- endif %}{%- endfor %}"
+    "{{- ']' + eos_token }}"
+    "{%- elif m['role'] == 'assistant' %}{{- ' ' + m['content'] + eos_token }}"
+    "{%- elif m['role'] == 'tool' %}{{- '[TOOL_RESULTS] {\"content\": ' + m['content'] | tojson + '}[/TOOL_RESULTS]' }}"
+    "{%- endif %}{%- endfor %}"
+)
+SMOLLM3 = (  # ChatML, a metadata system block naming the reasoning mode; /no_think pre-fills an empty think block
+    "{%- set mode = 'no_think' if enable_thinking is defined and not enable_thinking else 'think' %}"
+    "{{- '<|im_start|>system\\n## Metadata\\n\\nKnowledge Cutoff Date: June 2025\\nReasoning Mode: /' + mode"
+    " + '\\n\\n## Custom Instructions\\n\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{{- 'You are a helpful AI assistant named SmolLM, trained by Hugging Face.' }}"
+    "{%- set loop_messages = messages %}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- for m in loop_messages %}"
+    "{%- if m['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if mode == 'no_think' %}{{- '<think>\\n\\n</think>\\n' }}{%- endif %}{{- m['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if mode == 'no_think' %}{{- '<think>\\n\\n</think>\\n' }}{%- endif %}{%- endif %}"
+)
+GRANITE = (  # Granite 3.x: role markers, <|end_of_text|> closes every turn, tools in a role of their own
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}"
+    "{%- set system = 'Knowledge Cutoff Date: April 2024.\\nYou are Granite, developed by IBM.' %}"
+    "{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '<|start_of_role|>system<|end_of_role|>' + system + '<|end_of_text|>\\n' }}"
+    "{%- if tools %}{{- '<|start_of_role|>tools<|end_of_role|>' + tools | tojson + '<|end_of_text|>\\n' }}{%- endif %}"
+    "{%- for m in loop_messages %}"
+    "{%- if m['role'] == 'assistant' and m.get('tool_calls') %}"
+    "{{- '<|start_of_role|>assistant<|end_of_role|><|tool_call|>' + m['tool_calls'] | map(attribute='function')"
+    " | list | tojson + '<|end_of_text|>\\n' }}"
+    "{%- elif m['role'] == 'tool' %}"
+    "{{- '<|start_of_role|>tool_response<|end_of_role|>' + m['content'] + '<|end_of_text|>\\n' }}"
+    "{%- else %}{{- '<|start_of_role|>' + m['role'] + '<|end_of_role|>' + m['content'] + '<|end_of_text|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
+SHAPES = {  # name: (template, specials, bos, eos, data.chat_template_kwargs)
+    "phi4": (PHI4, ["<|im_start|>", "<|im_sep|>", "<|im_end|>"], None, "<|im_end|>", {}),
+    "mistral_v0_3_tools": (MISTRAL_TOOLS, ["<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
+                                           "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+                           "<s>", "</s>", {}),
+    "smollm3": (SMOLLM3, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], None, "<|im_end|>", {}),
+    "smollm3_no_think": (SMOLLM3, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], None, "<|im_end|>",
+                         {"enable_thinking": False}),
+    "granite3": (GRANITE, ["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"], None,
+                 "<|end_of_text|>", {}),
+}

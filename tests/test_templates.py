@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import templates
@@ -317,6 +318,7 @@ def test_lines_without_a_repeated_key_parse_as_json_does(line):
 # ---- the checks before training ------------------------------------------------------------------------------------
 
 def _preflight(tmp_path, tok, records, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_jsonl(tmp_path / "train.jsonl", records)
     chunks, _ = plan([path], 1 << 20)
     return preflight(chunks, settings(**kw), tok), path
@@ -336,6 +338,11 @@ MULTI_REASONING = {"messages": [{"role": "user", "content": Q1},
      "train.jsonl:1: messages[1]: the chat template ends this assistant turn without a control token (it ends with "
      "\"2 + 2 = 4.\"), so the model would never learn to stop; fix: add the template's end-of-turn token to the "
      "tokenizer as a special token, or use data.chat_template: chatml"),
+    (templates.BLOCKS_SHORT, [RECORDS[0][0]],
+     "train.jsonl:1: the template's {% generation %} blocks and raysft's prefix rendering disagree on what is "
+     "trained at character 74, '<|im_end|>\\n' after 'rt|>assistant\\n2 + 2 = 4.': the prefix method trains it, the "
+     "blocks do not; fix: make the blocks hold what the assistant writes (its answer and the token that ends its "
+     "turn) or remove them (raysft's mask does not need them), or use data.chat_template: chatml"),
     (templates.ONLY_ANSWERS, [RECORDS[0][0]],
      "train.jsonl:1: every token is trained, the prompt too: the chat template's prompt rendered to nothing; fix: "
      "check data.chat_template renders user and system messages"),
@@ -734,3 +741,79 @@ def test_a_template_name_the_tokenizer_lacks_lists_the_names_it_has(tmp_path, na
     with pytest.raises(UserError) as err:
         load_tokenizer(str(tmp_path / "tok"), chat_template=chosen)
     assert str(err.value) == message.format(path=tmp_path / "tok")
+
+
+# ---- every chat template TRL installs: the preflight (exact prompt ids, masks, {% generation %} blocks) ------------
+
+CONTROL = re.compile(r"<\|[^|<>\s'\"]+\|>|<｜[^｜]+｜>|<\|[a-z_]+>|<[a-z_]+\|>|</?(?:think|start_of_turn|end_of_turn|bos|sop)>"
+                     r"|\[gMASK\]|\[/?INST\]")  # a template's control tokens, as its tokenizer has them special
+VISION = ("idefics3", "smolvlm", "llava_next")  # content as a list of image and text parts: not text SFT
+EOS = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<turn|>", "<｜end▁of▁sentence｜>", "<|endoftext|>",
+       "<|return|>", "<|END_OF_TURN_TOKEN|>", "<|eot|>", "<|end|>"]
+BOS = ["<|begin_of_text|>", "<bos>", "<｜begin▁of▁sentence｜>", "<|startoftext|>", "<BOS_TOKEN>"]
+NO_TOOL_CALLS = {  # templates that render no tool calls (or no tools): the tool record is refused, not trained blind
+    "cohere", "cohere2", "deepseek_r1_distill", "gemma", "gemma3", "lfm2", "llama3", "phi3", "phi3_5", "qwen2_5_vl"}
+REFUSED = {  # (template, record): why; the rest accepted
+    **{(n, "tools"): "does not render tool call" for b in NO_TOOL_CALLS for n in (b, b + "_training")},
+    ("deepseekv3_training", "tools"): "does not render the record's tools in the prompt",
+    ("diffusion_gemma_training", "tools"): r"\{% generation %\} blocks and raysft's prefix rendering disagree .*"
+                                           r"<tool_call\|>.*: the prefix method trains it, the blocks do not",
+    ("qwen3_5_nothink", "reasoning"): "not prefix-stable",  # an empty think block where the reasoning would go
+    ("qwen3_5_nothink_training", "reasoning"): "not prefix-stable",
+    ("qwen3:no_think", "reasoning"): "enable_thinking: false pre-fills an empty think block",
+    ("qwen3_8:no_think", "reasoning"): "enable_thinking: false pre-fills an empty think block",
+    ("phi4", "tools"): "does not render tool call",
+    ("smollm3", "tools"): "does not render tool call",  # the shape here has no tools (SmolLM3's own: XML tools)
+    ("smollm3_no_think", "tools"): "does not render tool call",
+}
+
+
+def trl_names() -> list[str]:
+    import trl
+
+    found = sorted(os.listdir(os.path.join(os.path.dirname(trl.__file__), "chat_templates")))
+    return [n[:-6] for n in found if n.endswith(".jinja") and not n.startswith(VISION)]
+
+
+def template_case(name: str):
+    """(template, specials, bos, eos, kwargs) of TRL's installed template `name`, or of a shape written in
+    templates.SHAPES; `NAME:no_think`: with enable_thinking false."""
+    name, _, mode = name.partition(":")
+    if name in templates.SHAPES:
+        return templates.SHAPES[name]
+    text = trl_template(name)
+    specials = sorted(set(CONTROL.findall(text)))
+    eos = next((t for t in EOS if t in specials), "</s>")
+    bos = next((t for t in BOS if t in specials or t in text), "<s>" if "bos_token" in text else None)
+    kwargs = {"enable_thinking": False} if mode == "no_think" else {}
+    return text, sorted(set(specials) | {eos} | ({bos} if bos else set())), bos, eos, kwargs
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece"])
+@pytest.mark.parametrize("name", trl_names() + ["qwen3:no_think", "qwen3_8:no_think"] + sorted(templates.SHAPES))
+def test_every_installed_template_is_accepted_exact_or_refused_with_the_reason(tmp_path, name, kind):
+    """Each of TRL's installed chat templates (the models' own and TRL's `_training` copies with `{% generation %}`
+    blocks; Qwen3 with enable_thinking both ways) and the shapes no package ships (Phi-4, Mistral v0.3 with tools,
+    SmolLM3 both modes, Granite): the preflight passes on plain, system, multi-turn, history, tool and reasoning
+    records (prompt ids exactly apply_chat_template's, the end of turn trained, and where the template has
+    generation blocks, their mask equal to the prefix method's), or refuses the record kind the template cannot
+    render, naming why."""
+    text, specials, bos, eos, kwargs = template_case(name)
+    tok = templates.KINDS[kind](text, specials, bos, eos)
+    plain_records = [r for r, _ in RECORDS]
+    checked, _ = _preflight(tmp_path / "plain", tok, plain_records, chat_template_kwargs=kwargs)
+    assert checked["records"] == 4 and checked["later_turns"] >= 1 and checked["end_of_turn"] is not None
+    assert checked["history_as_inference"] == checked["later_turns"]
+    ids, labels = encode(RECORDS[0][0], tok, settings())
+    def bare(text):  # SentencePiece decodes word starts as spaces
+        return text.replace(" ", "").replace("\u2581", "")
+
+    runs = [bare(run) for run in trained_runs(tok, ids, labels)]
+    assert bare(A1) in runs[-1] and runs[-1].endswith(bare(checked["end_of_turn"]))
+    for shape, record in (("tools", TOOL_RECORD), ("reasoning", MULTI_REASONING)):
+        if (name, shape) in REFUSED:
+            with pytest.raises(UserError, match=REFUSED[name, shape]):
+                _preflight(tmp_path / shape, tok, [record], chat_template_kwargs=kwargs)
+        else:
+            assert _preflight(tmp_path / shape, tok, [record], chat_template_kwargs=kwargs)[0][
+                "end_of_turn"] == checked["end_of_turn"]

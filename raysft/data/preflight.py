@@ -19,6 +19,7 @@ the share. This module imports neither ray nor torch.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Optional
 
 from raysft.data.chunks import Settings, example_of, mask_error, render
@@ -31,7 +32,8 @@ from raysft.errors import UserError, format_error
 
 SAMPLE = 64  # records: enough to see every shape a dataset's first chunk has, a fraction of a second
 FATAL = {"template_not_prefix_stable", "template_drops_content", "no_end_of_turn", "no_trained_tokens",
-         "all_trained", "end_of_turn_untrained", "prompt_differs"}
+         "all_trained", "end_of_turn_untrained", "prompt_differs", "generation_blocks_differ"}
+GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # what transformers looks for (return_assistant_tokens_mask)
 
 
 def _inference_ids(tokenizer, messages: list, tools: Optional[list], kwargs: Optional[dict] = None) -> list[int]:
@@ -88,6 +90,8 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
                                             f"add_generation_prompt=True) at token {at} (training "
                                             f"{ids[at:at + 5]}, inference {prompt[at:at + 5]}), or the trained part "
                                             "does not start right after it; fix: report this with the template")
+    if GENERATION.search(tokenizer.chat_template or "") and not masked_reasoning:
+        check_generation_blocks(rendered, tokenizer, messages, example.tools, kwargs)
     later = same = 0
     for j in range(start + 1, len(messages)):
         if messages[j]["role"] != "assistant":
@@ -96,6 +100,60 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
         history = _inference_ids(tokenizer, messages[:j], example.tools, kwargs)
         same += ids[: len(history)] == history
     return later, same, rendered.rules
+
+
+def check_generation_blocks(rendered, tokenizer, messages: list, tools, kwargs) -> None:
+    """A template with `{% generation %}` blocks says itself what the assistant writes (transformers'
+    `return_assistant_tokens_mask`): from the first trained character on, the blocks and the prefix method must mark
+    the same characters. Compared on characters, so that it holds for every tokenizer (transformers' token mask
+    needs a fast one), and up to what the prefix method decides by design: whitespace after a turn; the generation
+    prompt (given at inference, never trained, though blocks may hold its header or pre-fill: gpt-oss, Qwen3.6);
+    under the rules "next header" the next header's token it trains and "conditional end" the end token it does not
+    (the one a template writes only at the conversation's end). RecordError ``generation_blocks_differ`` otherwise."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def draw(msgs: list, generation: bool, masks: bool = False):
+        out = render_jinja_template([msgs], tools=tools, chat_template=tokenizer.chat_template,
+                                    return_assistant_tokens_mask=masks, add_generation_prompt=generation,
+                                    **{**tokenizer.special_tokens_map, **(kwargs or {})})
+        return out[0][0], out[1][0] if masks else None
+
+    text, spans = draw(messages, False, masks=True)
+    if text != "".join(seg.text for seg in rendered.segments):
+        return  # rendered otherwise (history re-rendered): the prefix checks above hold it to apply_chat_template
+
+    def marks(pairs) -> bytearray:
+        out = bytearray(len(text))
+        for a, b in pairs:
+            out[a:b] = b"\x01" * (b - a)
+        return out
+
+    at, trained = 0, []
+    for seg in rendered.segments:
+        trained += [(at, at + len(seg.text))] if seg.trained else []
+        at += len(seg.text)
+    ours, theirs = marks(trained), marks(spans)
+    prompts = []  # each assistant turn's generation prompt, where the final text holds it
+    for j, message in enumerate(messages):
+        if message["role"] == "assistant" and j:
+            before, prompted = draw(messages[:j], False)[0], draw(messages[:j], True)[0]
+            if prompted.startswith(before) and text.startswith(prompted[len(before):], len(before)):
+                prompts.append((len(before), len(prompted)))
+    given = marks(prompts)
+    controls = [(m.start(), m.end()) for m in _compiled(tokenizer)[0].finditer(text)]
+    header = marks(controls if "next header" in rendered.rules else [])
+    ending = marks([(a, b) for a, b in controls if "conditional end" in rendered.rules and a and ours[
+        len(text[:a].rstrip()) - 1]])  # a token right after a trained one
+    for i in range(max(ours.find(1), 0), len(text)):
+        if ours[i] != theirs[i] and not text[i].isspace() and not (
+                header[i] if ours[i] else given[i] or ending[i]):
+            what = "the prefix method trains it, the blocks do not" if ours[i] else ("the blocks mark it, the "
+                                                                                     "prefix method does not train it")
+            raise RecordError("generation_blocks_differ", (
+                f"the template's {{% generation %}} blocks and raysft's prefix rendering disagree on what is trained "
+                f"at character {i}, {text[i: i + 24]!r} after {text[max(0, i - 24): i]!r}: {what}; fix: make the "
+                "blocks hold what the assistant writes (its answer and the token that ends its turn) or remove them "
+                "(raysft's mask does not need them), or use data.chat_template: chatml"))
 
 
 def _first_trained_prompt(tokenizer, messages: list, start: int, tools, kwargs, ids: list, labels: list):
