@@ -409,23 +409,22 @@ def test_exported_tokenizer_keeps_the_template_and_its_end_of_turn(tmp_path, fam
         assert tokenize_rendered([render_prompt(example.prompt, back)], back)[0][0] == ids[:start]
 
 
-DATED = "Today Date: 26 Jul 2024"
-DATED_LLAMA3 = templates.LLAMA3.replace(  # Llama-3.1's date_string, which its real template reads
-    "'<|start_header_id|>system<|end_header_id|>\\n\\n' + system",
-    "'<|start_header_id|>system<|end_header_id|>\\n\\n' + ('Today Date: ' + date_string + '\\n\\n' if "
-    "date_string is defined else '') + system")
-assert DATED_LLAMA3 != templates.LLAMA3
-
-
 @pytest.mark.ray
-def test_training_with_a_models_template_exports_it(tmp_path, ray_session):
-    """`data.chat_template: model:tool_use` with `data.chat_template_kwargs` end to end: prepare picks the named
-    template, checks it with the kwargs and says so, the run trains, and the exported folder carries that template
-    alone, renders the training prompt with the recorded kwargs, stops at <|eot_id|>, and `raysft generate` renders
-    with them."""
+def test_training_with_a_models_template_exports_it_and_the_export_stops_by_itself(tmp_path, ray_session):
+    """`data.chat_template: model:tool_use` with `data.chat_template_kwargs` end to end, on GLM-4's real template
+    (turns closed by the next header): prepare picks the named template, checks it with the kwargs and says which
+    rules it applied, the run trains (the next header's `<|user|>` among the trained tokens), and the exported folder
+    carries that template alone, records the kwargs, renders the training prompt with them, has `<|user|>` as its
+    first stop id, and the model trained on it stops there by itself: in `generate()` on the folder, in
+    `raysft generate` and in the eval prompts' answers."""
     import sys
 
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     from raysft.config import load_config
+    from raysft.data.template import render_prompt
+    from raysft.export import exported_template_kwargs, generate
     from raysft.train.launch import train
 
     from helpers import ROOT, base_config, config_file
@@ -433,41 +432,48 @@ def test_training_with_a_models_template_exports_it(tmp_path, ray_session):
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     from make_assets import tiny_llama_config
 
-    model_dir = tmp_path / "llama3-like"
-    tok = templates.family_tokenizer("llama3", "bpe")
-    tok.chat_template = {"default": templates.MISTRAL, "tool_use": DATED_LLAMA3}
+    specials, eos, _, header = REAL["glm4moe"]
+    glm = trl_template("glm4moe")
+    model_dir = tmp_path / "glm4-like"
+    tok = templates.KINDS["bpe"](glm, specials, None, eos)
+    tok.chat_template = {"default": templates.MISTRAL, "tool_use": glm}
     tok.save_pretrained(model_dir)
-    tok.chat_template = DATED_LLAMA3
+    tok.chat_template = glm
     tiny_llama_config(len(tok)).save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "train.jsonl", [r for r, _ in RECORDS] * 8 + [TOOL_RECORD] * 4)
-    kwargs = {"date_string": "26 Jul 2024"}
+    kwargs = {"enable_thinking": False}
     cfg = base_config(tmp_path, str(model_dir), data, data={"chat_template": "model:tool_use", "max_seq_len": 512,
                                                             "chat_template_kwargs": kwargs},
-                      train={"max_steps": 2, "zero_stage": 0}, cluster={"num_workers": 1})
+                      train={"max_steps": 100, "zero_stage": 0, "lr": 3e-3, "eval_prompts": [Q1],
+                             "eval_max_new_tokens": 40}, cluster={"num_workers": 1})
     logs = []
     result = train(None, [], cfg=load_config(config_file(tmp_path, cfg)), log=logs.append)
-    assert any(line.startswith("prepare: chat template model:tool_use with {'date_string': '26 Jul 2024'} checked on "
-                               "36 records (masks, end of turn <|eot_id|> trained, prompts as apply_chat_template "
-                               "gives them; history of later turns as at inference: 12/12)\nprepare: template rule "
-                               f"prefix: {RULES['prefix']}") for line in logs), logs
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from raysft.data.template import render_prompt
-    from raysft.export import exported_template_kwargs, generate
-
+    assert any(line.startswith("prepare: chat template model:tool_use with {'enable_thinking': False} checked on 36 "
+                               "records (masks, end of turn <|user|> trained, prompts as apply_chat_template gives "
+                               "them; history of later turns as at inference: 12/12)\nprepare: template rule next "
+                               f"header: {RULES['next header']}\nprepare: template rule prefix: {RULES['prefix']}")
+               for line in logs), logs
     final = result["final"]
     back = AutoTokenizer.from_pretrained(final)
-    assert back.chat_template == DATED_LLAMA3
-    assert GenerationConfig.from_pretrained(final).eos_token_id[0] == back.convert_tokens_to_ids("<|eot_id|>")
+    stop = back.convert_tokens_to_ids(header)
+    generation = GenerationConfig.from_pretrained(final)
+    assert back.chat_template == glm and generation.eos_token_id[0] == stop
     assert exported_template_kwargs(final) == kwargs
     prompt = [{"role": "user", "content": Q1}]
     ids, labels = encode(RECORDS[0][0], tok, settings(chat_template_kwargs=kwargs))
     exported = list(back.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False,
                                              **kwargs))
-    assert exported == ids[: first_trained(labels)] and DATED in back.decode(exported)
+    assert exported == ids[: first_trained(labels)] and exported != inference_ids(back, prompt, generation=True)
     assert tokenize_rendered([render_prompt(prompt, back, template_kwargs=exported_template_kwargs(final))],
-                             back)[0][0] == exported  # what generate renders
-    assert isinstance(generate(final, Q1, max_new_tokens=4), str)
+                             back)[0][0] == exported  # what raysft generate renders
+    model = AutoModelForCausalLM.from_pretrained(final)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([exported]), max_new_tokens=40, do_sample=False,
+                             generation_config=generation)[0, len(exported):].tolist()
+    assert out[-1] == stop and len(out) < 40 and back.decode(out[:-1]).strip() == A1  # stopped by itself, at <|user|>
+    assert generate(final, Q1, max_new_tokens=40).strip() == A1
+    with open(os.path.join(cfg["output_dir"], "samples.jsonl"), encoding="utf-8") as f:
+        assert json.loads(f.readlines()[-1])["answer"] == A1
 
 
 # ---- found in review -----------------------------------------------------------------------------------------------
