@@ -823,3 +823,18 @@ def test_every_installed_template_is_accepted_exact_or_refused_with_the_reason(t
         else:
             assert _preflight(tmp_path / shape, tok, [record], chat_template_kwargs=kwargs)[0][
                 "end_of_turn"] == checked["end_of_turn"]
+
+
+def test_template_kwargs_are_read_from_the_config_and_in_the_prepared_fingerprint():
+    """data.chat_template_kwargs reach the rows' settings (Settings.from_config) and so the fingerprint: a prepared
+    dataset made with other kwargs is never reused."""
+    from raysft.config.schema import DataConfig
+    from raysft.data.prepared import fingerprint
+
+    def of(kwargs):
+        return Settings.from_config(DataConfig(chat_template="model", chat_template_kwargs=kwargs))
+
+    assert of({"enable_thinking": False}).chat_template_kwargs == {"enable_thinking": False}
+    prints = {fingerprint({}, of(kwargs).as_dict(), "tok") for kwargs in ({}, {"enable_thinking": False},
+                                                                           {"enable_thinking": True})}
+    assert len(prints) == 3
