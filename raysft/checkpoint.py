@@ -3,8 +3,10 @@ layout (train/resize.py converts a checkpoint for another worker count through t
 
     checkpoint_{step:08d}/
       model/               backend-native state: DeepSpeed's checkpoint folder (`latest`, `step{N}/`, the
-                           model's config.json), or the TRL Trainer's own checkpoint folder; every rank's files
-      rng/rank{r}.pt       each rank's RNG states (the deepspeed backend; the Trainer keeps its own in model/)
+                           model's config.json), the fsdp backend's DCP checkpoint (`.metadata`,
+                           `__{rank}_0.distcp`, config.json), or the TRL Trainer's own checkpoint folder; every
+                           rank's files
+      rng/rank{r}.pt       each rank's RNG states (deepspeed and fsdp; the Trainer keeps its own in model/)
       state.json           `RunState`: step, epoch, samples and tokens seen, seed, data fingerprint, world size, ...
       config.yaml          the resolved config
       tokenizer/           the tokenizer the rows were made with

@@ -1,11 +1,11 @@
 """Checkpoint -> Hugging Face model folder; and `raysft generate` on such a folder.
 
-The folder holds safetensors weights (ZeRO shards consolidated by DeepSpeed's own `zero_to_fp32`), the
-model config, the tokenizer with the chat template training used (`data.chat_template`: raysft's ChatML, which
-renders exactly as raysft's templating does, or the model's own or a file's), and a generation config whose eos
-is that template's end-of-turn token (then the base model's eos ids and the tokenizer's eos). `raysft.json` records
-the checkpoint, and `data.chat_template_kwargs` when the run set them: `raysft generate` renders with them, as
-training did (pass them to `apply_chat_template` yourself elsewhere).
+The folder holds safetensors weights (ZeRO shards consolidated by DeepSpeed's own `zero_to_fp32`, the fsdp backend's
+DCP shards read by DCP's own reader), the model config, the tokenizer with the chat template training used
+(`data.chat_template`: raysft's ChatML, which renders exactly as raysft's templating does, or the model's own or a
+file's), and a generation config whose eos is that template's end-of-turn token (then the base model's eos ids and
+the tokenizer's eos). `raysft.json` records the checkpoint, and `data.chat_template_kwargs` when the run set them:
+`raysft generate` renders with them, as training did (pass them to `apply_chat_template` yourself elsewhere).
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from raysft import checkpoint as ckpt
 from raysft.errors import UserError, format_error
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a checkpoint's shards
 MAX_STAND_INS = 20  # DeepSpeed pickles a handful of config classes; more means the file is something else
 
 
 def consolidated_state_dict(model_dir: str, zero_stage: int, trainable_only: bool = False) -> dict:
-    """fp32 weights from a DeepSpeed checkpoint folder (every rank's files present); with `trainable_only`
-    (LoRA) the adapter's weights, which are all such a checkpoint holds."""
+    """fp32 weights from a DeepSpeed checkpoint folder or the fsdp backend's DCP checkpoint (every rank's files
+    present); with `trainable_only` (LoRA) the adapter's weights, which are all such a checkpoint holds."""
+    if os.path.exists(os.path.join(model_dir, DCP_METADATA)):
+        return dcp_model_state(model_dir)
     with open(os.path.join(model_dir, ckpt.LATEST), encoding="utf-8") as f:
         tag = f.read().strip()
     if zero_stage == 0:
@@ -41,6 +44,19 @@ def consolidated_state_dict(model_dir: str, zero_stage: int, trainable_only: boo
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         # zero_to_fp32 prints a line per shard and parameter group, and a progress bar
         return get_fp32_state_dict_from_zero_checkpoint(model_dir, tag=tag, exclude_frozen_parameters=trainable_only)
+
+
+def dcp_model_state(model_dir: str) -> dict:
+    """The model's full state dict from a DCP checkpoint written by the fsdp worker, read in this one process
+    (DCP's own reader, the way its `dcp_to_torch_save` reads one; the optimizer's entries are not read)."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: v.float() for k, v in _load_state_dict_from_keys({"model"}, checkpoint_id=model_dir)["model"]
+                .items()}
 
 
 def _module_weights(path: str) -> dict:

@@ -141,6 +141,8 @@ def check(cfg: Config, where, problems: list[str]) -> None:
     for key in sorted(set(t.deepspeed_config) & set(DEEPSPEED_OWNED)):
         bad(f"train.deepspeed_config.{key}", f"is set by raysft from {DEEPSPEED_OWNED[key]}", t.deepspeed_config[key],
             f"set {DEEPSPEED_OWNED[key]} instead")
+    if t.backend == "fsdp":
+        check_fsdp(cfg, bad)
     if t.hf_args and t.backend != "hf":
         bad("train.hf_args", "only the hf backend reads it", t.backend, "set train.backend=hf or remove train.hf_args")
     c = cfg.cluster
@@ -149,8 +151,9 @@ def check(cfg: Config, where, problems: list[str]) -> None:
         bad("cluster.num_workers", "a range must be [min, max] with 1 <= min <= max", c.num_workers,
             "write e.g. [2, 4], or one number for a fixed count")
     elif elastic and t.backend == "hf":
-        bad("cluster.num_workers", "a range (elastic mode) needs train.backend=deepspeed", c.num_workers,
-            "the hf backend resumes only on the same worker count: give one number, or use the deepspeed backend")
+        bad("cluster.num_workers", "a range (elastic mode) needs train.backend=deepspeed or fsdp", c.num_workers,
+            "the hf backend resumes only on the same worker count: give one number, or use the deepspeed or fsdp "
+            "backend")
     elif not elastic and c.num_workers < 1:
         bad("cluster.num_workers", "must be at least 1", c.num_workers, "use 1 or more")
     elif t.micro_batch_size >= 1:
@@ -173,6 +176,27 @@ def check(cfg: Config, where, problems: list[str]) -> None:
         bad("checkpoint.keep", "must be at least 1", cfg.checkpoint.keep, "use e.g. 2")
     if cfg.checkpoint.every_steps < 0:
         bad("checkpoint.every_steps", "must not be negative", cfg.checkpoint.every_steps, "use 0 for only at the end")
+
+
+def check_fsdp(cfg: Config, bad) -> None:
+    """What the fsdp backend (raysft/train/fsdp_worker.py) does not do, each with the way to get it."""
+    t = cfg.train
+    if t.zero_stage not in (2, 3):
+        bad("train.zero_stage", "the fsdp backend always shards parameters, gradients and optimizer state; it has "
+            "stages 2 and 3 only", t.zero_stage, "set train.zero_stage=2 (each layer's parameters kept gathered from "
+            "forward to backward) or 3 (resharded after forward: least memory); or train.backend=deepspeed for "
+            f"ZeRO-{t.zero_stage}")
+    if t.dtype == "fp16":
+        bad("train.dtype", "the fsdp backend trains in bf16 (fp32 master weights) or fp32; fp16 needs loss scaling it "
+            "does not do", t.dtype, "set train.dtype=bf16, or train.backend=deepspeed for fp16")
+    offload = [k for k in ("offload_optimizer", "offload_params") if getattr(t, k)]
+    if offload and not cfg.cluster.use_gpu:
+        bad(f"train.{offload[0]}", "the fsdp backend offloads from a GPU (FSDP2's CPUOffloadPolicy), and "
+            "cluster.use_gpu is false: on CPU everything is in CPU memory already", True,
+            f"set train.{offload[0]}=false on CPU (or train.backend=deepspeed, whose ZeRO offload runs on CPU too)")
+    if t.deepspeed_config:
+        bad("train.deepspeed_config", "only the deepspeed backend reads it", ", ".join(map(str, t.deepspeed_config)),
+            "remove train.deepspeed_config, or set train.backend=deepspeed")
 
 
 def check_template_kwargs(kwargs, template: str, bad) -> None:

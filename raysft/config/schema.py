@@ -95,8 +95,9 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    backend: Literal["deepspeed", "hf"] = field(default="deepspeed", metadata=doc(
-        "worker: deepspeed (raysft's own loop on a DeepSpeed engine) or hf (TRL's SFTTrainer); same rows, same order"))
+    backend: Literal["deepspeed", "fsdp", "hf"] = field(default="deepspeed", metadata=doc(
+        "worker: deepspeed (raysft's own loop on a DeepSpeed engine), fsdp (the same loop on PyTorch's FSDP2, DCP "
+        "checkpoints) or hf (TRL's SFTTrainer); same rows, same order"))
     seed: int = field(default=42, metadata=doc("seed for weights, data order and dropout"))
     micro_batch_size: int = field(default=1, metadata=doc("rows per forward pass on one worker"))
     global_batch_size: int = field(default=8, metadata=doc("rows per optimizer step over all workers"))
@@ -109,9 +110,13 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=doc("gradient clipping; 0 = off"))
     gradient_checkpointing: bool = field(default=False, metadata=doc("recompute activations in backward"))
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata=doc("training precision"))
-    zero_stage: int = field(default=2, metadata=doc("DeepSpeed ZeRO stage 0-3"))
-    offload_optimizer: bool = field(default=False, metadata=doc("ZeRO: optimizer state in CPU memory"))
-    offload_params: bool = field(default=False, metadata=doc("ZeRO-3: parameters in CPU memory"))
+    zero_stage: int = field(default=2, metadata=doc(
+        "DeepSpeed ZeRO stage 0-3; fsdp: 2 keeps each layer's gathered parameters from forward to backward, 3 "
+        "reshards them after forward (least memory)"))
+    offload_optimizer: bool = field(default=False, metadata=doc(
+        "ZeRO: optimizer state in CPU memory (fsdp: with the parameters, GPU only)"))
+    offload_params: bool = field(default=False, metadata=doc(
+        "ZeRO-3: parameters in CPU memory (fsdp: with the optimizer state, GPU only)"))
     deepspeed_config: dict = field(default_factory=dict,
                                    metadata=doc("your DeepSpeed config, merged over the generated one"))
     log_every_steps: int = field(default=1, metadata=doc("print and report metrics every N steps"))
@@ -132,8 +137,8 @@ class TrainConfig:
         "loss from the hidden states: chunked (trained positions only, the head in chunks: no full logits), "
         "liger (liger-kernel, CUDA), none (full fp32 logits)"))
     prefetch_batches: int = field(default=2, metadata=doc(
-        "deepspeed backend: optimizer steps of micro-batches collated ahead in a background thread; 0 = off"))
-    compile: bool = field(default=False, metadata=doc("torch.compile the model (both backends)"))
+        "deepspeed and fsdp backends: optimizer steps of micro-batches collated ahead in a background thread; 0 = off"))
+    compile: bool = field(default=False, metadata=doc("torch.compile the model (fsdp: each decoder layer)"))
     lora: LoraConfig = field(default_factory=LoraConfig)
     hf_args: dict = field(default_factory=dict, metadata=doc("hf backend: further trl.SFTConfig fields, checked "
                                                              "against SFTConfig"))
@@ -153,7 +158,7 @@ class CheckpointConfig:
 class ClusterConfig:
     address: str = field(default="", metadata=doc("Ray address; empty = start Ray in this process"))
     num_workers: int | list[int] = field(default=2, metadata=doc(
-        "Ray Train workers, or [min, max] for Ray Train's elastic mode (deepspeed backend)"))
+        "Ray Train workers, or [min, max] for Ray Train's elastic mode (deepspeed and fsdp backends)"))
     use_gpu: bool = field(default=False, metadata=doc("one GPU per worker"))
     resources_per_worker: dict = field(default_factory=dict, metadata=doc("e.g. {CPU: 4, GPU: 1}"))
     max_failures: int = field(default=0, metadata=doc("worker-group restarts before giving up"))

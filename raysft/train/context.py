@@ -119,7 +119,7 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend
     rows = PreparedRows(job.prepared)
     torch.manual_seed(t.seed)
     attention, why = resolve_attention(cfg.model.attn_implementation, cfg.cluster.use_gpu and torch.cuda.is_available())
-    if not cfg.cluster.use_gpu and not cpu_comm_built():
+    if not cfg.cluster.use_gpu and t.backend != "fsdp" and not cpu_comm_built():  # the fsdp backend uses no DeepSpeed
         log("deepspeed: compiling DeepSpeed's CPU communication extension (first run only, 30-150 s; cached in "
             "~/.cache/torch_extensions)")
     settings = f"attention: {attention} ({why}); loss: {t.fused_loss}; compile: {'on' if t.compile else 'off'}"

@@ -88,7 +88,7 @@ def train_loop(loop_config: dict) -> None:
                                                num_training_steps=schedule.total_steps))
     if t.compile:
         engine.compile()  # torch.compile through DeepSpeed (its ZeRO hooks stay in place)
-    w.log(setup_line(w.n_params, w.n_trainable, t.lora.r, len(rows), schedule, w.shape, t.zero_stage, t.dtype,
+    w.log(setup_line(w.n_params, w.n_trainable, t.lora.r, len(rows), schedule, w.shape, f"ZeRO-{t.zero_stage}", t.dtype,
                      BACKEND))
 
     def logits(batch):

@@ -74,6 +74,7 @@ def run_evals(engine, generator, w, step: int, metrics: dict, step_log, device) 
                                 device))
     if t.eval_prompts:
         answers = answer_prompts(generator, w.tokenizer, t.eval_prompts, w.cfg.data.system_message,
-                                 t.eval_max_new_tokens, t.zero_stage == 3, device, w.cfg.data.chat_template_kwargs)
+                                 t.eval_max_new_tokens, t.zero_stage == 3 or t.backend == "fsdp", device,
+                                 w.cfg.data.chat_template_kwargs)
         step_log.samples(step, list(zip(t.eval_prompts, answers)))
     engine.train()

@@ -61,7 +61,7 @@ def train_loop(loop_config: dict) -> None:
         train_dataset=rows.ds, processing_class=w.tokenizer, loader=loader, lr=t.lr, weight_decay=t.weight_decay,
         world=world)
     trainer.remove_callback(PrinterCallback)  # raysft prints its own step lines
-    w.log(setup_line(w.n_params, w.n_trainable, t.lora.r, len(rows), schedule, w.shape, t.zero_stage, t.dtype,
+    w.log(setup_line(w.n_params, w.n_trainable, t.lora.r, len(rows), schedule, w.shape, f"ZeRO-{t.zero_stage}", t.dtype,
                      "hf (TRL SFTTrainer)"))
 
     # ------------------------------------------------------------------ restore (the Trainer loads model/)

@@ -24,7 +24,7 @@ from raysft.errors import UserError, cause, format_error
 from raysft.export import export
 from raysft.modeling import vocab_grows
 from raysft.prepare import prepare
-from raysft.train import deepspeed_worker, hf_worker
+from raysft.train import deepspeed_worker, fsdp_worker, hf_worker
 from raysft.train.context import WorkerJob
 from raysft.train.hf_args import check_hf_args
 from raysft.train.hooks import WorkerHooks
@@ -33,7 +33,7 @@ from raysft.train.resize import Universal, to_universal
 from raysft.train.schedule import Schedule
 
 # The worker function of each backend. Each imports its framework inside the function, on the worker.
-WORKERS = {"deepspeed": deepspeed_worker.train_loop, "hf": hf_worker.train_loop}
+WORKERS = {"deepspeed": deepspeed_worker.train_loop, "fsdp": fsdp_worker.train_loop, "hf": hf_worker.train_loop}
 ELASTIC_MONITOR_S = "RAYSFT_ELASTIC_MONITOR_S"  # elastic mode: how often Ray Train considers growing the group
 ELASTIC_MONITOR_DEFAULT_S = 60.0
 
@@ -187,8 +187,9 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
             raise UserError(format_error("cluster.num_workers", f"{good} was written by {state.world_size} workers "
                                          "and the hf backend resumes only on as many", cfg.cluster.num_workers,
                                          f"resume with cluster.num_workers={state.world_size} (the deepspeed "
-                                         "backend converts to DeepSpeed's universal checkpoint for another count)"))
-        if workers[0] == workers[1] != state.world_size and state.zero_stage >= 1:
+                                         "backend converts to DeepSpeed's universal checkpoint for another count, "
+                                         "the fsdp backend's DCP checkpoints reshard on load)"))
+        if workers[0] == workers[1] != state.world_size and state.zero_stage >= 1 and t.backend == "deepspeed":
             # only when there is training left to do; in elastic mode rank 0 converts once the size is known
             universal = to_universal(good, state, cfg.output_dir, workers[0], log)
     connect()

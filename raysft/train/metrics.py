@@ -26,13 +26,13 @@ def gpu_peak(use_gpu: bool) -> Optional[float]:
     return next((v for k, v in GPU_PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
 
 
-def setup_line(n_params: int, n_trainable: int, lora_r: int, rows: int, schedule, shape, zero_stage: int,
+def setup_line(n_params: int, n_trainable: int, lora_r: int, rows: int, schedule, shape, sharding: str,
                dtype: str, backend: str) -> str:
-    """The line rank 0 prints before the first step."""
+    """The line rank 0 prints before the first step; `sharding`: e.g. ZeRO-2."""
     return (f"setup: {n_params / 1e6:.2f}M parameters, {n_trainable:,} trainable ({n_trainable / n_params:.2%}"
             f"{', LoRA r=' + str(lora_r) if lora_r else ''}), {rows} rows, {schedule.steps_per_epoch} steps/epoch, "
             f"{schedule.total_steps} steps, {shape.world_size} workers x {shape.micro_batch_size} rows x "
-            f"{shape.accumulation} accumulation = {shape.global_batch_size} rows/step, ZeRO-{zero_stage}, {dtype}, "
+            f"{shape.accumulation} accumulation = {shape.global_batch_size} rows/step, {sharding}, {dtype}, "
             f"backend {backend}")
 
 
