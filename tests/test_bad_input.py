@@ -28,8 +28,23 @@ BAD_CONFIGS = [  # (overrides of a good config, the error)
     (["cluster.num_workers=[3, 1]"], "command line: cluster.num_workers: a range must be [min, max] with 1 <= min "
                                      "<= max (got [3, 1]). fix: write e.g. [2, 4], or one number for a fixed count"),
     (["cluster.num_workers=[1, 2]", "train.backend=hf"],
-     "command line: cluster.num_workers: a range (elastic mode) needs train.backend=deepspeed (got [1, 2]). fix: the "
-     "hf backend resumes only on the same worker count: give one number, or use the deepspeed backend"),
+     "command line: cluster.num_workers: a range (elastic mode) needs train.backend=deepspeed or fsdp (got [1, 2]). "
+     "fix: the hf backend resumes only on the same worker count: give one number, or use the deepspeed or fsdp "
+     "backend"),
+    (["train.backend=fsdp", "train.zero_stage=1"],
+     "command line: train.zero_stage: the fsdp backend always shards parameters, gradients and optimizer state; it "
+     "has stages 2 and 3 only (got 1). fix: set train.zero_stage=2 (each layer's parameters kept gathered from "
+     "forward to backward) or 3 (resharded after forward: least memory); or train.backend=deepspeed for ZeRO-1"),
+    (["train.backend=fsdp", "train.dtype=fp16"],
+     "command line: train.dtype: the fsdp backend trains in bf16 (fp32 master weights) or fp32; fp16 needs loss "
+     "scaling it does not do (got 'fp16'). fix: set train.dtype=bf16, or train.backend=deepspeed for fp16"),
+    (["train.backend=fsdp", "train.offload_optimizer=true"],
+     "command line: train.offload_optimizer: the fsdp backend offloads from a GPU (FSDP2's CPUOffloadPolicy), and "
+     "cluster.use_gpu is false: on CPU everything is in CPU memory already (got True). fix: set "
+     "train.offload_optimizer=false on CPU (or train.backend=deepspeed, whose ZeRO offload runs on CPU too)"),
+    (["train.backend=fsdp", "train.deepspeed_config={gradient_clipping: 0.5}"],
+     "command line: train.deepspeed_config: only the deepspeed backend reads it (got 'gradient_clipping'). fix: "
+     "remove train.deepspeed_config, or set train.backend=deepspeed"),
     (["cluster.num_workers=[2, 4]", "train.global_batch_size=8", "train.micro_batch_size=1"],
      "command line: train.global_batch_size: must be a multiple of micro_batch_size x workers for every worker count "
      "in cluster.num_workers=[2, 4], and is not for [3] (got 8). fix: use 12, or a range whose counts all divide it"),

@@ -66,7 +66,7 @@ def test_all_errors_reported_together_with_file_line_key_value_and_fix(tmp_path)
         f"{path}:8: data_: unknown key. fix: did you mean data?",
         f"{path}:11: cluster.num_workers: must be an integer or a list of integers (got 'two'). fix: give an integer "
         "or a list of integers (cluster.num_workers: Ray Train workers, or [min, max] for Ray Train's elastic mode "
-        "(deepspeed backend))",
+        "(deepspeed and fsdp backends))",
     ]
 
 

@@ -30,7 +30,7 @@ def test_trainable_parameter_count_printed_at_start(tiny_pretrained_dir, targets
     total, trainable = parameter_counts(model)
     assert (total, trainable) == (123456 + expected, expected)  # the base model has 123,456 parameters
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
-    line = setup_line(total, trainable, 4, 100, Schedule(100, 8, 0, max_steps=4), BatchShape(8, 2, 2), 2, "fp32",
+    line = setup_line(total, trainable, 4, 100, Schedule(100, 8, 0, max_steps=4), BatchShape(8, 2, 2), "ZeRO-2", "fp32",
                       "hf")
     assert line.startswith(f"setup: {total / 1e6:.2f}M parameters, {expected:,} trainable ({expected / total:.2%}, LoRA r=4), "
                            "100 rows, 12 steps/epoch, 4 steps, 2 workers x 2 rows x 2 accumulation = 8 rows/step")
@@ -46,7 +46,7 @@ def test_new_chatml_tokens_train_their_embeddings_with_the_adapter(tiny_pretrain
 @pytest.mark.ray
 # every ZeRO stage on at least one backend, both backends at stage 3 (hf at stage 2: the shipped-config test below);
 # the other four pairs pass too (run with this list set to the full 2 x 4 product), left out to keep CI short
-@pytest.mark.parametrize("backend, zero_stage", [("deepspeed", 1), ("deepspeed", 3), ("hf", 0), ("hf", 3)])
+@pytest.mark.parametrize("backend, zero_stage", [("deepspeed", 1), ("deepspeed", 3), ("hf", 0), ("hf", 3), ("fsdp", 3)])
 def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path, tiny_pretrained_dir, ray_session,
                                                                         backend, zero_stage, capsys):
     from peft import PeftModel
