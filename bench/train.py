@@ -2,12 +2,18 @@
 
     python bench/train.py overhead     # CPU: raysft worker vs bare DeepSpeed over torch.distributed (no Ray)
     python bench/train.py padding      # real tokens / processed tokens, packed vs padded, on the sample data
+    python bench/train.py backends     # CPU: fsdp against deepspeed ZeRO-2 and ZeRO-3, step time and peak memory
     python bench/train.py gpu          # GPU: raysft vs TRL SFTTrainer, Qwen2 0.5B/1.5B shapes (bench/gpu.py)
 
 overhead: the same model (Llama, hidden 256, 4 layers), the same prepared rows in the same order, the same
 batch (2 workers x micro-batch 2 x accumulation 2), ZeRO-2, fp32, one thread per worker. The peer is the loop
 a user writes by hand: `torch.multiprocessing` + gloo + `deepspeed.initialize`, model(...).loss, backward, step.
 Both report the median step time over the steps after warm-up; the ratio is raysft / bare.
+
+backends: raysft's deepspeed and fsdp backends at zero_stage 2 and 3 on the same rows in one run, each a
+`raysft train` of a larger model (Llama, hidden 512, 8 layers, ~27M parameters: the optimizer state dominates
+memory), 2 workers, fp32: the median step time after warm-up and each worker's peak RSS (the kernel's high-water
+mark, `ru_maxrss`, read as training ends), with their ratios against deepspeed at the same stage.
 """
 
 from __future__ import annotations
@@ -154,6 +160,53 @@ def overhead(steps: int, log_every: int) -> None:
           f"bare {wall_bare:.1f}s (training only)")
 
 
+def _peak_rss_hooks(out: str):
+    """Worker hooks that write each rank's peak RSS (bytes) to `{out}.rank{r}` when training ends."""
+    from raysft.train.hooks import WorkerHooks
+
+    class PeakRss(WorkerHooks):  # defined here: pickled by value to the workers
+        def finished(self, forward, rows, rank, device) -> None:
+            import resource
+
+            with open(f"{out}.rank{rank}", "w") as f:
+                f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+    return PeakRss()
+
+
+def backends(steps: int) -> None:
+    import ray
+
+    from raysft.config import load_config
+    from raysft.train.launch import train
+    from raysft.train.metrics import read_metrics
+
+    runs = [("deepspeed", 2), ("fsdp", 2), ("deepspeed", 3), ("fsdp", 3)]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
+        model_dir = bench_model_dir(work, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                    num_attention_heads=8, num_key_value_heads=4)
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        prepared = os.path.join(work, "prepared")  # prepared once, by the first run; the same rows for all
+        for backend, stage in runs:
+            name = f"{backend}-{stage}"
+            cfg = load_config(None, overrides(work, model_dir, steps, name) + [
+                f"train.backend={backend}", f"train.zero_stage={stage}", f"data.prepared_path={prepared}"])
+            peak = os.path.join(work, f"{name}.rss")
+            train(None, [], cfg=cfg, log=lambda s: None, hooks=_peak_rss_hooks(peak))
+            logged = read_metrics(cfg.output_dir)
+            rss = [int(open(f"{peak}.rank{r}").read()) for r in range(2)]
+            results[(backend, stage)] = (statistics.median(m["step_time"] for m in logged if m["step"] > WARMUP),
+                                         max(rss), logged[-1]["loss"])
+        ray.shutdown()
+    print(f"{steps} steps, 2 workers x 2 rows x 2 accumulation, fp32, median step time after {WARMUP} warm-up steps, "
+          "peak RSS of the larger worker")
+    for (backend, stage), (step_s, rss, loss) in results.items():
+        ds_step, ds_rss, _ = results[("deepspeed", stage)]
+        print(f"  {backend:<9} zero_stage {stage}: step {step_s * 1000:7.1f} ms ({step_s / ds_step:.2f}x deepspeed), "
+              f"peak RSS {rss / 2**20:6.0f} MiB ({rss / ds_rss:.2f}x deepspeed), last loss {loss:.4f}")
+
+
 def padding() -> None:
     import ray
 
@@ -184,7 +237,7 @@ def padding() -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["overhead", "padding", "gpu"])
+    ap.add_argument("what", choices=["overhead", "padding", "backends", "gpu"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--log-every", type=int, default=1, help="overhead: raysft's train.log_every_steps")
     ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"], help="gpu: Qwen2 shapes (0.5b, 1.5b)")
@@ -196,4 +249,5 @@ if __name__ == "__main__":
 
         gpu_main(args.steps, args.shapes, args.smoke)
     else:
-        {"overhead": lambda: overhead(args.steps, args.log_every), "padding": padding}[args.what]()
+        {"overhead": lambda: overhead(args.steps, args.log_every), "padding": padding,
+         "backends": lambda: backends(args.steps)}[args.what]()
