@@ -87,6 +87,35 @@ class Worker:
                         tracking=self.step_log.trackers.ids() if self.step_log else {},
                         samples_seen_by_source=steps.seen_by_source())
 
+    def end_step(self, item, step_loss, processed: int, t0: float, lr: float, grad_norm, steps: StepMetrics,
+                 step_log: StepLog, gate, model, generator, save: Callable[[int, dict], None], device) -> None:
+        """After the optimizer step of `item` (a prefetch.StepBatch), on every rank, for the workers with raysft's
+        own loop: the step's loss, tokens and data wait summed over ranks into its metrics, the eval when due
+        (`model` computes the loss, `generator` answers the prompts), the step's line, then `save(step, metrics)`
+        when a checkpoint is due or else the report to Ray (report.ReportGate), and the hooks' `after_step`."""
+        import time
+
+        import torch
+        import torch.distributed as dist
+
+        from raysft.train.evaluate import due, eval_due, run_evals
+
+        step, total = item.step, self.schedule.total_steps
+        stats = torch.tensor([step_loss.item(), processed, item.wait, gate.vote()], dtype=torch.float64,
+                             device=device)
+        dist.all_reduce(stats)
+        metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0, lr,
+                        float(grad_norm))
+        if eval_due(self, step, total):
+            run_evals(model, generator, self, step, metrics, step_log, device)
+        checkpoint_due = due(step, total, self.cfg.checkpoint.every_steps)
+        step_log(metrics, checkpoint_due)
+        if checkpoint_due:
+            save(step, metrics)
+        elif step_log.reportable(metrics):
+            gate.report(metrics, stats[3].item())
+        self.job.hooks.after_step(step, self.rank)
+
 
 def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend_prefetches: bool = False) -> Worker:
     """Config, rank and world, rank-0 log, tokenizer, rows, schedule, and the model (seeded, LoRA applied).

@@ -17,7 +17,6 @@ from typing import Optional
 from raysft import checkpoint as ckpt
 from raysft.train import context, resize
 from raysft.train.context import Worker, WorkerJob
-from raysft.train.evaluate import due, eval_due, run_evals
 from raysft.train.metrics import setup_line
 from raysft.train.optim import deepspeed_config, lr_scheduler_name
 from raysft.train.report import ReportGate
@@ -68,7 +67,6 @@ def train_loop(loop_config: dict) -> None:
     cfg, t, rank, world, rows, schedule = w.cfg, w.cfg.train, w.rank, w.world, w.rows, w.schedule
     import deepspeed
     import torch
-    import torch.distributed as dist
     from transformers import get_scheduler
 
     from raysft.loss import loss_sum
@@ -109,33 +107,24 @@ def train_loop(loop_config: dict) -> None:
     steps = w.step_metrics(state)
     step_log = w.open_step_log(start_step, state)
     gate = ReportGate(rank)
+
+    def save(step: int, metrics: dict) -> None:
+        save_checkpoint(engine, w, step, w.run_state(step, steps, BACKEND), metrics, gate)
+
     engine.train()
     batches = Prefetcher(rows, schedule, rank, w.shape, start_step, w.tokenizer.pad_token_id, device,
                          t.prefetch_batches)
     t0 = time.time()
     for item in batches:  # step start_step + 1, ... in the schedule's order
-        step, step_loss, processed = item.step, torch.zeros((), device=device), 0
+        step_loss, processed = torch.zeros((), device=device), 0
         for batch in item.micro_batches:
             loss = loss_sum(engine, batch) / item.n_trained  # the global batch's mean, this micro-batch's part
             engine.backward(loss * world, scale_wrt_gas=False)
             engine.step()
             step_loss += loss.detach()
             processed += batch["input_ids"].numel()
-        stats = torch.tensor([step_loss.item(), processed, item.wait, gate.vote()], dtype=torch.float64,
-                             device=device)
-        dist.all_reduce(stats)
-        metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0,
-                        scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0.0))
-        if eval_due(w, step, schedule.total_steps):
-            run_evals(engine, engine.module, w, step, metrics, step_log, device)
-        checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
-        step_log(metrics, checkpoint_due)
-        if checkpoint_due:
-            save_checkpoint(engine, w, step, w.run_state(step, steps, BACKEND),
-                            metrics, gate)
-        elif step_log.reportable(metrics):
-            gate.report(metrics, stats[3].item())
-        job.hooks.after_step(step, rank)
+        w.end_step(item, step_loss, processed, t0, scheduler.get_last_lr()[0], engine.get_global_grad_norm() or 0.0,
+                   steps, step_log, gate, engine, engine.module, save, device)
         t0 = time.time()
 
     # ------------------------------------------------------------------ end

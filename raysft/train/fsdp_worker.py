@@ -32,7 +32,6 @@ import time
 from raysft import checkpoint as ckpt
 from raysft.train import context
 from raysft.train.context import Worker, WorkerJob
-from raysft.train.evaluate import due, eval_due, run_evals
 from raysft.train.metrics import setup_line
 from raysft.train.optim import lr_scheduler_name
 from raysft.train.report import ReportGate
@@ -136,7 +135,6 @@ def train_loop(loop_config: dict) -> None:
     w = context.start(job, backend_prefetches=True)
     cfg, t, rank, world, rows, schedule = w.cfg, w.cfg.train, w.rank, w.world, w.rows, w.schedule
     import torch
-    import torch.distributed as dist
     from transformers import get_scheduler
 
     from raysft.loss import loss_sum
@@ -171,12 +169,16 @@ def train_loop(loop_config: dict) -> None:
     steps = w.step_metrics(state)
     step_log = w.open_step_log(start_step, state)
     gate = ReportGate(rank)
+
+    def save(step: int, metrics: dict) -> None:
+        save_checkpoint(model, optimizer, scheduler, w, step, w.run_state(step, steps, BACKEND), metrics, gate)
+
     model.train()
     batches = Prefetcher(rows, schedule, rank, w.shape, start_step, w.tokenizer.pad_token_id, device,
                          t.prefetch_batches)
     t0 = time.time()
     for item in batches:  # step start_step + 1, ... in the schedule's order
-        step, step_loss, processed = item.step, torch.zeros((), device=device), 0
+        step_loss, processed = torch.zeros((), device=device), 0
         for batch in item.micro_batches:
             loss = loss_sum(model, batch) / item.n_trained  # the global batch's mean, this micro-batch's part
             (loss * world).backward()  # the reduce-scatter averages over ranks
@@ -187,20 +189,8 @@ def train_loop(loop_config: dict) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = torch.tensor([step_loss.item(), processed, item.wait, gate.vote()], dtype=torch.float64,
-                             device=device)
-        dist.all_reduce(stats)
-        metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0,
-                        scheduler.get_last_lr()[0], float(norm.item()))
-        if eval_due(w, step, schedule.total_steps):
-            run_evals(model, model, w, step, metrics, step_log, device)
-        checkpoint_due = due(step, schedule.total_steps, cfg.checkpoint.every_steps)
-        step_log(metrics, checkpoint_due)
-        if checkpoint_due:
-            save_checkpoint(model, optimizer, scheduler, w, step, w.run_state(step, steps, BACKEND), metrics, gate)
-        elif step_log.reportable(metrics):
-            gate.report(metrics, stats[3].item())
-        job.hooks.after_step(step, rank)
+        w.end_step(item, step_loss, processed, t0, scheduler.get_last_lr()[0], norm.item(), steps, step_log, gate,
+                   model, model, save, device)
         t0 = time.time()
 
     # ------------------------------------------------------------------ end
