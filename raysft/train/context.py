@@ -87,6 +87,20 @@ class Worker:
                         tracking=self.step_log.trackers.ids() if self.step_log else {},
                         samples_seen_by_source=steps.seen_by_source())
 
+    def commit_checkpoint(self, local: str, model, step: int, state: RunState, metrics: dict, gate) -> None:
+        """The rest of a checkpoint of raysft's own loop, once the backend wrote its state into `local`'s model/:
+        this rank's RNG, rank 0's copy of the model's config (`model`: the trained module, PEFT's base for LoRA) and
+        the run files; then the report to Ray and the commit (report.ReportGate.report_checkpoint)."""
+        ckpt.save_rng(local, self.rank)
+        if self.rank == 0:
+            from raysft.config import to_yaml
+            from raysft.data.prepared import tokenizer_dir
+
+            (model.get_base_model() if state.lora else model).config.save_pretrained(ckpt.model_dir(local))
+            ckpt.write_run_files(local, state, to_yaml(self.cfg), tokenizer_dir(self.job.prepared))
+        gate.report_checkpoint(local, step, metrics, self.rank, self.world, self.run_dir, self.cfg.checkpoint.keep,
+                               self.log, self.job.hooks)
+
     def end_step(self, item, step_loss, processed: int, t0: float, lr: float, grad_norm, steps: StepMetrics,
                  step_log: StepLog, gate, model, generator, save: Callable[[int, dict], None], device) -> None:
         """After the optimizer step of `item` (a prefetch.StepBatch), on every rank, for the workers with raysft's

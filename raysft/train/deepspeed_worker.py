@@ -48,15 +48,7 @@ def save_checkpoint(engine, w: Worker, step: int, state: ckpt.RunState, metrics:
     lora = state.lora  # the adapter only: the frozen base is the model folder's
     local = tempfile.mkdtemp(prefix="raysft-ckpt-")
     engine.save_checkpoint(ckpt.model_dir(local), tag=ckpt.deepspeed_tag(step), exclude_frozen_parameters=lora)
-    ckpt.save_rng(local, w.rank)
-    if w.rank == 0:
-        from raysft.config import to_yaml
-        from raysft.data.prepared import tokenizer_dir
-
-        (engine.module.get_base_model() if lora else engine.module).config.save_pretrained(ckpt.model_dir(local))
-        ckpt.write_run_files(local, state, to_yaml(w.cfg), tokenizer_dir(w.job.prepared))
-    gate.report_checkpoint(local, step, metrics, w.rank, w.world, w.run_dir, w.cfg.checkpoint.keep, w.log,
-                           w.job.hooks)
+    w.commit_checkpoint(local, engine.module, step, state, metrics, gate)
 
 
 def train_loop(loop_config: dict) -> None:

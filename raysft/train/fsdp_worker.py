@@ -103,15 +103,7 @@ def save_checkpoint(model, optimizer, scheduler, w: Worker, step: int, state: ck
     # relative to the folder, so Ray Train's merge of the ranks' folders in storage is the whole checkpoint
     dcp.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
              checkpoint_id=ckpt.model_dir(local))
-    ckpt.save_rng(local, w.rank)
-    if w.rank == 0:
-        from raysft.config import to_yaml
-        from raysft.data.prepared import tokenizer_dir
-
-        (model.get_base_model() if state.lora else model).config.save_pretrained(ckpt.model_dir(local))
-        ckpt.write_run_files(local, state, to_yaml(w.cfg), tokenizer_dir(w.job.prepared))
-    gate.report_checkpoint(local, step, metrics, w.rank, w.world, w.run_dir, w.cfg.checkpoint.keep, w.log,
-                           w.job.hooks)
+    w.commit_checkpoint(local, model, step, state, metrics, gate)
 
 
 def restore(model, optimizer, scheduler, good: str, lora: bool) -> None:
