@@ -14,7 +14,7 @@ from helpers import ROOT
 MODEL = os.path.join(ROOT, "examples", "tiny-chatml")
 SAMPLE = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
 
-BAD_CONFIGS = [  # (overrides of a good config, the error)
+BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
     (["trian.lr=1"], "command line: trian: unknown key. fix: did you mean train?"),
     (["train.lr=fast"], "command line: train.lr: must be a number (got 'fast'). fix: give a number (train.lr: peak "
                           "learning rate)"),
@@ -122,6 +122,32 @@ BAD_CONFIGS = [  # (overrides of a good config, the error)
      "train.tracking_uri: the MLflow tracking server does not answer ([Errno 111] Connection refused) (got "
      "'http://127.0.0.1:9'). fix: start it (`mlflow server --host 0.0.0.0 --port 5000`) or fix the address; the "
      "workers must reach it too"),
+    (["train.sequence_parallel_size=3", "cluster.num_workers=3", "train.global_batch_size=3", "data.max_seq_len=129"],
+     f"train.sequence_parallel_size: the model's 4 attention heads (num_attention_heads) are not divisible by 3 "
+     f"({MODEL}) (got 3). fix: use a sequence_parallel_size this model splits into: 2, 4"),
+    (["train.sequence_parallel_size=2", "data.max_seq_len=127"],
+     "command line: data.max_seq_len: must be a multiple of train.sequence_parallel_size=2 (each worker of a group "
+     "takes an equal slice of the row) (got 127). fix: use 126"),
+    (["train.sequence_parallel_size=4"],
+     "command line: train.sequence_parallel_size: must divide cluster.num_workers=2 (workers form groups of 4), and "
+     "does not divide 2 (got 4). fix: use num_workers a multiple of 4, or another sequence_parallel_size"),
+    (["train.sequence_parallel_size=2", "model.attn_implementation=eager"],
+     "command line: model.attn_implementation: eager cannot run under sequence parallelism: DeepSpeed's Ulysses "
+     "refuses eager (a full 4D mask per layer) (got 'eager'). fix: use model.attn_implementation=auto, sdpa or a "
+     "flash_attention kernel"),
+    (["train.sequence_parallel_size=2", "model.attn_implementation=flex_attention"],  # two problems, both told
+     "command line: model.attn_implementation: flex_attention trains on CUDA only (PyTorch's flex_attention has no "
+     "backward on CPU), and cluster.use_gpu is false (got 'flex_attention'). fix: use model.attn_implementation=auto "
+     "(sdpa on CPU)",
+     "command line: model.attn_implementation: flex_attention cannot run under sequence parallelism: DeepSpeed's "
+     "Ulysses rebuilds flex_attention's mask as plain causal, and the examples of a packed row would attend to each "
+     "other (got 'flex_attention'). fix: use model.attn_implementation=auto, sdpa or a flash_attention kernel"),
+    (["train.sequence_parallel_size=2", "train.backend=hf"],
+     "command line: train.sequence_parallel_size: only the deepspeed backend has it (DeepSpeed's ALST pieces), and "
+     "train.backend is hf (got 2). fix: set train.backend=deepspeed, or remove train.sequence_parallel_size"),
+    (["train.offload_activations=true"],
+     "command line: train.offload_activations: offloads the activations gradient checkpointing keeps, and "
+     "train.gradient_checkpointing is false (got True). fix: set train.gradient_checkpointing=true"),
     (["data.train_files=/nonexistent/*.jsonl"],
      "data.train_files: no file matches (got '/nonexistent/*.jsonl'). fix: check the path or glob (relative paths "
      "are taken from the current directory)"),
@@ -165,12 +191,13 @@ def run_cli(args, capfd):
     return code, errors, printed.err + printed.out
 
 
-@pytest.mark.parametrize("overrides, expected", BAD_CONFIGS, ids=[" ".join(c[0])[:40] for c in BAD_CONFIGS])
+@pytest.mark.parametrize("overrides, expected", [(c[0], c[1:]) for c in BAD_CONFIGS],
+                         ids=[" ".join(c[0])[:40] for c in BAD_CONFIGS])
 def test_bad_config(tmp_path, capfd, overrides, expected):
     import ray
 
     code, errors, err = run_cli(["train", good_config(tmp_path), *overrides], capfd)
-    assert (code, errors) == (2, [f"raysft: error: {expected}"])
+    assert (code, errors) == (2, [f"raysft: error: {line}" for line in expected])
     assert "Traceback" not in err
     assert not ray.is_initialized()  # found before Ray started
 

@@ -27,6 +27,10 @@ DEEPSPEED_OWNED = {"train_batch_size": "train.global_batch_size",
                    "gradient_accumulation_steps": "train.global_batch_size (accumulation = global / (micro x workers))"}
 
 
+# what DeepSpeed's Ulysses attention can wrap while keeping a packed row's examples apart (sequence_parallel.py)
+ULYSSES_ATTENTION = ("auto", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
 def installed(module: str) -> bool:
     """Whether `module` can be imported here (an optional extra)."""
     return importlib.util.find_spec(module) is not None
@@ -143,6 +147,7 @@ def check(cfg: Config, where, problems: list[str]) -> None:
             f"set {DEEPSPEED_OWNED[key]} instead")
     if t.backend == "fsdp":
         check_fsdp(cfg, bad)
+    check_long_rows(cfg, bad)
     if t.hf_args and t.backend != "hf":
         bad("train.hf_args", "only the hf backend reads it", t.backend, "set train.backend=hf or remove train.hf_args")
     c = cfg.cluster
@@ -197,6 +202,41 @@ def check_fsdp(cfg: Config, bad) -> None:
     if t.deepspeed_config:
         bad("train.deepspeed_config", "only the deepspeed backend reads it", ", ".join(map(str, t.deepspeed_config)),
             "remove train.deepspeed_config, or set train.backend=deepspeed")
+
+
+def check_long_rows(cfg: Config, bad) -> None:
+    """Sequence parallelism, tiled MLP and activation offload (raysft/train/sequence_parallel.py): deepspeed backend
+    only; the head counts are checked against the model's config in launch.preflight."""
+    t, sp = cfg.train, cfg.train.sequence_parallel_size
+    for key, on in (("sequence_parallel_size", sp != 1), ("tiled_mlp", t.tiled_mlp),
+                    ("offload_activations", t.offload_activations)):
+        if on and t.backend != "deepspeed":
+            bad(f"train.{key}", f"only the deepspeed backend has it (DeepSpeed's ALST pieces), and train.backend is "
+                f"{t.backend}", getattr(t, key), f"set train.backend=deepspeed, or remove train.{key}")
+    if t.offload_activations and not t.gradient_checkpointing:
+        bad("train.offload_activations", "offloads the activations gradient checkpointing keeps, and "
+            "train.gradient_checkpointing is false", t.offload_activations, "set train.gradient_checkpointing=true")
+    if sp < 1:
+        bad("train.sequence_parallel_size", "must be at least 1", sp, "use 1 (off) or the workers per sequence")
+    if sp <= 1:
+        return
+    low, high = worker_range(cfg.cluster)
+    odd = [n for n in range(low, high + 1) if n % sp]
+    if odd:
+        bad("train.sequence_parallel_size", f"must divide cluster.num_workers={cfg.cluster.num_workers} (workers form "
+            f"groups of {sp}), and does not divide {odd[0]}", sp,
+            f"use num_workers a multiple of {sp}" + (", or a range of one count" if low != high else "")
+            + ", or another sequence_parallel_size")
+    if cfg.data.max_seq_len % sp:
+        bad("data.max_seq_len", f"must be a multiple of train.sequence_parallel_size={sp} (each worker of a group "
+            f"takes an equal slice of the row)", cfg.data.max_seq_len,
+            f"use {cfg.data.max_seq_len // sp * sp or sp}")
+    attn = cfg.model.attn_implementation
+    if attn not in ULYSSES_ATTENTION:
+        bad("model.attn_implementation", f"{attn} cannot run under sequence parallelism: " + (
+            "DeepSpeed's Ulysses refuses eager (a full 4D mask per layer)" if attn == "eager" else
+            "DeepSpeed's Ulysses rebuilds flex_attention's mask as plain causal, and the examples of a packed row "
+            "would attend to each other"), attn, "use model.attn_implementation=auto, sdpa or a flash_attention kernel")
 
 
 def check_template_kwargs(kwargs, template: str, bad) -> None:

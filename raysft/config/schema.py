@@ -109,6 +109,16 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay"))
     max_grad_norm: float = field(default=1.0, metadata=doc("gradient clipping; 0 = off"))
     gradient_checkpointing: bool = field(default=False, metadata=doc("recompute activations in backward"))
+    offload_activations: bool = field(default=False, metadata=doc(
+        "deepspeed backend, with gradient_checkpointing: keep the checkpointed activations (each decoder layer's "
+        "saved inputs) in CPU memory until backward"))
+    sequence_parallel_size: int = field(default=1, metadata=doc(
+        "deepspeed backend: workers per sequence-parallel group (Ulysses, DeepSpeed's ALST); each row is split along "
+        "the sequence over the group's workers; must divide cluster.num_workers, the model's attention heads and "
+        "data.max_seq_len; 1 = off"))
+    tiled_mlp: bool = field(default=False, metadata=doc(
+        "deepspeed backend: compute each decoder layer's MLP a slice of the sequence at a time, forward and backward "
+        "(DeepSpeed's TiledMLP): less memory for long rows, one more MLP forward"))
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata=doc("training precision"))
     zero_stage: int = field(default=2, metadata=doc(
         "DeepSpeed ZeRO stage 0-3; fsdp: 2 keeps each layer's gathered parameters from forward to backward, 3 "
