@@ -34,8 +34,12 @@ CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MB in fp32): 220 positions of 
 UNSUPPORTED_SCALES = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over trained tokens, from full logits (the `none` path)."""
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift_labels=None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over trained tokens, from full logits (the `none` path); with
+    `shift_labels` (each position's next label, as sequence parallelism slices them) instead of `labels`."""
+    if shift_labels is not None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
@@ -53,14 +57,15 @@ def attach(model, kind: str) -> None:
     model_forward = model.forward
 
     @functools.wraps(type(model).forward)  # the model's own signature: `generate` checks its kwargs against it
-    def forward(self, *args, loss_sum: bool = False, labels=None, **kwargs):
+    def forward(self, *args, loss_sum: bool = False, labels=None, shift_labels=None, **kwargs):
         if not loss_sum:
             return model_forward(*args, **({"labels": labels} if labels is not None else {}), **kwargs)
         kwargs["use_cache"] = False
         if kind == "none":
-            return token_loss_sum(model_forward(*args, **kwargs).logits, labels)
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
+            return token_loss_sum(model_forward(*args, **kwargs).logits, labels, shift_labels)
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        # shift_labels: a sequence-parallel slice's labels, shifted before slicing (each position's next token)
+        hidden, targets = (hidden, shift_labels) if shift_labels is not None else (hidden[:, :-1], labels[:, 1:])
         keep = targets != IGNORE_INDEX
         hidden, targets = hidden[keep], targets[keep]  # the trained positions only
         head = self.get_output_embeddings()
@@ -76,9 +81,10 @@ def attach(model, kind: str) -> None:
 
 
 def loss_sum(model, batch: dict) -> torch.Tensor:
-    """The summed loss of a collated batch (`modeling.collate`) through `model` (or the engine wrapping it)."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                 loss_sum=True)
+    """The summed loss of a collated batch (`modeling.collate`, or its sequence-parallel slice with `shift_labels`)
+    through `model` (or the engine wrapping it)."""
+    labels = {k: batch[k] for k in ("labels", "shift_labels") if k in batch}
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], loss_sum=True, **labels)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -45,9 +45,10 @@ def build_model(name_or_path: str, vocab_size: int, *, from_scratch: bool = Fals
     return model
 
 
-def collate(rows: dict, pad_id: int, device="cpu") -> dict:
-    """Rows (dict of lists: input_ids, labels, position_ids) -> padded tensors, no attention mask."""
-    n = max(len(x) for x in rows["input_ids"])
+def collate(rows: dict, pad_id: int, device="cpu", multiple: int = 1) -> dict:
+    """Rows (dict of lists: input_ids, labels, position_ids) -> padded tensors, no attention mask; the length
+    padded up to a multiple of `multiple` (sequence parallelism slices it in equal parts)."""
+    n = -(-max(len(x) for x in rows["input_ids"]) // multiple) * multiple
     b = len(rows["input_ids"])
     input_ids = torch.full((b, n), pad_id, dtype=torch.long)
     labels = torch.full((b, n), IGNORE_INDEX, dtype=torch.long)

@@ -31,9 +31,10 @@ def deepspeed_config(train, use_gpu: bool, shape: BatchShape) -> dict:
     if train.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     config = {
-        "train_batch_size": shape.global_batch_size,
+        "train_batch_size": shape.global_batch_size * train.sequence_parallel_size,
         "train_micro_batch_size_per_gpu": shape.micro_batch_size,
-        "gradient_accumulation_steps": shape.accumulation,
+        # under sequence parallelism each rank runs its group's micro-batches, a slice of each, in turn
+        "gradient_accumulation_steps": shape.accumulation * train.sequence_parallel_size,
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.dtype == "bf16"},
