@@ -24,6 +24,21 @@ def test_every_shipped_config_loads(path):
     assert isinstance(cfg, Config) and cfg.output_dir and os.path.isabs(cfg.output_dir)
 
 
+def test_the_shipped_long_row_config_splits_32k_rows_over_groups_a_qwen2_0_5b_shape_allows():
+    from transformers import Qwen2Config
+
+    from raysft.train.sequence_parallel import model_problem
+
+    cfg = load_config(os.path.join(ROOT, "configs", "qwen2.5-0.5b-long-sp.yaml"))
+    t, sp = cfg.train, cfg.train.sequence_parallel_size
+    assert (cfg.data.max_seq_len, sp, t.backend, cfg.cluster.num_workers % sp) == (32768, 2, "deepspeed", 0)
+    assert t.tiled_mlp and t.gradient_checkpointing and t.offload_activations
+    qwen = Qwen2Config(hidden_size=896, num_attention_heads=14, num_key_value_heads=2)  # Qwen2.5-0.5B's heads
+    assert model_problem(qwen, sp) is None
+    assert model_problem(qwen, 4) == ("the model's 14 attention heads (num_attention_heads) are not divisible by 4",
+                                      "use a sequence_parallel_size this model splits into: 2, 14")
+
+
 def test_the_shipped_mixed_config_weights_two_sources_and_tracks_in_mlflow():
     from raysft.data.mixing import sources_of
 

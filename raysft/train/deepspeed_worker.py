@@ -51,6 +51,28 @@ def save_checkpoint(engine, w: Worker, step: int, state: ckpt.RunState, metrics:
     w.commit_checkpoint(local, engine.module, step, state, metrics, gate)
 
 
+def long_rows(w: Worker, device):
+    """Sequence parallelism, tiled MLP and activation offload, as configured (sequence_parallel.py); the
+    SequenceParallel that slices each step's micro-batches, or None."""
+    t = w.cfg.train
+    if not (t.sequence_parallel_size > 1 or t.tiled_mlp or t.offload_activations):
+        return None
+    from raysft.train import sequence_parallel
+
+    sp = None
+    if t.sequence_parallel_size > 1:
+        sp = sequence_parallel.setup(w.model, t.sequence_parallel_size, t.micro_batch_size, device,
+                                     w.tokenizer.pad_token_id)
+        w.log(f"sequence parallel: {w.world // sp.size} group(s) of {sp.size} workers; each row split in {sp.size} "
+              "along the sequence (DeepSpeed's Ulysses attention)")
+    if t.tiled_mlp:
+        w.log(f"tiled MLP: {sequence_parallel.tile_mlp(w.model)} MLPs computed a slice of the sequence at a time")
+    if t.offload_activations:
+        sequence_parallel.offload_activations(w.model)
+        w.log("activation checkpointing: each decoder layer's input kept in CPU memory until backward")
+    return sp
+
+
 def train_loop(loop_config: dict) -> None:
     """Ray Train entry point. `loop_config["job"]`: the `WorkerJob` from launch.fit."""
     # ------------------------------------------------------------------ start
@@ -66,6 +88,7 @@ def train_loop(loop_config: dict) -> None:
     from raysft.train.prefetch import Prefetcher
 
     device = context.device(cfg.cluster.use_gpu)
+    sp = long_rows(w, device)
     good, state, universal = resume_point(w)
     ds_config = deepspeed_config(t, cfg.cluster.use_gpu, w.shape)
     if universal:
@@ -105,11 +128,11 @@ def train_loop(loop_config: dict) -> None:
 
     engine.train()
     batches = Prefetcher(rows, schedule, rank, w.shape, start_step, w.tokenizer.pad_token_id, device,
-                         t.prefetch_batches)
+                         t.prefetch_batches, multiple=t.sequence_parallel_size)
     t0 = time.time()
     for item in batches:  # step start_step + 1, ... in the schedule's order
         step_loss, processed = torch.zeros((), device=device), 0
-        for batch in item.micro_batches:
+        for batch in sp.shard(item.micro_batches) if sp else item.micro_batches:
             loss = loss_sum(engine, batch) / item.n_trained  # the global batch's mean, this micro-batch's part
             engine.backward(loss * world, scale_wrt_gas=False)
             engine.step()

@@ -31,6 +31,7 @@ from raysft.train.hooks import WorkerHooks
 from raysft.train.metrics import plot_loss
 from raysft.train.resize import Universal, to_universal
 from raysft.train.schedule import Schedule
+from raysft.train.sequence_parallel import model_problem
 
 # The worker function of each backend. Each imports its framework inside the function, on the worker.
 WORKERS = {"deepspeed": deepspeed_worker.train_loop, "fsdp": fsdp_worker.train_loop, "hf": hf_worker.train_loop}
@@ -48,11 +49,15 @@ def preflight(cfg: Config) -> None:
                                      "give a folder with the model's config.json, or a hub id such as "
                                      "Qwen/Qwen2.5-0.5B-Instruct"))
     try:
-        AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as exc:
         raise UserError(format_error("model.name_or_path", "cannot load the model's config", cfg.model.name_or_path,
                                      f"give a local model folder or a hub id you can reach "
                                      f"({cause(exc)})")) from exc
+    sp = cfg.train.sequence_parallel_size
+    problem = sp > 1 and model_problem(config, sp)
+    if problem:
+        raise UserError(format_error("train.sequence_parallel_size", problem[0] + f" ({name})", sp, problem[1]))
     for key, path in (("output_dir", cfg.output_dir), ("checkpoint.storage_path", cfg.checkpoint.storage_path)):
         if storage.is_uri(path):
             continue
