@@ -11,7 +11,7 @@ ROWS = [(40, 24), (30, 18, 16), (12, 30, 8), (26, 20)]
 PAD = 6
 
 
-def tiny_model(kv_heads: int = 2):
+def tiny_model(kv_heads: int = 1):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,7 +59,7 @@ def measure(rank: int, world: int, port: int, out: str) -> None:
     from raysft.train import sequence_parallel
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = tiny_model()
+    model = tiny_model()  # 4 heads, 1 key/value head: Ulysses replicates it on both ranks
     model.train()
     batches = rows()
     n_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
@@ -76,6 +76,8 @@ def measure(rank: int, world: int, port: int, out: str) -> None:
             alone.append(model(input_ids=batches[0]["input_ids"][:, start:start + n], use_cache=False).logits)
             start += n
         result["logits_alone"] = torch.cat(alone, dim=1)
+        whole = {k: batches[0][k] for k in ("input_ids", "position_ids")}
+        result["logits_row"] = model(**whole, use_cache=False).logits  # the packed row, the model's own kernel
 
     # SP=2: rank r is scheduled rows r, r+2, ... (like a 2-worker run); the adapter gives each rank its slice of
     # both ranks' rows
@@ -102,8 +104,12 @@ def measure(rank: int, world: int, port: int, out: str) -> None:
         parts = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(parts, local.contiguous())
         result["logits_sp"] = torch.cat(parts, dim=1)[:, :sum(ROWS[0])]
-    result["tiled"] = sequence_parallel.tile_mlp(model)
+    result["tiled"] = sequence_parallel.tile_mlp(model, shards=3)  # slices of 24-32 tokens: uneven tiles
+    tiles = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: tiles.append(a[0].shape[-2]))
     sp_step("sp_tiled")
+    hook.remove()
+    result["tiles"] = tiles
     sequence_parallel.offload_activations(model)  # gradient checkpointing, the layers' inputs kept in CPU memory
     packed = []
 
@@ -120,6 +126,9 @@ def measure(rank: int, world: int, port: int, out: str) -> None:
         layer._gradient_checkpointing_func = lambda *a, _inner=inner, **k: calls.append(1) or _inner(*a, **k)
     sp_step("sp_tiled_offload")
     result["checkpoint_calls"], result["offloaded"] = len(calls), packed
+    model.eval()
+    with torch.no_grad():  # after SP training steps: eval sees the model's own kernel, with its own head groups
+        result["logits_row_after"] = model(**whole, use_cache=False).logits
     if rank == 0:
         torch.save(result, out)
     dist.barrier()

@@ -54,9 +54,34 @@ def test_activation_offload_moves_each_checkpointed_layers_input_to_cpu_memory(t
 
 
 def test_a_packed_rows_logits_under_sp_equal_each_examples_alone(two_ranks):
-    assert two_ranks["tiled"] == 2  # one MLP per decoder layer
     assert two_ranks["logits_sp"].shape == two_ranks["logits_alone"].shape
     assert close(two_ranks["logits_sp"], two_ranks["logits_alone"])
+
+
+def test_tiled_mlp_runs_equal_tiles_on_every_slice(two_ranks):
+    # 3 tiles asked; rank 0's slices are 32 tokens (rows 0 and 1) and 25 (rows 2 and 3, the longer of 50 and 48,
+    # halved): padded to 33 and 27, 3 tiles of 11 and of 9, in forward and again in backward, for 4 slices
+    assert two_ranks["tiled"] == 2  # one MLP per decoder layer
+    assert sorted(two_ranks["tiles"]) == [9] * 12 + [11] * 12
+
+
+def test_eval_after_sp_steps_uses_the_models_own_attention(two_ranks):
+    # the model has 1 key/value head, which Ulysses replicates over the 2 ranks (rewriting the layers' head
+    # groups): outside training the whole row goes through the model's own kernel with its own groups
+    assert close(two_ranks["logits_row_after"], two_ranks["logits_row"])
+
+
+def test_the_sdpa_mask_keeps_packed_examples_and_sliding_windows():
+    from raysft.train.sequence_parallel import block_causal_mask
+
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    doc = (pos == 0).cumsum(1)
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    for window in (None, 2, 3):
+        expected = (doc[:, :, None] == doc[:, None, :]) & (j <= i) & ((i - j < window) if window else True)
+        assert torch.equal(block_causal_mask(pos, window), expected[:, None]), window
+    assert block_causal_mask(pos[1:]) is None  # one example, no window: plain causal
+    assert block_causal_mask(pos[1:], 4) is not None
 
 
 @pytest.fixture(scope="module")

@@ -57,31 +57,42 @@ def model_problem(config, size: int):
     return None
 
 
-def block_causal_mask(position_ids: torch.Tensor):
-    """[b, 1, S, S] boolean mask (True: attend) keeping each packed example (position ids restarting at 0) to itself,
-    causal within it; None when no row holds more than one example (plain causal attention then)."""
+def block_causal_mask(position_ids: torch.Tensor, sliding_window=None):
+    """[b, 1, S, S] boolean mask (True: attend) keeping each packed example (position ids restarting at 0, counting
+    up by one) to itself, causal within it, and within `sliding_window` tokens when the layer has one; None when
+    plain causal attention is the same (no row holds more than one example, no window).
+    Built in place: one S x S boolean per row (query i attends key j when i - pos_i <= j <= i)."""
     starts = position_ids == 0
-    if int(starts.sum(dim=1).max()) <= 1:
+    if int(starts.sum(dim=1).max()) <= 1 and not sliding_window:
         return None
-    doc = starts.cumsum(dim=1)
     n = position_ids.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril_()
-    return (doc[:, :, None] == doc[:, None, :]).logical_and_(causal)[:, None]
+    index = torch.arange(n, device=position_ids.device)
+    first = index - position_ids  # where each query's example begins
+    mask = (index[None, None, :] >= first[:, :, None]).tril_()
+    if sliding_window:
+        mask.triu_(-(sliding_window - 1))
+    return mask[:, None]
 
 
 def packed_attention(kernel, implementation: str):
     """The attention kernel UlyssesSPAttentionHF calls on the whole sequence: `kernel`, given the block-diagonal mask
-    from the gathered position ids (sdpa), or the position ids alone (flash, which reads them as boundaries)."""
+    from the gathered position ids (sdpa; one mask per forward, reused by every layer that has the same window and
+    by the recompute of checkpointed layers), or the position ids alone (flash, which reads them as boundaries)."""
+    cache: dict = {}
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if implementation not in FLASH:
-            attention_mask = block_causal_mask(kwargs["position_ids"])
+            position_ids, window = kwargs["position_ids"], kwargs.get("sliding_window")
+            key_ = (position_ids.data_ptr(), tuple(position_ids.shape), window)
+            if cache.get("key") != key_ or not torch.equal(cache["positions"], position_ids):
+                cache.update(key=key_, positions=position_ids.clone(), mask=block_causal_mask(position_ids, window))
+            attention_mask = cache["mask"]
         return kernel(module, query, key, value, attention_mask, *args, **kwargs)
 
     return attention
 
 
-_KERNELS: dict = {}  # the model's own attention kernels, before setup replaced them (setup may run twice a process)
+_KERNELS: dict = {}  # the model's own attention kernels, before setup replaced them (a process sets up once)
 
 
 @dataclass
@@ -150,8 +161,11 @@ def setup(model, size: int, micro_batch_size: int, device, pad_id: int) -> Seque
         num_hidden_layers=config.num_hidden_layers, process_group=group, seq_length_is_variable=True)
     ulysses.core_attn_implementation = implementation
 
+    groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if not module.training:  # eval and generation: whole rows on every rank
+            module.num_key_value_groups = groups  # Ulysses rewrites it when it replicates key/value heads
             return kernel(module, query, key, value, attention_mask, *args, **kwargs)
         return ulysses(module, query, key, value, None, *args, **kwargs)
 
@@ -159,19 +173,33 @@ def setup(model, size: int, micro_batch_size: int, device, pad_id: int) -> Seque
     return SequenceParallel(size, dist.get_rank(group), group, device, pad_id)
 
 
-def tile_mlp(model) -> int:
+def tile_mlp(model, shards: int = 0) -> int:
     """Run every decoder layer's MLP (the modules named `mlp`) through DeepSpeed's TiledMLP: ceil(seq / hidden)
-    slices of the sequence (the largest over all ranks, so that ZeRO-3's per-call parameter gathers stay in step).
-    Returns how many MLPs were tiled."""
+    slices of the sequence (`shards` instead, when given), the largest count over all ranks, so that every rank
+    runs as many tiles (TiledMLP marks a parameter's gradient ready for ZeRO at the last tile, and ZeRO-3 gathers
+    parameters per tile). The input is padded to a multiple of the count first: `torch.chunk` makes fewer chunks
+    than asked when the length does not divide evenly (1000 rows in 37 chunks: 36), and a rank would then never
+    reach its last tile. Returns how many MLPs were tiled."""
     import torch.distributed as dist
+    import torch.nn.functional as F
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
     def tiled(mlp_forward):
         def forward(self, x):
-            shards = torch.tensor(math.ceil(x.shape[-2] / x.shape[-1]), device=x.device)
+            n = x.shape[-2]
+            count = torch.tensor(shards or math.ceil(n / x.shape[-1]), device=x.device)
             if dist.is_initialized():
-                dist.all_reduce(shards, op=dist.ReduceOp.MAX)
-            return TiledMLP.apply(mlp_forward, self, x, int(shards), list(self.parameters()))
+                dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            count = int(count)
+            params = list(self.parameters())
+            if torch.is_grad_enabled() and not x.requires_grad and any(p.requires_grad for p in params):
+                # TiledMLP's parameters travel in a list autograd does not see: without an input that requires
+                # grad (frozen embeddings, LoRA on the MLP only) its output would have no gradient at all
+                x = x.detach().requires_grad_()
+            extra = -n % count
+            padded = F.pad(x, (0, 0, 0, extra)) if extra else x  # the MLP is per token: padding changes no output
+            out = TiledMLP.apply(mlp_forward, self, padded, count, params)
+            return out[..., :n, :] if extra else out
         return forward
 
     mlps = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "mlp"]
