@@ -5,8 +5,9 @@ and grows its embeddings when the tokenizer gained the ChatML tokens. `collate` 
 tensors: padded to the micro-batch's longest row, labels padded with -100, and position_ids restarting
 per example, with no attention mask and no KV cache, so that transformers keeps attention inside each
 packed example (`masking_utils.find_packed_sequence_indices`, which it only applies when both are absent;
-flash-attention's varlen path reads the same position_ids). Tested: a packed row's logits equal each
-example's logits alone. `resolve_attention` turns `model.attn_implementation: auto` into a kernel.
+flash-attention's varlen path reads the same position_ids, in a micro-batch laid end to end as one row:
+`flatten`). Tested: a packed row's logits equal each example's logits alone. `resolve_attention` turns
+`model.attn_implementation: auto` into a kernel.
 The loss is `raysft.loss`'s.
 """
 
@@ -45,9 +46,10 @@ def build_model(name_or_path: str, vocab_size: int, *, from_scratch: bool = Fals
     return model
 
 
-def collate(rows: dict, pad_id: int, device="cpu", multiple: int = 1) -> dict:
+def collate(rows: dict, pad_id: int, device="cpu", multiple: int = 1, flat: bool = False) -> dict:
     """Rows (dict of lists: input_ids, labels, position_ids) -> padded tensors, no attention mask; the length
-    padded up to a multiple of `multiple` (sequence parallelism slices it in equal parts)."""
+    padded up to a multiple of `multiple` (sequence parallelism slices it in equal parts); `flat`: the rows then
+    laid end to end as one row (`flatten`)."""
     n = -(-max(len(x) for x in rows["input_ids"]) // multiple) * multiple
     b = len(rows["input_ids"])
     input_ids = torch.full((b, n), pad_id, dtype=torch.long)
@@ -59,7 +61,25 @@ def collate(rows: dict, pad_id: int, device="cpu", multiple: int = 1) -> dict:
         labels[i, :k] = torch.as_tensor(lab)
         position_ids[i, :k] = torch.as_tensor(pos)
         position_ids[i, k:] = torch.arange(n - k)  # padding is its own "example": no real token attends to it
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device)}
+    batch = {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device)}
+    return flatten(batch) if flat else batch
+
+
+def flatten(batch: dict) -> dict:
+    """A micro-batch of b rows as one row of b x length tokens. The flash-attention kernels find a packed row's
+    examples from its restarting position ids only in a batch of one row (transformers' `_is_packed_sequence`:
+    with more, they attend causally over each whole row, across its examples); laid end to end the examples stay
+    apart, and the loss is the same: every row starts an example, whose first token is never trained."""
+    return {k: v.reshape(1, -1) for k, v in batch.items()}
+
+
+def flat_batches(attention: str, micro_batch_size: int) -> bool:
+    """Whether micro-batches go to the model as one row (`flatten`): a flash-attention kernel and more than one row.
+
+    >>> flat_batches("flash_attention_2", 4), flat_batches("flash_attention_2", 1), flat_batches("sdpa", 4)
+    (True, False, False)
+    """
+    return attention in FLASH_PACKAGES and micro_batch_size > 1
 
 
 # the flash-attention kernels transformers offers, and the package each needs (CUDA only)

@@ -58,9 +58,16 @@ def test_packed_loss_equals_unpadded_loss_on_the_same_examples(tiny_model_dir):
                                            position_ids=padded["position_ids"], use_cache=False).logits, padded["labels"]) / n_trained
         one_by_one = sum(token_loss_sum(model(input_ids=torch.tensor([ids]), use_cache=False).logits, torch.tensor([lab]))
                          for ids, lab in exs) / n_trained
+        # the flash kernels' layout (modeling.flatten): the 6 padded rows end to end as one row
+        flat = collate(as_rows(make_rows(exs, 64, packing=False)), pad_id=0, flat=True)
+        loss_flat = token_loss_sum(model(input_ids=flat["input_ids"], position_ids=flat["position_ids"],
+                                         use_cache=False).logits, flat["labels"]) / n_trained
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0] == 6
+    assert flat["input_ids"].shape == (1, padded["input_ids"].numel())
+    assert torch.equal(flat["labels"][0], padded["labels"].flatten())
     torch.testing.assert_close(loss_packed, one_by_one, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_padded, one_by_one, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_flat, one_by_one, atol=1e-5, rtol=1e-5)
 
 
 def test_row_ids_seen_are_the_same_with_1_and_2_workers():

@@ -53,6 +53,7 @@ class Worker:
     n_trainable: int
     run_dir: str  # the run's checkpoint folder in storage
     step_log: Optional[StepLog] = None  # made by `open_step_log`, once the restored state is known
+    flat: bool = False  # micro-batches go to the model as one row (modeling.flat_batches: flash-attention)
 
     def open_step_log(self, start_step: int, state: Optional[RunState]) -> StepLog:
         """Rank 0's record of steps: metrics.jsonl, TensorBoard and the tracking runs of `train.report_to` (those
@@ -150,7 +151,7 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend
     from raysft import loss
     from raysft.console import WorkerConsole
     from raysft.data.prepared import EVAL, saved_tokenizer
-    from raysft.modeling import apply_lora, build_model, parameter_counts, resolve_attention
+    from raysft.modeling import apply_lora, build_model, flat_batches, parameter_counts, resolve_attention
 
     t = cfg.train
     ctx = ray.train.get_context()
@@ -178,7 +179,8 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend
                   schedule=Schedule(len(rows), t.global_batch_size, t.seed, t.epochs, t.max_steps),
                   shape=BatchShape(t.global_batch_size, t.micro_batch_size, world), model=model,
                   n_params=n_params, n_trainable=n_trainable,
-                  run_dir=ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name))
+                  run_dir=ckpt.run_dir(cfg.checkpoint.storage_path, cfg.run_name),
+                  flat=flat_batches(attention, t.micro_batch_size))
 
 
 def cpu_comm_built() -> bool:

@@ -61,7 +61,7 @@ def long_rows(w: Worker, device):
 
     sp = None
     if t.sequence_parallel_size > 1:
-        sp = sequence_parallel.setup(w.model, t.sequence_parallel_size, t.micro_batch_size, device,
+        sp = sequence_parallel.setup(w.model, t.sequence_parallel_size, 1 if w.flat else t.micro_batch_size, device,
                                      w.tokenizer.pad_token_id)
         w.log(f"sequence parallel: {w.world // sp.size} group(s) of {sp.size} workers; each row split in {sp.size} "
               "along the sequence (DeepSpeed's Ulysses attention)")
@@ -128,7 +128,7 @@ def train_loop(loop_config: dict) -> None:
 
     engine.train()
     batches = Prefetcher(rows, schedule, rank, w.shape, start_step, w.tokenizer.pad_token_id, device,
-                         t.prefetch_batches, multiple=t.sequence_parallel_size)
+                         t.prefetch_batches, multiple=t.sequence_parallel_size, flat=w.flat)
     t0 = time.time()
     for item in batches:  # step start_step + 1, ... in the schedule's order
         step_loss, processed = torch.zeros((), device=device), 0

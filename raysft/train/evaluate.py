@@ -32,7 +32,8 @@ def eval_batches(num_rows: int, rank: int, world: int, micro_batch_size: int) ->
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
 
 
-def evaluate(model, eval_rows, rank: int, world: int, micro_batch_size: int, pad_id: int, device) -> dict:
+def evaluate(model, eval_rows, rank: int, world: int, micro_batch_size: int, pad_id: int, device,
+             flat: bool = False) -> dict:
     """Eval loss (mean over every trained token of the eval rows, all ranks) and perplexity.
 
     `model`: the model or the engine wrapping it, with `raysft.loss` attached. The caller puts it in eval mode.
@@ -41,7 +42,7 @@ def evaluate(model, eval_rows, rank: int, world: int, micro_batch_size: int, pad
     import torch.distributed as dist
 
     from raysft.loss import loss_sum
-    from raysft.modeling import collate
+    from raysft.modeling import collate, flatten
 
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -49,6 +50,8 @@ def evaluate(model, eval_rows, rank: int, world: int, micro_batch_size: int, pad
             batch = collate(eval_rows.get([max(i, 0) for i in micro]), pad_id, device)
             keep = torch.tensor([i >= 0 for i in micro], device=device)
             batch["labels"][~keep] = IGNORE_INDEX  # filler rows count for nothing
+            if flat:
+                batch = flatten(batch)
             sums[0] += loss_sum(model, batch).double()
             sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     dist.all_reduce(sums)
@@ -71,7 +74,7 @@ def run_evals(engine, generator, w, step: int, metrics: dict, step_log, device) 
     engine.eval()
     if w.eval_rows is not None:
         metrics.update(evaluate(engine, w.eval_rows, w.rank, w.world, t.micro_batch_size, w.tokenizer.pad_token_id,
-                                device))
+                                device, w.flat))
     if t.eval_prompts:
         answers = answer_prompts(generator, w.tokenizer, t.eval_prompts, w.cfg.data.system_message,
                                  t.eval_max_new_tokens, t.zero_stage == 3 or t.backend == "fsdp", device,

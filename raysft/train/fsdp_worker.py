@@ -167,7 +167,7 @@ def train_loop(loop_config: dict) -> None:
 
     model.train()
     batches = Prefetcher(rows, schedule, rank, w.shape, start_step, w.tokenizer.pad_token_id, device,
-                         t.prefetch_batches)
+                         t.prefetch_batches, flat=w.flat)
     t0 = time.time()
     for item in batches:  # step start_step + 1, ... in the schedule's order
         step_loss, processed = torch.zeros((), device=device), 0

@@ -25,12 +25,12 @@ ROW_COLUMNS = ("input_ids", "labels", "position_ids")
 class TimedCollate:
     """The DataLoader's collate_fn: prepared rows -> padded tensors, timing itself (the step's data wait)."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id, self.seconds = pad_id, 0.0
+    def __init__(self, pad_id: int, flat: bool = False):
+        self.pad_id, self.flat, self.seconds = pad_id, flat, 0.0
 
     def __call__(self, items: list[dict]) -> dict:
         t0 = time.time()
-        batch = collate({k: [it[k] for it in items] for k in ROW_COLUMNS}, self.pad_id)
+        batch = collate({k: [it[k] for it in items] for k in ROW_COLUMNS}, self.pad_id, flat=self.flat)
         self.seconds += time.time() - t0
         return batch
 

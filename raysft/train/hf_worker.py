@@ -52,7 +52,7 @@ def train_loop(loop_config: dict) -> None:
     del ds_config["optimizer"]  # the Trainer's torch AdamW on the same groups (ScheduledSFTTrainer)
     micro_batches = [micro for step in range(schedule.total_steps)
                      for micro in schedule.rank_micro_batches(step, rank, w.shape)]
-    collate_rows = TimedCollate(w.tokenizer.pad_token_id)
+    collate_rows = TimedCollate(w.tokenizer.pad_token_id, flat=w.flat)
     loader = DataLoader(rows.ds, batch_sampler=micro_batches, collate_fn=collate_rows, num_workers=0,
                         pin_memory=cfg.cluster.use_gpu)  # the Trainer copies each batch to the GPU
     trainer_dir = tempfile.mkdtemp(prefix=f"raysft-hf-rank{rank}-")  # per rank: checkpoints move out at once

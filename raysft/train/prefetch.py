@@ -30,10 +30,11 @@ _END = object()
 
 class Prefetcher:
     def __init__(self, rows, schedule: Schedule, rank: int, shape: BatchShape, start_step: int, pad_id: int, device,
-                 depth: int, multiple: int = 1):
+                 depth: int, multiple: int = 1, flat: bool = False):
         self.rows, self.schedule, self.rank, self.shape = rows, schedule, rank, shape
         self.start_step, self.pad_id, self.device, self.depth = start_step, pad_id, device, depth
         self.multiple = multiple  # the rows' length is padded to a multiple of it (sequence parallelism)
+        self.flat = flat  # each micro-batch as one row (modeling.flatten: flash-attention)
         self._stop = threading.Event()
 
     def make(self, step: int) -> StepBatches:
@@ -43,7 +44,7 @@ class Prefetcher:
         pin = getattr(self.device, "type", str(self.device)) == "cuda"
         batches = []
         for micro in self.schedule.rank_micro_batches(step - 1, self.rank, self.shape):
-            batch = collate(self.rows.get(micro), self.pad_id, multiple=self.multiple)
+            batch = collate(self.rows.get(micro), self.pad_id, multiple=self.multiple, flat=self.flat)
             if pin:
                 batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
             else:
