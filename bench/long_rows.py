@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, args: dict, length: int, alst: boo
         labels = ids.clone()
         labels[:, 0] = -100
         batches = [{"input_ids": ids, "labels": labels, "position_ids": torch.arange(n)[None]}]
-        trained = (n - 2) * world
+        trained = (n - 1) * world
         total = torch.zeros(())
         for batch in sp.shard(batches) if sp else batches:
             part = loss.loss_sum(model, batch) / trained

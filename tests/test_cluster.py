@@ -211,9 +211,9 @@ def test_multi_node_on_one_machine_resumes_after_losing_a_worker_node(multinode)
     with open(os.path.join(out, "console.log"), encoding="utf-8") as f:  # the node's loss reached the console
         failed = [line for line in f if " failed (" in line]
     # the lost node is found by Ray Train's health check, or first by the surviving worker's collective (gloo's
-    # "Connection closed by peer"), whichever comes first: a race of the kill with the step, both name the failure
+    # "Connection closed by peer" or "Read error"), whichever comes first: a race of the kill with the step, both name the failure
     assert failed and all(re.match(r"train: workers? [0-9, ]+ failed \((WorkerHealthCheckFailedError: A worker health "
-                                   r"check failed\. \w+.*|RuntimeError: \[[^\]]*gloo[^\]]*\] Con.*)\); "
+                                   r"check failed\. \w+.*|RuntimeError: \[[^\]]*gloo[^\]]*\] (Con|Rea).*)\); "
                                    r"restarting the workers from the last checkpoint \(restart \d of \d\)$", line)
                           for line in failed), failed
 
