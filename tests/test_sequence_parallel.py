@@ -102,6 +102,7 @@ def within(a: float, b: float, tol: float = 1e-5) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
 
 
+@pytest.mark.ray
 def test_sp2_trains_the_same_rows_as_sp1_with_losses_and_gradient_norms_within_1e_5(reference, sp_run):
     from raysft.train.metrics import read_metrics
 
@@ -115,6 +116,7 @@ def test_sp2_trains_the_same_rows_as_sp1_with_losses_and_gradient_norms_within_1
     assert sp[-1]["loss"] < sp[0]["loss"]
 
 
+@pytest.mark.ray
 def test_an_sp2_checkpoint_resumes_with_sp1_on_the_next_rows(sp_run, tmp_path, tiny_model_dir):
     import shutil
 
@@ -134,6 +136,7 @@ def test_an_sp2_checkpoint_resumes_with_sp1_on_the_next_rows(sp_run, tmp_path, t
     assert all(within(a["loss"], b["loss"]) for a, b in zip(ms[4:], sp[4:])), (ms[4:], sp[4:])
 
 
+@pytest.mark.ray
 def test_a_sigkilled_worker_under_sp_resumes_and_ends_bit_identical(sp_run, tmp_path, tiny_model_dir):
     import os
     import signal
