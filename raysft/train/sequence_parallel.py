@@ -38,16 +38,21 @@ from dataclasses import dataclass
 
 import torch
 
-FLASH = ("flash_attention_2", "flash_attention_3")
+from raysft.modeling import FLASH_PACKAGES
+
+
+def head_counts(config) -> tuple[int, int]:
+    """(attention heads, key/value heads) of a transformers config (its text model's)."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    return heads, getattr(text, "num_key_value_heads", None) or heads
 
 
 def model_problem(config, size: int):
     """Why a model of this (transformers) config cannot be split over `size` ranks' heads, as (what, fix), or None.
     Ulysses gives each rank heads/size query heads, and kv_heads/size key/value heads (or replicates them when the
     model has fewer key/value heads than size)."""
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv = getattr(text, "num_key_value_heads", None) or heads
+    heads, kv = head_counts(config)
     sizes = ", ".join(str(d) for d in range(2, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0))
     fix = f"use a sequence_parallel_size this model splits into: {sizes or 'none above 1'}"
     if heads % size:
@@ -81,7 +86,7 @@ def packed_attention(kernel, implementation: str):
     cache: dict = {}
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if implementation not in FLASH:
+        if implementation not in FLASH_PACKAGES:
             position_ids, window = kwargs["position_ids"], kwargs.get("sliding_window")
             key_ = (position_ids.data_ptr(), tuple(position_ids.shape), window)
             if cache.get("key") != key_ or not torch.equal(cache["positions"], position_ids):
@@ -101,7 +106,6 @@ class SequenceParallel:
     rank: int  # in the group
     group: object  # torch.distributed ProcessGroup
     device: object
-
     pad_id: int
 
     def shard(self, micro_batches: list[dict]) -> list[dict]:
@@ -151,21 +155,18 @@ def setup(model, size: int, micro_batch_size: int, device, pad_id: int) -> Seque
     mpu.initialize_sequence_parallel(sequence_parallel_size=size)
     group = mpu.get_sequence_parallel_group()
     config = model.config.get_text_config()
+    heads, kv = head_counts(config)
     implementation = config._attn_implementation
     kernel = _KERNELS.setdefault(implementation, ALL_ATTENTION_FUNCTIONS[implementation])
     ulysses = UlyssesSPAttentionHF(
         attn=packed_attention(kernel, implementation), batch_size=micro_batch_size,
-        attn_head_count=config.num_attention_heads,
-        attn_head_size=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        kv_head_count=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        num_hidden_layers=config.num_hidden_layers, process_group=group, seq_length_is_variable=True)
+        attn_head_count=heads, attn_head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        kv_head_count=kv, num_hidden_layers=config.num_hidden_layers, process_group=group, seq_length_is_variable=True)
     ulysses.core_attn_implementation = implementation
-
-    groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if not module.training:  # eval and generation: whole rows on every rank
-            module.num_key_value_groups = groups  # Ulysses rewrites it when it replicates key/value heads
+            module.num_key_value_groups = heads // kv  # Ulysses rewrites it when it replicates key/value heads
             return kernel(module, query, key, value, attention_mask, *args, **kwargs)
         return ulysses(module, query, key, value, None, *args, **kwargs)
 
