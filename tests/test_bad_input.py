@@ -229,7 +229,8 @@ def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, 
     code, errors, err = run_cli(["prepare", good_config(tmp_path), f"data.chat_template={template}"], capfd)
     assert (code, errors) == (2, [
         f"raysft: error: {SAMPLE}:1: messages[2]: the chat template ends this assistant turn without a control token "
-        "(it ends with \"'c' appears 1 time.\"), so the model would never learn to stop; fix: add the template's end-of-turn token "
+        "(it ends with \"'c' appears 1 time.\"), and no control token opens the next turn, so the model would never "
+        "learn to stop; fix: add the template's end-of-turn token "
         "to the tokenizer as a special token, or use data.chat_template: chatml (found by the chat template check "
         "before training, on the first 64 records; it is the template or the tokenizer, not this record alone)"])
     assert "Traceback" not in err and not ray.is_initialized()

@@ -336,7 +336,7 @@ MULTI_REASONING = {"messages": [{"role": "user", "content": Q1},
      "data.chat_template: chatml"),
     (templates.NO_END_TOKEN, [RECORDS[0][0]],
      "train.jsonl:1: messages[1]: the chat template ends this assistant turn without a control token (it ends with "
-     "\"2 + 2 = 4.\"), so the model would never learn to stop; fix: add the template's end-of-turn token to the "
+     "\"2 + 2 = 4.\"), and no control token opens the next turn, so the model would never learn to stop; fix: add the template's end-of-turn token to the "
      "tokenizer as a special token, or use data.chat_template: chatml"),
     (templates.BLOCKS_SHORT, [RECORDS[0][0]],
      "train.jsonl:1: the template's {% generation %} blocks and raysft's prefix rendering disagree on what is "
@@ -590,7 +590,7 @@ def trl_template(name: str) -> str:
 
 R1_SPECIALS = ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<｜end▁of▁sentence｜>"]
 REAL = {  # name: (specials, eos, the rule, what ends a trained turn)
-    "deepseek_r1_distill": (R1_SPECIALS, "<｜end▁of▁sentence｜>", "prefill", "<｜end▁of▁sentence｜>"),
+    "deepseek_r1_distill": (R1_SPECIALS, "<｜end▁of▁sentence｜>", "open think", "<｜end▁of▁sentence｜>"),
     "phi3_5": (["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|endoftext|>", "conditional end", "<|end|>"),
     "glm4moe": (["[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|system|>", "<|observation|>", "<think>",
                  "</think>"], "<|endoftext|>", "next header", "<|user|>"),
@@ -695,8 +695,10 @@ def test_template_kwargs_reach_every_render(tmp_path, thinking):
     thought = {"messages": [{"role": "user", "content": Q1},
                             {"role": "assistant", "content": A1, "reasoning_content": REASONING}]}
     if thinking is False:
-        with pytest.raises(RecordError, match=r"not prefix-stable .* \(data\.chat_template_kwargs "
-                                              r"\{'enable_thinking': False\} shape the renders too"):
+        with pytest.raises(RecordError, match=r"this turn has reasoning, but the chat template's generation prompt "
+                                              r"under data\.chat_template_kwargs \{enable_thinking: false\} "
+                                              r"pre-fills .*; fix: set data\.chat_template_kwargs: "
+                                              r"\{enable_thinking: true\}"):
             encode(thought, tok, settings(chat_template_kwargs=kwargs))
     else:
         ids, labels = encode(thought, tok, settings(chat_template_kwargs=kwargs))
@@ -764,10 +766,12 @@ REFUSED = {  # (template, record): why; the rest accepted
     ("deepseekv3_training", "tools"): "does not render the record's tools in the prompt",
     ("diffusion_gemma_training", "tools"): r"\{% generation %\} blocks and raysft's prefix rendering disagree .*"
                                            r"<tool_call\|>.*: the prefix method trains it, the blocks do not",
-    ("qwen3_5_nothink", "reasoning"): "not prefix-stable",  # an empty think block where the reasoning would go
-    ("qwen3_5_nothink_training", "reasoning"): "not prefix-stable",
+    ("qwen3_5_nothink", "reasoning"): r"pre-fills .*thinking off",  # an empty think block where the reasoning goes
+    ("qwen3_5_nothink_training", "reasoning"): r"pre-fills .*thinking off",
     ("qwen3:no_think", "reasoning"): "enable_thinking: false pre-fills an empty think block",
     ("qwen3_8:no_think", "reasoning"): "enable_thinking: false pre-fills an empty think block",
+    **{(n, "reasoning"): "does not render its reasoning" for n in ("gemma4", "gemma4_v3", "gemma4_v4")},  # a
+    # thinking channel only for tool-call turns: the `reasoning` field it reads is dropped from a plain answer
     ("phi4", "tools"): "does not render tool call",
     ("smollm3", "tools"): "does not render tool call",  # the shape here has no tools (SmolLM3's own: XML tools)
     ("smollm3_no_think", "tools"): "does not render tool call",

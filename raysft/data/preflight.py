@@ -26,13 +26,14 @@ from raysft.data.chunks import Settings, example_of, mask_error, render
 from raysft.data.reading import read_chunk
 from raysft.data.records import MESSAGE_FIELDS, RECORD_FIELDS, ROLE_VALUES, RecordError
 from raysft.data.sources import Chunk
-from raysft.data.template import _compiled, control_tokens, conversation, end_of_turn
+from raysft.data.template import compiled, control_tokens, conversation, end_of_turn
 from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from raysft.errors import UserError, format_error
 
 SAMPLE = 64  # records: enough to see every shape a dataset's first chunk has, a fraction of a second
 FATAL = {"template_not_prefix_stable", "template_drops_content", "no_end_of_turn", "no_trained_tokens",
-         "all_trained", "end_of_turn_untrained", "prompt_differs", "generation_blocks_differ"}
+         "all_trained", "end_of_turn_untrained", "prompt_differs", "generation_blocks_differ", "reasoning_needs_kwarg"}
+COUNTED = {"thinking_off"}  # fatal too, reported once with how many of the sample's records it concerns
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # what transformers looks for (return_assistant_tokens_mask)
 
 
@@ -75,7 +76,7 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
         raise RecordError("end_of_turn_untrained", "the end-of-turn token is not among the trained labels, so the "
                                                    "model would never learn to stop; fix: check data.chat_template")
     messages, start = conversation(example, tokenizer, settings.system_message)
-    if _compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
+    if compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
         return 0, 0, rendered.rules  # control-token syntax typed in the data: kept as text, unlike a plain render
     kwargs = settings.chat_template_kwargs
     prompt = _inference_ids(tokenizer, messages[:start], example.tools, kwargs)
@@ -140,7 +141,7 @@ def check_generation_blocks(rendered, tokenizer, messages: list, tools, kwargs) 
             if prompted.startswith(before) and text.startswith(prompted[len(before):], len(before)):
                 prompts.append((len(before), len(prompted)))
     given = marks(prompts)
-    controls = [(m.start(), m.end()) for m in _compiled(tokenizer)[0].finditer(text)]
+    controls = [(m.start(), m.end()) for m in compiled(tokenizer)[0].finditer(text)]
     header = marks(controls if "next header" in rendered.rules else [])
     ending = marks([(a, b) for a, b in controls if "conditional end" in rendered.rules and a and ours[
         len(text[:a].rstrip()) - 1]])  # a token right after a trained one
@@ -208,6 +209,7 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
     records = _first(chunks, settings, sample)
     check_columns([r[3] for r in records if not isinstance(r[3], RecordError)], settings.columns, columns_key)
     checked, later, same, rules = len(records), 0, 0, set()
+    counted: list = []  # (where, error) of the COUNTED reasons
     for where, _line, _raw, record in records:
         if isinstance(record, RecordError):
             continue  # a bad line: the prepare policy's business
@@ -216,9 +218,16 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
         except RecordError as err:
             if err.reason in FATAL:
                 raise _fail(err, where, checked) from None
+            if err.reason in COUNTED:
+                counted.append((where, err))
             continue
         later += turns
         same += as_inference
         rules.update(applied)
+    if counted:
+        where, err = counted[0]
+        many = f"{len(counted)} of the {checked} records checked are like it" if len(counted) > 1 else (
+            f"it is the only one of the {checked} records checked")
+        raise UserError(f"{err.at(where)} ({many}; found by the chat template check before training)")
     return {"records": checked, "end_of_turn": eot, "later_turns": later, "history_as_inference": same,
             "rules": sorted(rules)}

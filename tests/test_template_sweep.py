@@ -1,0 +1,120 @@
+"""Every real chat template of ../shared/templates on a real tokenizer, over five record shapes (template_corpus.py):
+each pair accepted exactly, refused only where the template cannot train the record as written, or excluded where
+transformers itself cannot render it; docs/TEMPLATES.md is the sweep's table. Pure Python: no Ray, no torch."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import template_corpus as corpus
+
+from raysft.data.rendering import control_tokens, conversation
+
+
+@pytest.fixture(scope="module")
+def results():
+    return corpus.sweep()
+
+
+def test_the_docs_table_is_the_sweep(results):
+    """docs/TEMPLATES.md lists every template with its verdicts as the sweep finds them today (regenerate it with
+    `python tests/template_corpus.py` when a verdict changes on purpose)."""
+    with open(corpus.DOC, encoding="utf-8") as f:
+        assert f.read() == corpus.table(results)
+    assert {path for path, _ in results} == set(corpus.template_paths()) and len(corpus.template_paths()) >= 139
+
+
+def test_at_least_95_percent_of_the_pairs_a_template_can_train_are_accepted(results):
+    """The goal: of the renderable pairs, every one the template can train as written is accepted (refusals only
+    for what the template itself drops or for turns nothing ends), and most renderable pairs are accepted."""
+    accepted, refused, excluded = corpus.summary(results)
+    forced = sum(v.verdict == "refused" and v.detail.split(":")[0] in corpus.ALLOWED for v in results.values())
+    assert accepted / (accepted + refused - forced) >= 0.95
+    assert accepted / (accepted + refused) >= 0.85 and excluded < 0.15 * len(results)
+
+
+def _whole(c, shape, kwargs):
+    """The conversation as transformers renders it, whole, and with a next user turn after it."""
+    from raysft.data.chunks import example_of
+
+    tok = corpus.tokenizer_for(c)
+    record = corpus.SHAPES[shape]
+    messages, _ = conversation(example_of(record, corpus.settings(kwargs)), tok)
+    render = lambda msgs: tok.apply_chat_template(msgs, tools=record.get("tools"), tokenize=False,  # noqa: E731
+                                                  **{**c.kwargs, **kwargs})
+    return tok, messages, render(messages), render(messages + [{"role": "user", "content": "ok"}])
+
+
+def test_every_refusal_is_one_the_template_forces(results):
+    """A refusal is checked against transformers' own render, not raysft's reading of it: `template_drops_content`
+    only where the rendered conversation lacks the turn's reasoning or tool call (or the tools), `no_end_of_turn`
+    only where no control token follows the last answer, neither at the end nor before a next user turn."""
+    for (path, shape), v in results.items():
+        if v.verdict != "refused":
+            continue
+        reason = v.detail.split(":")[0]
+        assert reason in corpus.ALLOWED, (path, shape, v.detail)
+        c = corpus.case(path)
+        tok, messages, whole, following = _whole(c, shape, v.kwargs)
+        find = re.compile("|".join(map(re.escape, control_tokens(tok, c.text))))
+        if reason == "template_drops_content":
+            what = re.search(r"does not render (.*?) (?:of this|in the)", v.detail)[1]
+            question = whole.find(messages[-4]["content"]) if shape == "tools" else -1
+            lacks = {"its content": messages[-1]["content"] not in whole,
+                     "its reasoning": corpus.REASONING not in whole,
+                     "tool call 'get_weather'": "get_weather" not in whole[question: whole.find("18C, sunny")],
+                     "the record's tools": "get_weather" not in whole[:question]}
+            assert all(lacks[part] for part in what.split(", ")), (path, shape, what)
+        else:
+            answer = messages[-1]["content"]
+            after = whole[whole.rfind(answer) + len(answer):] if answer in whole else ""
+            between = following[following.rfind(answer) + len(answer): following.rfind("ok")]
+            assert not find.search(after) and not find.search(between), (path, shape, after, between)
+
+
+def test_accepted_pairs_train_the_answer_and_stop_at_a_control_token(results):
+    """Each accepted pair trains the last answer, and its last trained run ends on a control token (the end of the
+    turn, or the next turn's header): nothing after it is trained."""
+    for (path, shape), v in results.items():
+        if v.verdict != "accepted":
+            continue
+        c = corpus.case(path)
+        tok = corpus.tokenizer_for(c)
+        answer = corpus.SHAPES[shape]["messages"][-1]["content"]
+        last = v.trained[-1] if v.trained else ""
+        assert answer in last, (path, shape, v.trained)
+        assert any(last.endswith(t) for t in control_tokens(tok, c.text)), (path, shape, v.trained)
+
+
+GOLDEN = {  # (template, shape): the trained text, written by hand from each template's generation prompt and turn
+    ("chujiezheng/chatml.jinja", "single"): ["2 + 2 = 4.<|im_end|>"],  # blank line after its prompt: a pre-fill
+    ("vllm/tool_chat_template_llama3.1_json.jinja", "single"): ["2 + 2 = 4.<|eot_id|>"],
+    ("other-axolotl-ai-cloud-axolotl/phi_3.jinja", "single"): ["2 + 2 = 4.<|end|>"],
+    # Gemma 4: the prompt closes an empty thought channel (thinking off); the turn follows it
+    ("vllm/tool_chat_template_gemma4.jinja", "single"): ["2 + 2 = 4.<turn|>"],
+    # Command-A renders the next assistant header after every conversation: the turn ends at <|END_OF_TURN_TOKEN|>
+    ("other-axolotl-ai-cloud-axolotl/command_a.jinja", "single"): ["2 + 2 = 4.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"],
+    # Gemma 3 (SGLang's copy) appends `<start_of_turn>model` after the last turn: not trained
+    ("sglang/gemma4_chat_template.jinja", "single"): ["\n2 + 2 = 4.<end_of_turn>"],
+    # DeepSeek-V3.1 with thinking off: the prompt ends with `</think>`; with `thinking: true` (the variable the error
+    # names) it opens `<think>`: the reasoning, `</think>` and the answer are written after it
+    ("vllm/tool_chat_template_deepseekv31.jinja", "single"): ["      2 + 2 = 4.<｜end▁of▁sentence｜>"],
+    ("vllm/tool_chat_template_deepseekv31.jinja", "reasoning"): [
+        f"\n{corpus.REASONING}\n</think>\n\n2 + 2 = 4.<｜end▁of▁sentence｜>"],
+    # GLM-4.5: no token closes a turn: the next header <|user|> is trained
+    ("sglang/tool_and_thinking_chat_template_glm4.5.jinja", "single"): ["\n<think></think>\n2 + 2 = 4.<|user|>"],
+    # gpt-oss: the final channel, and <|return|> at the end of a conversation
+    ("other-EchoCog-gpt-oss-20b/chat_template.jinja", "single"): ["<|channel|>final<|message|>2 + 2 = 4.<|return|>"],
+    # Mistral v0.3 folds the system message into the last user turn only while it is last: the history renders
+    # otherwise, and the turn after the prompt is the answer and </s>
+    ("other-axolotl-ai-cloud-axolotl/mistral_v2v3.jinja", "system"): [" 2 + 2 = 4.</s>"],
+    # Qwen3: the earlier turn is history (its empty think block dropped), the last turn's block is trained
+    ("other-axolotl-ai-cloud-axolotl/qwen3.jinja", "multi"): ["</think>\n\n'apple' reversed is 'elppa'.<|im_end|>"],
+}
+
+
+@pytest.mark.parametrize("pair", sorted(GOLDEN), ids=lambda p: f"{p[0]}:{p[1]}")
+def test_golden_trained_text(results, pair):
+    v = results[pair]
+    assert v.verdict == "accepted" and v.trained == GOLDEN[pair], v
