@@ -26,8 +26,8 @@ from raysft.data.mixing import repeat_ratios, sources_of
 from raysft.data.preflight import preflight
 from raysft.data.sources import Chunk, expand, plan, plan_hf
 from raysft.data.template import RULES
-from raysft.data.tokenize import load_tokenizer
-from raysft.errors import UserError
+from raysft.data.tokenize import auto_template, load_tokenizer, raw_tokenizer, ready_tokenizer
+from raysft.errors import UserError, format_error
 
 MAX_CHUNK_BYTES = 4 << 20  # fixed beyond small inputs: per-task memory must not grow with the input
 MIN_CHUNK_BYTES = 256 << 10
@@ -99,13 +99,39 @@ def _counts(stats: list, work: str, split: str, max_seq_len: int) -> dict:
     return {**pipeline.side_counts(stats, split), **prepared.split_statistics(work, split, max_seq_len)}
 
 
+def tokenizer_path(cfg: Config) -> str:
+    return cfg.tokenizer.name_or_path or cfg.model.name_or_path
+
+
+def tokenizer_where(cfg: Config) -> str:
+    return "tokenizer.name_or_path" if cfg.tokenizer.name_or_path else "model.name_or_path"
+
+
+def resolve_chat_template(cfg: Config):
+    """`data.chat_template: auto` resolved, once, on the driver: `model` when the tokenizer has its own template,
+    else `chatml`; `cfg` then holds the choice (so the manifest, the workers and the checkpoint's config do, and a run
+    whose resolved template is unchanged resumes as before). Returns the tokenizer as loaded when it was `auto`,
+    else None."""
+    if cfg.data.chat_template != "auto":
+        return None
+    raw = raw_tokenizer(tokenizer_path(cfg), cfg.model.trust_remote_code, tokenizer_where(cfg))
+    cfg.data.chat_template = auto_template(raw)
+    if cfg.data.chat_template == "chatml" and cfg.data.chat_template_kwargs:
+        raise UserError(format_error("data.chat_template_kwargs", "are variables for the model's own template, and "
+                                     "data.chat_template: auto chose chatml (the tokenizer has no chat template)",
+                                     ", ".join(map(str, cfg.data.chat_template_kwargs)),
+                                     "give the template (data.chat_template: PATH.jinja), or remove them"))
+    return raw
+
+
 def prepare(cfg: Config, log: Callable[[str], None] = print,
             start_ray: Optional[Callable[[], None]] = None) -> tuple[str, dict]:
     """Prepare (or reuse) the dataset for `cfg`; returns (prepared folder, manifest)."""
     t0 = time.time()
-    tokenizer = load_tokenizer(cfg.tokenizer.name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code,
-                               "tokenizer.name_or_path" if cfg.tokenizer.name_or_path else "model.name_or_path",
-                               cfg.data.chat_template)
+    raw = resolve_chat_template(cfg)
+    auto = raw is not None
+    tokenizer = ready_tokenizer(raw, cfg.data.chat_template, tokenizer_path(cfg)) if auto else load_tokenizer(
+        tokenizer_path(cfg), cfg.model.trust_remote_code, tokenizer_where(cfg), cfg.data.chat_template)
     train_chunks, eval_chunks, inputs, sources = plan_inputs(cfg)
     phases = {"load_and_plan": time.time() - t0}  # seconds per phase, for the manifest (bench/prepare.py reads it)
     settings = Settings.from_config(cfg.data)
@@ -123,9 +149,15 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
             log(f"prepare: reusing {final} (fingerprint {prepared.short(fingerprint)}, same inputs, settings and "
                 "tokenizer)")
             return final, manifest
-        checked = combined([preflight([c for c in train_chunks if c.origin == i], st, tokenizer,
-                                      columns_key=f"data.sources[{i}].columns" if cfg.data.sources else "data.columns")
-                            for i, st in enumerate(per_source)])
+        try:
+            checked = combined([preflight([c for c in train_chunks if c.origin == i], st, tokenizer, columns_key=(
+                f"data.sources[{i}].columns" if cfg.data.sources else "data.columns"))
+                for i, st in enumerate(per_source)])
+        except UserError as err:
+            if not auto or settings.chat_template != "model":
+                raise
+            raise UserError(f"{err} (data.chat_template: auto chose the tokenizer's own chat template; to train in "
+                            "raysft's ChatML instead, set data.chat_template: chatml)") from None
         kwargs = f" with {settings.chat_template_kwargs}" if settings.chat_template_kwargs else ""
         log(f"prepare: chat template {settings.chat_template}{kwargs} checked on {checked['records']} records (masks, "
             f"end of turn {checked['end_of_turn']} trained, prompts as apply_chat_template gives them"

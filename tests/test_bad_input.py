@@ -77,9 +77,9 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
      "tokenizer_config.json (or chat_template.jinja) has one, give a .jinja file as data.chat_template, or use "
      "data.chat_template: chatml"),
     (["data.chat_template=/nonexistent/llama.jinja"],
-     "command line: data.chat_template: is neither chatml, model, model:NAME nor a file (no such file) (got "
-     "'/nonexistent/llama.jinja'). fix: use chatml (raysft's), model (the tokenizer's own template), model:NAME (one "
-     "of its named templates) or the path of a .jinja file"),
+     "command line: data.chat_template: is neither auto, chatml, model, model:NAME nor a file (no such file) (got "
+     "'/nonexistent/llama.jinja'). fix: use auto (the tokenizer's own template, else chatml), chatml (raysft's), model "
+     "(the tokenizer's own template), model:NAME (one of its named templates) or the path of a .jinja file"),
     (["data.chat_template=model:tool_use"],
      f"data.chat_template: the tokenizer has no chat template (got '{MODEL}'). fix: use a tokenizer whose "
      "tokenizer_config.json (or chat_template.jinja) has one, give a .jinja file as data.chat_template, or use "
@@ -87,10 +87,14 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
     (["data.chat_template='model:'"],
      "command line: data.chat_template: names no template after model: (got 'model:'). fix: write model:NAME with "
      "one of the tokenizer's template names (e.g. model:tool_use), or model"),
-    (["data.chat_template_kwargs={enable_thinking: false}"],
+    (["data.chat_template=chatml", "data.chat_template_kwargs={enable_thinking: false}"],
      "command line: data.chat_template_kwargs: are variables for the model's or a file's template; raysft's chatml "
      "reads none (got 'enable_thinking'). fix: set data.chat_template: model (or model:NAME, or a .jinja file), or "
      "remove data.chat_template_kwargs"),
+    (["data.chat_template_kwargs={enable_thinking: false}"],  # auto, and the tokenizer has no template of its own
+     "data.chat_template_kwargs: are variables for the model's own template, and data.chat_template: auto chose "
+     "chatml (the tokenizer has no chat template) (got 'enable_thinking'). fix: give the template "
+     "(data.chat_template: PATH.jinja), or remove them"),
     (["data.chat_template=model", "data.chat_template_kwargs={add_generation_prompt: true}"],
      "command line: data.chat_template_kwargs.add_generation_prompt: is set by raysft on every render, not by the "
      "config (got 'add_generation_prompt'). fix: remove it from data.chat_template_kwargs; raysft renders prompts and "

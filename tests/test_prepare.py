@@ -78,10 +78,17 @@ def test_prepare_writes_rows_and_manifest_and_reuses(tmp_path, tiny_model_dir, t
     assert manifest["eval"]["records_kept"] == 40
     # Ray runs in this process (4 logical CPUs on this machine's cores): no more tasks at once than cores
     assert manifest["prepare_max_tasks"] == os.cpu_count()
-    # same fingerprint: reused, nothing recomputed; another data setting: another fingerprint
+    # data.chat_template: auto (the default) resolved once to chatml (this tokenizer has no template of its own),
+    # recorded in the config and the manifest
+    assert cfg.data.chat_template == manifest["settings"]["chat_template"] == "chatml"
+    # same fingerprint: reused, nothing recomputed (also with chatml written out: a run that started before auto was
+    # the default resumes on its data); another data setting: another fingerprint
     again_path, again = prepare(cfg, log=logs.append)
     assert (again_path, again) == (path, manifest)
     assert logs[-1].startswith(f"prepare: reusing {path}")
+    explicit = load(tmp_path, base_config(tmp_path, tiny_model_dir, data, data={"max_seq_len": 128, "eval_files": data,
+                                                                                 "chat_template": "chatml"}))
+    assert prepare(explicit, log=logs.append) == (path, manifest) and logs[-1].startswith(f"prepare: reusing {path}")
     other, other_manifest = prepare(load(tmp_path, base_config(tmp_path, tiny_model_dir, data,
                                                                data={"max_seq_len": 128, "packing": False})))
     assert other != path and other_manifest["rows"] == 40

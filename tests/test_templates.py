@@ -842,3 +842,56 @@ def test_template_kwargs_are_read_from_the_config_and_in_the_prepared_fingerprin
     prints = {fingerprint({}, of(kwargs).as_dict(), "tok") for kwargs in ({}, {"enable_thinking": False},
                                                                            {"enable_thinking": True})}
     assert len(prints) == 3
+
+
+# ---- data.chat_template: auto ----------------------------------------------------------------------------------------
+
+def test_auto_is_the_tokenizers_own_template_when_it_has_one_else_chatml(tmp_path):
+    """auto resolves once, on the driver, into the config: `model` for a tokenizer with its own template (the
+    prepared rows then equal model's), `chatml` for one without; an explicit choice is left alone."""
+    from raysft.config import load_config
+    from raysft.prepare import resolve_chat_template
+
+    with_own = templates.byte_tokenizer(templates.QWEN, templates.FAMILIES["qwen"][1], None, "<|im_end|>")
+    with_own.save_pretrained(tmp_path / "own")
+    without = templates.byte_tokenizer(templates.QWEN, templates.FAMILIES["qwen"][1], None, "<|im_end|>")
+    without.chat_template = None
+    without.save_pretrained(tmp_path / "none")
+    for folder, expected in (("own", "model"), ("none", "chatml")):
+        cfg = load_config(None, [f"model.name_or_path={tmp_path / folder}", "data.train_files=[x.jsonl]",
+                                 f"output_dir={tmp_path / 'run'}"])
+        assert cfg.data.chat_template == "auto"
+        raw = resolve_chat_template(cfg)
+        assert cfg.data.chat_template == expected and raw is not None
+        assert resolve_chat_template(cfg) is None and cfg.data.chat_template == expected  # once
+    cfg = load_config(None, [f"model.name_or_path={tmp_path / 'own'}", "data.train_files=[x.jsonl]", f"output_dir={tmp_path}",
+                             "data.chat_template=chatml"])
+    assert resolve_chat_template(cfg) is None and cfg.data.chat_template == "chatml"
+
+
+def test_a_model_template_refused_under_auto_says_chatml_is_the_way_out(tmp_path, capfd):
+    """auto never falls back silently: a template the preflight refuses is the usual error, with what auto chose
+    and the explicit fix; before Ray."""
+    import ray
+
+    from raysft.cli import main
+
+    tok = templates.byte_tokenizer(templates.NO_END_TOKEN, [], None, "</s>")
+    tok.save_pretrained(tmp_path / "tok")
+    data = write_jsonl(tmp_path / "train.jsonl", [r for r, _ in RECORDS])
+    capfd.readouterr()
+    code = main(["prepare", _config(tmp_path, tmp_path / "tok", data)])
+    err = capfd.readouterr().err
+    assert code == 2 and "ends this assistant turn without a control token" in err
+    assert err.strip().endswith("(data.chat_template: auto chose the tokenizer's own chat template; to train in "
+                                "raysft's ChatML instead, set data.chat_template: chatml)")
+    assert not ray.is_initialized()
+
+
+def _config(tmp_path, model, data) -> str:
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "data": {"train_files": str(data)},
+                                    "model": {"name_or_path": str(model), "from_scratch": True}}))
+    return str(path)

@@ -69,11 +69,11 @@ def check(cfg: Config, where, problems: list[str]) -> None:
     if named and not template[len("model:"):].strip():
         bad("data.chat_template", "names no template after model:", template,
             "write model:NAME with one of the tokenizer's template names (e.g. model:tool_use), or model")
-    elif template not in ("chatml", "model") and not named and not os.path.isfile(template):
-        bad("data.chat_template", "is neither chatml, model, model:NAME nor a file" + (
+    elif template not in ("auto", "chatml", "model") and not named and not os.path.isfile(template):
+        bad("data.chat_template", "is neither auto, chatml, model, model:NAME nor a file" + (
             " (no such file)" if template.endswith(".jinja") else ""), template,
-            "use chatml (raysft's), model (the tokenizer's own template), model:NAME (one of its named templates) "
-            "or the path of a .jinja file")
+            "use auto (the tokenizer's own template, else chatml), chatml (raysft's), model (the tokenizer's own "
+            "template), model:NAME (one of its named templates) or the path of a .jinja file")
     check_template_kwargs(cfg.data.chat_template_kwargs, template, bad)
     if storage.is_uri(cfg.data.prepared_path):
         bad("data.prepared_path", "must be a folder (local, or storage mounted on every node), not a URI",

@@ -49,10 +49,11 @@ class DataConfig:
     columns: dict = field(default_factory=dict, metadata=doc(
         "the dataset's own names for raysft's record fields, message keys and roles, e.g. {messages: conversation, "
         "role: speaker, content: text, user: human, assistant: bot}"))
-    chat_template: str = field(default="chatml", metadata=doc(
-        "how conversations become text: chatml (raysft's, with tools and reasoning), model (the tokenizer's own "
-        "Jinja template; its default one when it has several), model:NAME (the tokenizer's template of that name, "
-        "e.g. model:tool_use), or the path of a .jinja file"))
+    chat_template: str = field(default="auto", metadata=doc(
+        "how conversations become text: auto (the tokenizer's own template when it has one, else chatml; resolved "
+        "once by prepare, recorded in the manifest and the checkpoint's config), chatml (raysft's, with tools and "
+        "reasoning), model (the tokenizer's own Jinja template; its default one when it has several), model:NAME "
+        "(the tokenizer's template of that name, e.g. model:tool_use), or the path of a .jinja file"))
     chat_template_kwargs: dict = field(default_factory=dict, metadata=doc(
         "extra variables for every render of a model or file template (prepare, the preflight, the eval prompts, "
         "the export and raysft generate), e.g. {enable_thinking: false} for Qwen3"))

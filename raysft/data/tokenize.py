@@ -152,19 +152,38 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: st
     """A tokenizer from a hub id or folder, ready for `data.chat_template`; a clear UserError when it cannot be.
 
     ``chatml``: the ChatML tokens added where missing and raysft's ChatML template set. ``model``: the tokenizer's
-    own template, which it must have. A path: that Jinja file's template. A pad token is set where missing.
+    own template, which it must have. ``auto``: ``model`` when it has one, else ``chatml`` (`auto_template`). A
+    path: that Jinja file's template. A pad token is set where missing.
     """
+    return ready_tokenizer(raw_tokenizer(name_or_path, trust_remote_code, where), chat_template, name_or_path)
+
+
+def raw_tokenizer(name_or_path: str, trust_remote_code: bool = False, where: str = "tokenizer.name_or_path"):
+    """The tokenizer as its files give it; a UserError naming `where` when it cannot be loaded."""
     from transformers import AutoTokenizer
 
-    from raysft.data.chatml import CHAT_TEMPLATE
     from raysft.errors import UserError, cause, format_error
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, HF hub errors...
         raise UserError(format_error(where, "cannot load tokenizer", name_or_path,
                                      f"give a local folder with tokenizer files or a hub id you can reach "
                                      f"({cause(exc)})")) from exc
+
+
+def auto_template(tokenizer) -> str:
+    """What `data.chat_template: auto` is for this tokenizer (as loaded, before `ready_tokenizer`): its own
+    template (``model``) when it has one, raysft's ``chatml`` when it has none."""
+    return "model" if tokenizer.chat_template else "chatml"
+
+
+def ready_tokenizer(tokenizer, chat_template: str, name_or_path: str = ""):
+    """`tokenizer` (as loaded) set up for `data.chat_template` (see `load_tokenizer`)."""
+    from raysft.data.chatml import CHAT_TEMPLATE
+
+    if chat_template == "auto":
+        chat_template = auto_template(tokenizer)
     if chat_template == "chatml":
         add_chatml_tokens(tokenizer)
         tokenizer.chat_template = CHAT_TEMPLATE
