@@ -3,6 +3,8 @@
 
     python bench/templates.py                  # 5,000 generated preference records (about a minute on 2 cores)
     python bench/templates.py --records 2000
+    python bench/templates.py --real ../shared     # also the real Qwen2 tokenizer (151,936 ids) with Qwen2.5's own
+                                                   # template from ../shared/templates: its path per chunk, preflight
 
 `model` renders through Jinja by prefixes (two renders per assistant turn, each checked to extend the one before);
 `chatml` builds its segments directly. The peer of `model` is `chatml` with the tokenizer's template set to
@@ -12,6 +14,7 @@ raysft's ChatML Jinja twin, so both give the same ids (checked here). Also timed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -26,6 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=5000)
+    ap.add_argument("--real", default=None, help="the shared folder (../shared): time the real Qwen2 tokenizer too")
     args = ap.parse_args()
 
     from prepare import make_data, train_tokenizer
@@ -62,8 +66,39 @@ def main() -> None:
     checked = preflight(chunks, s, tokenizer)
     print(f"preflight on {checked['records']} records: {time.perf_counter() - t0:.3f} s")
     print(f"model / chatml speed: {times['chatml'][0] / times['model'][0]:.2f}")
+    if args.real:
+        real = real_qwen2(args.real, tmp)
+        real.chat_template = open(os.path.join(args.real, "templates", "chujiezheng", "qwen2.5-instruct.jinja"),
+                                  encoding="utf-8").read()
+        rs = dataclasses.replace(s, chat_template="model")
+        t0 = time.perf_counter()
+        result = chunk_to_examples(chunks[0], rs, real)
+        seconds = time.perf_counter() - t0
+        print(f"real Qwen2 tokenizer ({len(real)} ids), Qwen2.5's template: {args.records / seconds:9.0f} records/s "
+              f"({seconds:.2f} s, {len(result.examples)} examples)")
+        t0 = time.perf_counter()
+        checked = preflight(chunks, rs, real)
+        print(f"real Qwen2 tokenizer: preflight on {checked['records']} records: {time.perf_counter() - t0:.3f} s")
     if not same:
         sys.exit(1)
+
+
+def real_qwen2(shared: str, tmp: str):
+    """../shared/tokenizers/qwen2 (its tokenizer.json gunzipped), as AutoTokenizer loads it."""
+    import gzip
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src, dst = os.path.join(shared, "tokenizers", "qwen2"), os.path.join(tmp, "qwen2")
+    os.makedirs(dst, exist_ok=True)
+    for f in os.listdir(src):
+        if f.endswith(".gz"):
+            with gzip.open(os.path.join(src, f)) as z, open(os.path.join(dst, f[:-3]), "wb") as out:
+                out.write(z.read())
+        else:
+            shutil.copy(os.path.join(src, f), dst)
+    return AutoTokenizer.from_pretrained(dst)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ EXTRA = {  # tokens a template writes that CONTROL does not spell out, as the fa
 }
 NOT_CONTROL = {"<SYS>", "<IMPORTANT>"}  # plain text in the templates that write them (Llama-2's <<SYS>> is text)
 EOS = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<turn|>", "<｜end▁of▁sentence｜>", "<|return|>",
-       "<|END_OF_TURN_TOKEN|>", "<|eot|>", "<|end|>", "<|endoftext|>", "[|endofturn|]", "</s>"]
+       "<|END_OF_TURN_TOKEN|>", "<|eot|>", "<|end|>", "<|endoftext|>", "[|endofturn|]", "[e~[", "<|end_of_text|>",
+       "</s>"]
 BOS = ["<|begin_of_text|>", "<bos>", "<｜begin▁of▁sentence｜>", "<|startoftext|>", "<BOS_TOKEN>", "<s>"]
 DATE = "26 Jul 2024"
 
@@ -67,14 +68,32 @@ SHAPES = {  # the record shapes of the sweep (OpenAI's chat format; a tool call 
 ALLOWED = {  # the only reasons a template may refuse a record: it cannot be trained as written
     "template_drops_content": "the template does not render what the record gives (tool calls, tools, reasoning)",
     "no_end_of_turn": "no token ends a turn and no control token opens the next",
+    "thinking_off": "the generation prompt closes an empty think block and no template variable opens it",
+    "generation_blocks_differ": "the template's own {% generation %} blocks leave out part of what it renders",
 }
 
 
+FIXTURE = "fixture/"  # the families the corpus lacks, written by hand in templates.py (SHAPES)
+TRL = "trl/"  # the templates TRL installs (the models' own and its `_training` copies with generation blocks)
+VISION = ("idefics3", "smolvlm", "llava_next")  # content as image and text parts: not text SFT
+
+
+def trl_folder() -> str:
+    import trl
+
+    return os.path.join(os.path.dirname(trl.__file__), "chat_templates")
+
+
 def template_paths() -> list[str]:
+    """Every template of the shared corpus, TRL's installed text templates, then the hand-written fixtures of
+    families neither has."""
+    import templates
+
     found = []
     for folder, _, files in os.walk(TEMPLATES):
         found += [os.path.relpath(os.path.join(folder, f), TEMPLATES) for f in files if f.endswith(".jinja")]
-    return sorted(found)
+    trl = sorted(TRL + f[:-6] for f in os.listdir(trl_folder()) if f.endswith(".jinja") and not f.startswith(VISION))
+    return sorted(found) + trl + [FIXTURE + name for name in templates.SHAPES]
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,9 +125,18 @@ class Case:
 
 @functools.lru_cache(maxsize=None)
 def case(path: str) -> Case:
-    with open(os.path.join(TEMPLATES, path), encoding="utf-8", newline="") as f:
-        text = f.read()
-    tokens = sorted((set(CONTROL.findall(text)) | set(EXTRA.get(path, []))) - NOT_CONTROL)
+    fixed: dict = {}
+    if path.startswith(FIXTURE):  # its control tokens (and template variables) as the fixture records them
+        import templates
+
+        text, specials, _, _, fixed = templates.SHAPES[path[len(FIXTURE):]]
+        tokens = sorted(specials)
+    else:
+        where = os.path.join(trl_folder(), path[len(TRL):] + ".jinja") if path.startswith(TRL) else os.path.join(
+            TEMPLATES, path)
+        with open(where, encoding="utf-8", newline="") as f:
+            text = f.read()
+        tokens = sorted((set(CONTROL.findall(text)) | set(EXTRA.get(path, []))) - NOT_CONTROL)
     if "<|eot_id|>" in tokens or "<|start_header_id|>" in tokens:
         host = "llama3"
     elif "<|end|>" in tokens and "<|assistant|>" in tokens and "<|im_start|>" not in tokens:
@@ -118,7 +146,7 @@ def case(path: str) -> Case:
     eos = next((t for t in EOS if t in tokens), "</s>")
     bos = next((t for t in BOS if t in tokens or t in text), "<s>" if "bos_token" in text else None)
     kwargs = {"date_string": DATE} if "strftime_now" in text or "date_string" in text else {}
-    return Case(path, text, host, tokens, bos, eos, kwargs)
+    return Case(path, text, host, tokens, bos, eos, {**kwargs, **fixed})
 
 
 @functools.lru_cache(maxsize=None)
@@ -247,7 +275,9 @@ def table(results: dict) -> str:
         "(sources: its SOURCES.md), on a real tokenizer (`../shared/tokenizers/`: Llama-3 for its header "
         "templates, Phi-3 for Phi-3's, Qwen2 for the rest, with the family's control tokens added), against five "
         "records: a single turn, a system message, two trained turns, reasoning (`reasoning_content`), and a tool "
-        "call with its result.",
+        "call with its result. Then TRL's installed text templates (`trl/`), and last the families neither has "
+        "(QwQ, Kimi-K2, MiniMax-M2, Apriel, Granite 4, SmolLM3, Phi-4, Granite 3, Mistral v0.3 with tools), "
+        "written by hand from their public descriptions as fixtures (`fixture/`, in `tests/templates.py`).",
         "",
         "✓ accepted: the prompt's ids are exactly `apply_chat_template(..., add_generation_prompt=True)`, the trained "
         "tokens are the turn and the token that ends it (the rules that read the template are named, as the "

@@ -256,3 +256,120 @@ SHAPES = {  # name: (template, specials, bos, eos, data.chat_template_kwargs)
     "granite3": (GRANITE, ["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"], None,
                  "<|end_of_text|>", {}),
 }
+
+# Families the shared corpus lacks (issue 38, item 4), each written here by hand from its public description (the
+# model card or the prompt-format guide it names); the shape that matters kept, nothing copied.
+QWQ = (  # Qwen/QwQ-32B: ChatML; the generation prompt opens `<think>\n`; a finished turn keeps only what follows
+    # </think> (its reasoning is never in the history); Qwen2.5's tools and <tool_call> convention
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+    "{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\n<tools>' }}{%- for t in tools %}{{- '\\n' + t | tojson }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'user' or (m['role'] == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- elif m['role'] == 'assistant' %}{%- set content = (m['content'] or '').split('</think>')[-1].lstrip('\\n') %}"
+    "{{- '<|im_start|>assistant\\n' + content }}"
+    "{%- for call in m.get('tool_calls') or [] %}{%- if content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": '"
+    " + call['function']['arguments'] | tojson + '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + m['content'] + '\\n</tool_response><|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+KIMI_K2 = (  # moonshotai/Kimi-K2-Instruct: <|im_user|>/<|im_assistant|>/<|im_system|> headers with the role name and
+    # <|im_middle|>, <|im_end|> closing every message, a default system message, tools declared in a system block,
+    # calls as functions.NAME:INDEX in a tool-calls section
+    "{%- if tools %}{{- '<|im_system|>tool_declare<|im_middle|>' + tools | tojson + '<|im_end|>' }}{%- endif %}"
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' %}{{- '<|im_system|>system<|im_middle|>' }}"
+    "{%- elif m['role'] == 'user' %}{{- '<|im_user|>user<|im_middle|>' }}"
+    "{%- elif m['role'] == 'assistant' %}{{- '<|im_assistant|>assistant<|im_middle|>' }}"
+    "{%- else %}{{- '<|im_system|>tool<|im_middle|>' }}{%- endif %}"
+    "{%- if m['role'] == 'assistant' and m.get('tool_calls') %}{{- m['content'] or '' }}"
+    "{{- '<|tool_calls_section_begin|>' }}{%- for call in m['tool_calls'] %}"
+    "{{- '<|tool_call_begin|>functions.' + call['function']['name'] + ':' + loop.index0 | string"
+    " + '<|tool_call_argument_begin|>' + call['function']['arguments'] | tojson + '<|tool_call_end|>' }}"
+    "{%- endfor %}{{- '<|tool_calls_section_end|>' }}"
+    "{%- elif m['role'] == 'tool' %}{{- '## Return of ' + m['tool_call_id'] + '\\n' + m['content'] }}"
+    "{%- else %}{{- m['content'] }}{%- endif %}{{- '<|im_end|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_assistant|>assistant<|im_middle|>' }}{%- endif %}"
+)
+MINIMAX_M2 = (  # MiniMaxAI/MiniMax-M2: ]~!b[ opens the conversation, ]~b]ROLE opens a message, [e~[ closes it; the
+    # generation prompt opens `<think>\n`; reasoning after the last user message kept (interleaved thinking); tool
+    # calls as <minimax:tool_call><invoke name=...><parameter name=...>
+    "{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+    "{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{{- ']~!b[]~b]system\\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}"
+    "{%- if tools %}{{- '\\n\\n# Tools\\n<tools>' }}{%- for t in tools %}{{- '\\n' + t | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>' }}{%- endif %}{{- '[e~[\\n' }}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'user' %}{{- ']~b]user\\n' + m['content'] + '[e~[\\n' }}"
+    "{%- elif m['role'] == 'assistant' %}{{- ']~b]ai\\n' }}"
+    "{%- if m.get('reasoning_content') and loop.index0 > ns.last_user %}"
+    "{{- '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}{%- endif %}{{- m['content'] or '' }}"
+    "{%- if m.get('tool_calls') %}{{- '\\n<minimax:tool_call>' }}{%- for call in m['tool_calls'] %}"
+    "{{- '\\n<invoke name=\"' + call['function']['name'] + '\">' }}"
+    "{%- for k, v in call['function']['arguments'].items() %}"
+    "{{- '\\n<parameter name=\"' + k + '\">' + v | string + '</parameter>' }}{%- endfor %}{{- '\\n</invoke>' }}"
+    "{%- endfor %}{{- '\\n</minimax:tool_call>' }}{%- endif %}{{- '[e~[\\n' }}"
+    "{%- elif m['role'] == 'tool' %}{{- ']~b]tool\\n<response>' + m['content'] + '</response>[e~[\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- ']~b]ai\\n<think>\\n' }}{%- endif %}"
+)
+APRIEL = (  # ServiceNow-AI/Apriel-1.5-15b-Thinker: <|system|>/<|user|>/<|assistant|> headers on their own line,
+    # <|end|> after each message; a default system message asking for [BEGIN FINAL RESPONSE] ... [END FINAL
+    # RESPONSE]; the generation prompt pre-fills the sentence "Here are my reasoning steps:\n"; no tools
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system = 'You are a thoughtful and systematic AI "
+    "assistant. Present your reasoning step by step, then the final solution as [BEGIN FINAL RESPONSE] ... "
+    "[END FINAL RESPONSE].' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- '<|system|>\\n' + system + '\\n<|end|>\\n' }}"
+    "{%- for m in loop_messages %}{{- '<|' + m['role'] + '|>\\n' + (m['content'] or '') + '\\n<|end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\nHere are my reasoning steps:\\n' }}{%- endif %}"
+)
+GRANITE4 = (  # ibm-granite/granite-4.0 (its prompt engineering guide): <|start_of_role|>ROLE<|end_of_role|>, each
+    # message closed by <|end_of_text|>; tools listed in the system message within <tools>; calls as <tool_call>
+    # JSON; tool results as a user message within <tool_response>
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{%- if tools %}{%- set ns = namespace(text=(system + '\\n\\n' if system else '') + 'You are a helpful "
+    "assistant with access to the following tools. You may call one or more tools to assist with the user "
+    "query.\\n\\n<tools>') %}"
+    "{%- for t in tools %}{%- set ns.text = ns.text + '\\n' + t | tojson %}{%- endfor %}"
+    "{%- set system = ns.text + '\\n</tools>' %}{%- endif %}"
+    "{%- if system %}{{- '<|start_of_role|>system<|end_of_role|>' + system + '<|end_of_text|>\\n' }}{%- endif %}"
+    "{%- for m in loop_messages %}"
+    "{%- if m['role'] == 'tool' %}"
+    "{{- '<|start_of_role|>user<|end_of_role|><tool_response>\\n' + m['content'] + '\\n</tool_response><|end_of_text|>\\n' }}"
+    "{%- else %}{{- '<|start_of_role|>' + m['role'] + '<|end_of_role|>' + (m['content'] or '') }}"
+    "{%- for call in m.get('tool_calls') or [] %}{{- '<tool_call>\\n{\"name\": \"' + call['function']['name']"
+    " + '\", \"arguments\": ' + call['function']['arguments'] | tojson + '}\\n</tool_call>' }}{%- endfor %}"
+    "{{- '<|end_of_text|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
+NEW_FAMILIES = {  # name: (template, special tokens, bos, eos, kwargs, where the description is)
+    "qwq": (QWQ, ["<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>", "</tool_call>"], None,
+            "<|im_end|>", {}, "Qwen/QwQ-32B model card and tokenizer_config.json"),
+    "kimi_k2": (KIMI_K2, ["<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>",
+                          "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                          "<|tool_call_argument_begin|>", "<|tool_call_end|>"], None, "<|im_end|>", {},
+                "moonshotai/Kimi-K2-Instruct docs/tool_call_guidance.md"),
+    "minimax_m2": (MINIMAX_M2, ["]~!b[", "]~b]", "[e~[", "<think>", "</think>"], None, "[e~[", {},
+                   "MiniMax-AI/MiniMax-M2 docs/tool_calling_guide.md; llama.cpp's MiniMax-M2 format"),
+    "apriel": (APRIEL, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|end|>", {},
+               "ServiceNow-AI/Apriel-1.5-15b-Thinker model card"),
+    "granite4": (GRANITE4, ["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>"], None, "<|end_of_text|>", {},
+                 "ibm-granite Granite 4.0 prompt engineering guide"),
+}
+SHAPES.update({name: case[:5] for name, case in NEW_FAMILIES.items()})

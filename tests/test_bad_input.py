@@ -106,7 +106,8 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
     (["data.columns={mesages: conversation}"],
      "command line: data.columns.mesages: is not a name raysft reads (got 'mesages'). fix: did you mean messages? map "
      "one of: messages, conversations, chosen, rejected, prompt, completion, text, instruction, input, output, "
-     "system, tools, role, content, tool_calls, reasoning_content, tool_call_id, name, user, assistant, tool"),
+     "system, tools, chat_template_kwargs, role, content, tool_calls, reasoning_content, tool_call_id, name, user, "
+     "assistant, tool"),
     (["data.train_files=[]", f"data.sources=[{{files: {SAMPLE}, wieght: 2}}]"],
      "command line: data.sources[0].wieght: is not a source key (got 'wieght'). fix: did you mean weight? use: name, "
      "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction"),

@@ -22,7 +22,7 @@ def test_the_docs_table_is_the_sweep(results):
     `python tests/template_corpus.py` when a verdict changes on purpose)."""
     with open(corpus.DOC, encoding="utf-8") as f:
         assert f.read() == corpus.table(results)
-    assert {path for path, _ in results} == set(corpus.template_paths()) and len(corpus.template_paths()) >= 139
+    assert {path for path, _ in results} == set(corpus.template_paths()) and len(corpus.template_paths()) >= 144
 
 
 def test_at_least_95_percent_of_the_pairs_a_template_can_train_are_accepted(results):
@@ -66,6 +66,16 @@ def test_every_refusal_is_one_the_template_forces(results):
                      "tool call 'get_weather'": "get_weather" not in whole[question: whole.find("18C, sunny")],
                      "the record's tools": "get_weather" not in whole[:question]}
             assert all(lacks[part] for part in what.split(", ")), (path, shape, what)
+        elif reason == "thinking_off":  # the prompt ends in a closed think block, whatever the template's variables
+            prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, **c.kwargs)
+            assert "fix: set data.chat_template_kwargs" not in v.detail and prompt.rstrip().endswith(("</think>", "<channel|>")), (path, prompt)
+        elif reason == "generation_blocks_differ":  # transformers' own assistant mask leaves a control token out
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            (text,), (spans,) = render_jinja_template([messages], tools=corpus.SHAPES[shape].get("tools"),
+                                                      chat_template=c.text, return_assistant_tokens_mask=True,
+                                                      **tok.special_tokens_map)
+            assert any(find.match(text, b) for _, b in spans), (path, shape, spans)
         else:
             answer = messages[-1]["content"]
             after = whole[whole.rfind(answer) + len(answer):] if answer in whole else ""
@@ -111,6 +121,15 @@ GOLDEN = {  # (template, shape): the trained text, written by hand from each tem
     ("other-axolotl-ai-cloud-axolotl/mistral_v2v3.jinja", "system"): [" 2 + 2 = 4.</s>"],
     # Qwen3: the earlier turn is history (its empty think block dropped), the last turn's block is trained
     ("other-axolotl-ai-cloud-axolotl/qwen3.jinja", "multi"): ["</think>\n\n'apple' reversed is 'elppa'.<|im_end|>"],
+    # the families the corpus lacks, written from their public descriptions (templates.NEW_FAMILIES)
+    ("fixture/qwq", "single"): ["\n</think>\n\n2 + 2 = 4.<|im_end|>"],  # QwQ opens <think>: empty reasoning, closed
+    ("fixture/qwq", "reasoning"): [f"{corpus.REASONING}\n</think>\n\n2 + 2 = 4.<|im_end|>"],
+    ("fixture/minimax_m2", "reasoning"): [f"{corpus.REASONING}\n</think>\n\n2 + 2 = 4.[e~["],
+    ("fixture/apriel", "single"): ["2 + 2 = 4.\n<|end|>"],  # after the pre-filled "Here are my reasoning steps:\n"
+    ("fixture/kimi_k2", "single"): ["2 + 2 = 4.<|im_end|>"],
+    ("fixture/granite4", "tools"): [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|end_of_text|>',
+        "It is 18C and sunny.<|end_of_text|>"],
 }
 
 

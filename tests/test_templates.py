@@ -772,6 +772,7 @@ REFUSED = {  # (template, record): why; the rest accepted
     ("qwen3_8:no_think", "reasoning"): "enable_thinking: false pre-fills an empty think block",
     **{(n, "reasoning"): "does not render its reasoning" for n in ("gemma4", "gemma4_v3", "gemma4_v4")},  # a
     # thinking channel only for tool-call turns: the `reasoning` field it reads is dropped from a plain answer
+    ("apriel", "tools"): "does not render tool call",  # no tool support in Apriel's template
     ("phi4", "tools"): "does not render tool call",
     ("smollm3", "tools"): "does not render tool call",  # the shape here has no tools (SmolLM3's own: XML tools)
     ("smollm3_no_think", "tools"): "does not render tool call",
@@ -869,23 +870,22 @@ def test_auto_is_the_tokenizers_own_template_when_it_has_one_else_chatml(tmp_pat
     assert resolve_chat_template(cfg) is None and cfg.data.chat_template == "chatml"
 
 
-def test_a_model_template_refused_under_auto_says_chatml_is_the_way_out(tmp_path, capfd):
+def test_a_model_template_refused_under_auto_says_chatml_is_the_way_out(tmp_path):
     """auto never falls back silently: a template the preflight refuses is the usual error, with what auto chose
-    and the explicit fix; before Ray."""
-    import ray
-
-    from raysft.cli import main
+    and the explicit fix; before Ray (prepare never asks for it)."""
+    from raysft.config import load_config
+    from raysft.prepare import prepare
 
     tok = templates.byte_tokenizer(templates.NO_END_TOKEN, [], None, "</s>")
     tok.save_pretrained(tmp_path / "tok")
     data = write_jsonl(tmp_path / "train.jsonl", [r for r, _ in RECORDS])
-    capfd.readouterr()
-    code = main(["prepare", _config(tmp_path, tmp_path / "tok", data)])
-    err = capfd.readouterr().err
-    assert code == 2 and "ends this assistant turn without a control token" in err
-    assert err.strip().endswith("(data.chat_template: auto chose the tokenizer's own chat template; to train in "
-                                "raysft's ChatML instead, set data.chat_template: chatml)")
-    assert not ray.is_initialized()
+    asked = []
+    with pytest.raises(UserError) as err:
+        prepare(load_config(_config(tmp_path, tmp_path / "tok", data)), log=lambda line: None,
+                start_ray=lambda: asked.append("ray"))
+    assert "ends this assistant turn without a control token" in str(err.value) and asked == []
+    assert str(err.value).endswith("(data.chat_template: auto chose the tokenizer's own chat template; to train in "
+                                   "raysft's ChatML instead, set data.chat_template: chatml)")
 
 
 def _config(tmp_path, model, data) -> str:
@@ -895,3 +895,27 @@ def _config(tmp_path, model, data) -> str:
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "data": {"train_files": str(data)},
                                     "model": {"name_or_path": str(model), "from_scratch": True}}))
     return str(path)
+
+
+def test_a_records_own_chat_template_kwargs_are_honoured_as_trl_honours_them(tmp_path):
+    """Mixed thinking and non-thinking data on Qwen3's real template: a record's `chat_template_kwargs` are merged
+    over data.chat_template_kwargs for its renders and its preflight (prompt ids exactly apply_chat_template with
+    them); the preflight passes on the mix; under chatml the field is a bad record, and so is a malformed one."""
+    tok = templates.byte_tokenizer(trl_template("qwen3"), QWEN3_SPECIALS, None, "<|im_end|>")
+    plain_turn = {**RECORDS[0][0], "chat_template_kwargs": {"enable_thinking": False}}
+    thought = {"messages": [{"role": "user", "content": Q1},
+                            {"role": "assistant", "content": A1, "reasoning_content": REASONING}]}
+    ids, labels = encode(plain_turn, tok, settings())
+    prompt = list(tok.apply_chat_template(plain_turn["messages"][:1], add_generation_prompt=True, tokenize=True,
+                                          return_dict=False, enable_thinking=False))
+    assert tok.decode(prompt).endswith("<think>\n\n</think>\n\n")
+    assert ids[: len(prompt)] == prompt and trained_runs(tok, ids, labels) == [A1 + "<|im_end|>"]
+    ids, labels = encode(thought, tok, settings())
+    assert trained_runs(tok, ids, labels) == [f"<think>\n{REASONING}\n</think>\n\n{A1}<|im_end|>"]
+    checked, _ = _preflight(tmp_path, tok, [plain_turn, thought])
+    assert checked["records"] == 2
+    with pytest.raises(RecordError, match="chat_template_kwargs: variables for a model's own template, and "
+                                          "data.chat_template is chatml"):
+        encode(plain_turn, tok, settings(chat_template="chatml"))
+    with pytest.raises(RecordError, match="chat_template_kwargs: must map template variable names to values"):
+        split_record({**RECORDS[0][0], "chat_template_kwargs": ["enable_thinking"]})

@@ -24,9 +24,12 @@ import re
 from typing import Mapping, Optional
 
 from raysft.data.chatml import Segment, think_text
+from raysft.data.messages import THINK_CLOSE, THINK_OPEN
 from raysft.data.parsing import shorten
-from raysft.data.records import THINK_CLOSE, THINK_OPEN, RecordError
+from raysft.data.records import RecordError
 from raysft.data.rendering import back_off, plain, segments, shared
+
+PROBE_NEXT = {"role": "user", "content": "\u2042 next"}  # a next user turn, to find where its header starts
 
 
 def align(prompt: str, full: str, find: re.Pattern, at_line: bool = False) -> tuple[int, int]:
@@ -147,20 +150,50 @@ def lost(turn: str, message: Mapping) -> list[str]:
     return out
 
 
-def drops_error(what: list[str], turn: str, j: int) -> RecordError:
-    return RecordError("template_drops_content", f"messages[{j}]: the chat template does not render "
-                                                 f"{', '.join(what)} of this assistant turn (rendered: "
-                                                 f"{shorten(plain(turn), 120)}); fix: use a template that renders "
-                                                 "it (tool calls need a template with tool support), or "
-                                                 "data.chat_template: chatml")
+def before_next_header(full: str, start: int, following: Optional[str], alone: Optional[str], prompt: str,
+                        said: str, bos: Optional[str], find: re.Pattern) -> tuple[str, bool]:
+    """`full` cut where a next user turn's header would start, when `full` renders something else there (an
+    assistant header a template always appends: Command-A's, Gemma's); whether it cut. The header: the control tokens
+    (and text) right before the probe's content rendered alone, after the last token that ends a turn (the first
+    control token after the previous message's content in `prompt`)."""
+    content = PROBE_NEXT["content"]
+    if not following or not alone or content not in alone:
+        return full, False
+    before = alone[: alone.index(content)]
+    tokens = list(find.finditer(before))
+    if not tokens:
+        return full, False
+    run = len(tokens) - 1
+    while run and tokens[run - 1].end() == tokens[run].start():
+        run -= 1
+    ender = find.search(prompt, prompt.rfind(said) + len(said)) if said and said in prompt else None
+    header_at = tokens[run].start()
+    for m in tokens[run:]:
+        if m.group(0) in (ender.group(0) if ender else None, bos):
+            header_at = m.end()
+    header = before[header_at:]
+    at = following.rfind(header + content) if header.strip() else -1
+    if at < start or not full.startswith(following[:at]) or not full[at:].strip() or not find.search(full, start, at):
+        return full, False
+    return full[:at], True
 
 
-def end_of_turn_error(turn: str, j: int) -> RecordError:
-    return RecordError("no_end_of_turn", f"messages[{j}]: the chat template ends this assistant turn without a "
-                                         f"control token (it ends with {shorten(plain(turn)[-30:])}), and no "
-                                         "control token opens the next turn, so the model would never learn to "
-                                         "stop; fix: add the template's end-of-turn token to the tokenizer as a "
-                                         "special token, or use data.chat_template: chatml")
+def once_followed(later: str, k: int, message: Mapping, following: Mapping, eot: Optional[str]) -> Optional[int]:
+    """Where a turn the template renders only once a message follows it (Nemotron's tool calls, before their result)
+    ends in the render with that message: at the template's end-of-turn token, with all of the turn before it and
+    nothing of the next message; None when it is not so."""
+    at = later.find(eot, k) if eot else -1
+    nxt = str(following.get("content") or "").strip()
+    if at < 0 or lost(later[k:at], message) or (nxt and nxt in later[k:at]):
+        return None
+    return at + len(eot)
+
+
+def inside_history(previous: Mapping, full: str, k: int) -> bool:
+    """Whether what would be trained from `k` on holds the message before the turn (first rendered there): then
+    the generation prompt renders the conversation before the turn otherwise, not just a pre-fill."""
+    said = str(previous.get("content") or "").strip()
+    return bool(said) and full.find(said) >= k
 
 
 class Pieces:

@@ -98,6 +98,10 @@ def render(record, settings: Settings, tokenizer, example: Optional[Example] = N
     Plain text is ended with the tokenizer's EOS token, trained (unless it already ends with it)."""
     example = example or example_of(record, settings)
     if settings.chat_template == "chatml":
+        if example.template_kwargs:
+            raise RecordError("template_kwargs_unused", "chat_template_kwargs: variables for a model's own template, "
+                                                        "and data.chat_template is chatml, which reads none; fix: use "
+                                                        "data.chat_template: auto or model, or drop the field")
         rendered = render_example(example, settings.system_message, settings.train_on_reasoning)
     else:
         rendered = render_native(example, tokenizer, settings.system_message, settings.train_on_reasoning,

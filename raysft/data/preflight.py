@@ -78,7 +78,7 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
     messages, start = conversation(example, tokenizer, settings.system_message)
     if compiled(tokenizer)[0].search(str(messages) + str(example.tools)):
         return 0, 0, rendered.rules  # control-token syntax typed in the data: kept as text, unlike a plain render
-    kwargs = settings.chat_template_kwargs
+    kwargs = {**(settings.chat_template_kwargs or {}), **(example.template_kwargs or {})}
     prompt = _inference_ids(tokenizer, messages[:start], example.tools, kwargs)
     if rendered.history_untrained and ids[: len(prompt)] != prompt:
         prompt = _first_trained_prompt(tokenizer, messages, start, example.tools, kwargs, ids, labels) or prompt

@@ -19,19 +19,20 @@ import weakref
 from typing import Mapping, Optional, Sequence
 
 from raysft.data.alignment import (
+    PROBE_NEXT,
     Pieces,
     align,
     align_inserted,
-    drops_error,
-    end_of_turn_error,
+    before_next_header,
+    inside_history,
     lost,
     next_header,
+    once_followed,
     open_think,
     reasoning_end,
     turn_end,
 )
 from raysft.data.chatml import Rendered, answer_text, empty_answer, think_text
-from raysft.data.parsing import shorten
 from raysft.data.records import Example, RecordError
 from raysft.data.rendering import (
     compiled,
@@ -43,10 +44,18 @@ from raysft.data.rendering import (
     render,
     segments,
 )
+from raysft.data.template_errors import (
+    ReasoningLost,
+    drops_error,
+    end_of_turn_error,
+    history_differs,
+    thinking_kwarg,
+)
 
 __all__ = ["RULES", "compiled", "control_tokens", "conversation", "end_of_turn", "render_native", "render_prompt",
            "stop_ids"]
 _end_of_turn: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> ((template, size), token)
+_appends: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (key, the probe rendered alone)
 
 RULES = {  # how a model's template was read, as the preflight reports it (docs: "Chat templates")
     "prefix": "each turn trained as the template renders it after the generation prompt, up to its end-of-turn "
@@ -66,32 +75,6 @@ RULES = {  # how a model's template was read, as the preflight reports it (docs:
                "other whitespace): they stay context, untrained, as inference sees them",
 }
 PROBE_USER = {"role": "user", "content": "ok"}  # what follows the last turn, to find a next-header closing token
-PROBE_NEXT = {"role": "user", "content": "\u2042 next"}  # a next user turn, to find where its header starts
-THINKING = re.compile(r"think|reason", re.I)  # template variables that may switch reasoning on
-
-
-def thinking_kwarg(example: Example, tokenizer, system_message: Optional[str], train_on_reasoning: bool,
-                   kwargs: Optional[Mapping]) -> Optional[dict]:
-    """The template variable (and value) under which the template trains the example's reasoning (DeepSeek-V3.1's
-    `thinking`, Qwen3's `enable_thinking`, gpt-oss' `reasoning_effort`), found by trying the template's own
-    variables; None when none does."""
-    from jinja2 import Environment, meta
-
-    try:
-        names = meta.find_undeclared_variables(Environment(extensions=["jinja2.ext.loopcontrols"]).parse(
-            tokenizer.chat_template or ""))
-    except Exception:  # a template only transformers' own environment reads (its extensions): no guess then
-        return None
-    for name in sorted(n for n in names if THINKING.search(n)):
-        for value in (True, "high", False):
-            if (kwargs or {}).get(name, object()) == value:
-                continue
-            try:
-                _render_native(example, tokenizer, system_message, train_on_reasoning, {**(kwargs or {}), name: value})
-            except RecordError:
-                continue
-            return {name: value}
-    return None
 
 
 def render_native(example: Example, tokenizer, system_message: Optional[str] = None,
@@ -99,36 +82,14 @@ def render_native(example: Example, tokenizer, system_message: Optional[str] = N
     """An `Example` through the tokenizer's chat template, its segments marked trained as inference sees each
     assistant turn; `template_kwargs`: `data.chat_template_kwargs`, passed to every render. Where the record's
     reasoning is not trained as the template is called, the error names the template variable that would."""
+    if example.template_kwargs:  # the record's own, over data.chat_template_kwargs (as TRL merges them)
+        template_kwargs = {**(template_kwargs or {}), **example.template_kwargs}
     try:
         return _render_native(example, tokenizer, system_message, train_on_reasoning, template_kwargs)
-    except _ReasoningLost as err:
-        kwarg = thinking_kwarg(example, tokenizer, system_message, train_on_reasoning, template_kwargs)
+    except ReasoningLost as err:
+        kwarg = thinking_kwarg(lambda kw: _render_native(example, tokenizer, system_message, train_on_reasoning, kw),
+                               tokenizer.chat_template or "", template_kwargs)
         raise err.error(kwarg, template_kwargs) from None
-
-
-class _ReasoningLost(RecordError):
-    """A turn's reasoning not trained: the template drops it (`prefill` empty) or pre-fills thinking off."""
-
-    def __init__(self, j: int, turn: str, prefill: str = ""):
-        super().__init__("template_drops_content", f"messages[{j}]: reasoning lost")
-        self.j, self.turn, self.prefill = j, turn, prefill
-
-    def error(self, kwarg: Optional[dict], kwargs: Optional[Mapping]) -> RecordError:
-        set_it = f"set data.chat_template_kwargs: {{{_kwarg_text(kwarg)}}}" if kwarg else ""
-        if self.prefill:
-            given = f" under data.chat_template_kwargs {{{_kwarg_text(kwargs)}}}" if kwargs else ""
-            return RecordError("thinking_off", (
-                f"messages[{self.j}]: this turn has reasoning, but the chat template's generation prompt{given} "
-                f"pre-fills {shorten(plain(self.prefill), 40)} (thinking off: e.g. enable_thinking: false pre-fills "
-                f"an empty think block), which a turn with reasoning does not follow; fix: "
-                f"{set_it or 'turn thinking on with the template variable in data.chat_template_kwargs'}, or drop "
-                "the reasoning from such records"))
-        if kwarg:
-            return RecordError("reasoning_needs_kwarg", (
-                f"messages[{self.j}]: the chat template renders this turn's reasoning only with the template "
-                f"variable {_kwarg_text(kwarg)} (rendered: {shorten(plain(self.turn), 80)}); fix: {set_it}, or "
-                "give such records a chat_template_kwargs field, or drop their reasoning"))
-        return drops_error(["its reasoning"], self.turn, self.j)
 
 
 def _render_native(example: Example, tokenizer, system_message: Optional[str], train_on_reasoning: bool,
@@ -168,19 +129,21 @@ def _render_native(example: Example, tokenizer, system_message: Optional[str], t
         if lost(full[k:], message) and j + 1 < len(messages):  # e.g. a tool call rendered only before its result
             later = draw(messages[:j + 2], False, must=False) or ""
             i2, k2 = align(prompt, later, find)
-            end = _once_followed(later, k2, message, messages[j + 1], end_of_turn(tokenizer, template_kwargs))
+            end = once_followed(later, k2, message, messages[j + 1], end_of_turn(tokenizer, template_kwargs))
             if later and end is not None:
                 full, i, k = later[:end], i2, k2
                 rules.add("once followed")
-        if not full.startswith(prompt) and _inside_history(messages[j - 1], full, k):
+        if not full.startswith(prompt) and inside_history(messages[j - 1], full, k):
             i, k = align_inserted(prompt, full, find)
-            if _inside_history(messages[j - 1], full, k):
-                raise _history_differs(prompt, full, k, j)
+            if inside_history(messages[j - 1], full, k):
+                raise history_differs(prompt, full, k, j)
         full, conditional = turn_end(full, draw(messages[:j + 1], True, must=False), k, message, find)
-        full, appended = _before_next_header(full, k, draw(messages[:j + 1] + [PROBE_NEXT], False, must=False),
-                                             draw([PROBE_NEXT], False, must=False), prompt,
-                                             str(messages[j - 1].get("content") or ""), tokenizer.bos_token, find)
-        conditional = conditional or appended
+        alone = _appended_header(tokenizer, template_kwargs, find)
+        if alone is not None:  # a template that appends the next assistant header (Command-A's, Gemma's)
+            full, appended = before_next_header(full, k, draw(messages[:j + 1] + [PROBE_NEXT], False, must=False),
+                                                alone, prompt, str(messages[j - 1].get("content") or ""),
+                                                tokenizer.bos_token, find)
+            conditional = conditional or appended
         rules.update(["conditional end"] if conditional else [])
         reasoning = mark(message.get("reasoning_content") or "", find)
         masked = message.get("reasoning_content") is not None and not train_on_reasoning
@@ -193,9 +156,9 @@ def _render_native(example: Example, tokenizer, system_message: Optional[str], t
             think, answer = think_answer
         else:
             rules.add("prefix" if k == len(prompt) == i else "prefill")
-            if prompt[i:].strip() and message.get("reasoning_content") and plain(reasoning).strip() in plain(
-                    full[k:]):
-                raise _ReasoningLost(j, full[k:], prompt[i:])
+            if find.search(prompt[i:]) and message.get("reasoning_content") and plain(reasoning).strip() in plain(
+                    full[k:]):  # a pre-fill that closes a think block or channel: thinking off
+                raise ReasoningLost(j, full[k:], prompt[i:])
             think = ""
             if masked:
                 bare = {key: v for key, v in messages[j].items() if key != "tool_calls"}
@@ -215,7 +178,7 @@ def _render_native(example: Example, tokenizer, system_message: Optional[str], t
         turn = (think + answer).rstrip()
         missing = lost(turn, message)
         if missing == ["its reasoning"]:
-            raise _ReasoningLost(j, turn)
+            raise ReasoningLost(j, turn)
         if missing:
             raise drops_error(missing, turn, j)
         if not pieces.closed_by_control():
@@ -237,66 +200,8 @@ def _render_native(example: Example, tokenizer, system_message: Optional[str], t
                     rules=tuple(sorted(rules)), history_untrained=pieces.history_untrained)
 
 
-def _before_next_header(full: str, start: int, following: Optional[str], alone: Optional[str], prompt: str,
-                        said: str, bos: Optional[str], find: re.Pattern) -> tuple[str, bool]:
-    """`full` cut where a next user turn's header would start, when `full` renders something else there (an
-    assistant header a template always appends: Command-A's, Gemma's); whether it cut. The header: the control tokens
-    (and text) right before the probe's content rendered alone, after the last token that ends a turn (the first
-    control token after the previous message's content in `prompt`)."""
-    content = PROBE_NEXT["content"]
-    if not following or not alone or content not in alone:
-        return full, False
-    before = alone[: alone.index(content)]
-    tokens = list(find.finditer(before))
-    if not tokens:
-        return full, False
-    run = len(tokens) - 1
-    while run and tokens[run - 1].end() == tokens[run].start():
-        run -= 1
-    ender = find.search(prompt, prompt.rfind(said) + len(said)) if said and said in prompt else None
-    header_at = tokens[run].start()
-    for m in tokens[run:]:
-        if m.group(0) in (ender.group(0) if ender else None, bos):
-            header_at = m.end()
-    header = before[header_at:]
-    at = following.rfind(header + content) if header.strip() else -1
-    if at < start or not full.startswith(following[:at]) or not full[at:].strip() or not find.search(full, start, at):
-        return full, False
-    return full[:at], True
-
-
-def _once_followed(later: str, k: int, message: Mapping, following: Mapping, eot: Optional[str]) -> Optional[int]:
-    """Where a turn the template renders only once a message follows it (Nemotron's tool calls, before their result)
-    ends in the render with that message: at the template's end-of-turn token, with all of the turn before it and
-    nothing of the next message; None when it is not so."""
-    at = later.find(eot, k) if eot else -1
-    nxt = str(following.get("content") or "").strip()
-    if at < 0 or lost(later[k:at], message) or (nxt and nxt in later[k:at]):
-        return None
-    return at + len(eot)
-
-
-def _inside_history(previous: Mapping, full: str, k: int) -> bool:
-    """Whether what would be trained from `k` on holds the message before the turn (first rendered there): then
-    the generation prompt renders the conversation before the turn otherwise, not just a pre-fill."""
-    said = str(previous.get("content") or "").strip()
-    return bool(said) and full.find(said) >= k
-
-
-def _history_differs(prompt: str, full: str, k: int, j: int) -> RecordError:
-    return RecordError("template_not_prefix_stable", (
-        f"messages[{j}]: the chat template renders the conversation before this turn one way with the generation "
-        f"prompt and another without it (they part at character {k}: {shorten(plain(prompt[k:k + 40]))} vs "
-        f"{shorten(plain(full[k:k + 40]))}), so no text after the prompt is this turn alone; fix: use a template "
-        "that renders the history the same way in both, or data.chat_template: chatml"))
-
-
 def _common(a: str, b: str) -> str:
     return os.path.commonprefix([a, b])
-
-
-def _kwarg_text(kwarg: Mapping) -> str:
-    return ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in kwarg.items())
 
 
 def render_prompt(messages: Sequence[Mapping], tokenizer, system_message: Optional[str] = None,
@@ -306,6 +211,29 @@ def render_prompt(messages: Sequence[Mapping], tokenizer, system_message: Option
     native, _ = conversation(Example("chat", list(messages), []), tokenizer, system_message, find)
     text = render(tokenizer, native, mark(tools, find) if tools else None, True, template_kwargs)
     return Rendered(plain(text), "", tuple(segments(text, False, split)))
+
+
+def _appended_header(tokenizer, kwargs: Optional[Mapping], find: re.Pattern) -> Optional[str]:
+    """For a template that renders something after a finished conversation's last turn where a next turn's header
+    would go (an assistant header, always), a next user turn rendered alone (what `before_next_header` reads the
+    header from); None for the others. Found on a probe conversation, once per tokenizer, template and kwargs."""
+    key = (tokenizer.chat_template, len(tokenizer), repr(sorted((kwargs or {}).items())))
+    cached = _appends.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found = None
+    try:
+        said = [{"role": "user", "content": "hi"}]
+        msgs = said + [{"role": "assistant", "content": "hello"}]
+        prompt, full = render(tokenizer, said, None, True, kwargs), render(tokenizer, msgs, None, False, kwargs)
+        alone = render(tokenizer, [PROBE_NEXT], None, False, kwargs)
+        _, cut = before_next_header(full, align(prompt, full, find)[1], render(tokenizer, msgs + [PROBE_NEXT], None,
+                                    False, kwargs), alone, prompt, "hi", tokenizer.bos_token, find)
+        found = alone if cut else None
+    except RecordError:
+        pass
+    _appends[tokenizer] = (key, found)
+    return found
 
 
 def end_of_turn(tokenizer, template_kwargs: Optional[Mapping] = None) -> Optional[str]:

@@ -1,0 +1,166 @@
+"""One message (or a list of them) of an input record, validated: roles (and ShareGPT's), content (text parts
+joined), tool calls in OpenAI form with their arguments parsed, the record's tools, and reasoning (a
+`reasoning_content` field, or a `<think>...</think>` block opening an assistant's content). Anything malformed
+raises `RecordError` with a reason code and a message that names the field. This module imports neither ray nor
+torch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional
+
+from raysft.data.parsing import RecordError, loads, shorten
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool", "function_response": "tool", "observation": "tool"}
+MESSAGE_FIELDS = ("role", "content", "tool_calls", "reasoning_content", "tool_call_id", "name")
+ROLE_VALUES = ("system", "user", "assistant", "tool")
+
+
+Message = dict  # {"role": str, "content": str} + tool_calls / reasoning_content / tool_call_id / name
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_FORM = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+
+
+def _content(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # OpenAI-style parts: [{"type": "text", "text": ...}]
+        parts = []
+        for i, part in enumerate(value):
+            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise RecordError("bad_message", f"{field}[{i}]: only text parts are supported "
+                                                 f"(got {shorten(part)}); fix: give content as a string")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RecordError("bad_message", f"{field}: content must be a string (got {shorten(value)}); "
+                                     "fix: give each message a string content")
+
+
+def _arguments(value: Any, where: str) -> dict:
+    """A tool call's `arguments`: a JSON object, or a string holding one."""
+    if isinstance(value, str):
+        try:
+            value = loads(value) if value.strip() else {}
+        except (json.JSONDecodeError, RecursionError):
+            raise RecordError("bad_tool_call", f"{where}: arguments are not valid JSON (got {shorten(value)}); "
+                                               "fix: give arguments as a JSON object or a string holding one") from None
+    if not isinstance(value, dict):
+        raise RecordError("bad_tool_call", f"{where}: arguments must be a JSON object (got {shorten(value)}); "
+                                           'fix: {"arguments": {"city": "Paris"}}')
+    return value
+
+
+def tool_calls_from(value: Any, where: str) -> list[dict]:
+    """Validated tool calls in OpenAI form, `arguments` as an object (the flat {"name", "arguments"} form too).
+
+    >>> tool_calls_from([{"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}], "m")
+    [{'type': 'function', 'function': {'name': 'f', 'arguments': {'x': 1}}}]
+    """
+    if not isinstance(value, list) or not value:
+        raise RecordError("bad_tool_call", f"{where}: must be a non-empty list (got {shorten(value)}); "
+                                           f"fix: [{CALL_FORM}]")
+    out = []
+    for i, call in enumerate(value):
+        at = f"{where}[{i}]"
+        fn = call.get("function", call) if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RecordError("bad_tool_call", f"{at}: a tool call needs a function name (got {shorten(call)}); "
+                                               f"fix: {CALL_FORM}")
+        norm = {"type": "function", "function": {"name": fn["name"], "arguments": _arguments(
+            fn.get("arguments", {}), f"{at}.function.arguments")}}
+        if isinstance(call.get("id"), str):
+            norm["id"] = call["id"]
+        out.append(norm)
+    return out
+
+
+def tools_from(record: Mapping) -> Optional[list]:
+    """The record's `tools` (JSON schemas), validated as a list of objects; None when absent or empty."""
+    tools = record.get("tools")
+    if isinstance(tools, str):  # many datasets keep the schemas as a JSON string
+        try:
+            tools = loads(tools) if tools.strip() else None
+        except (json.JSONDecodeError, RecursionError):
+            raise RecordError("bad_tools", f"tools: a string that is not valid JSON (got {shorten(tools)}); fix: give "
+                                           "tools as a list of JSON schema objects, or a string holding one") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) and isinstance(t.get("function", {}), Mapping)
+                                              for t in tools):
+        raise RecordError("bad_tools", f"tools: must be a list of JSON schema objects (got {shorten(tools)}); "
+                                       'fix: [{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
+    return [dict(t) for t in tools]
+
+
+def _split_think(content: str) -> tuple[Optional[str], str]:
+    """A `<think>...</think>` block opening the content -> (reasoning, answer); (None, content) without one."""
+    head = content.lstrip()
+    end = head.find(THINK_CLOSE)
+    if not head.startswith(THINK_OPEN) or end < 0:
+        return None, content
+    return head[len(THINK_OPEN): end].strip(), head[end + len(THINK_CLOSE):].lstrip()
+
+
+def _assistant_fields(msg: Mapping, out: dict, where: str, content_key: str) -> None:
+    if msg.get("tool_calls"):  # null or [] (OpenAI exports put it on every message): no calls
+        out["tool_calls"] = tool_calls_from(msg["tool_calls"], f"{where}.tool_calls")
+    reasoning = msg.get("reasoning_content")
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise RecordError("bad_message", f"{where}.reasoning_content: must be a string (got {shorten(reasoning)})")
+    else:
+        reasoning, out["content"] = _split_think(out["content"])
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning.strip()
+
+
+def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: Mapping) -> Message:
+    if type(msg) is dict and len(msg) == 2:  # the common case, quickly: a role and a string content
+        role, content = msg.get(role_key), msg.get(content_key)
+        if type(role) is str and type(content) is str and role in roles and not (
+                roles[role] == "assistant" and THINK_OPEN in content):
+            return {"role": roles[role], "content": content}
+    if not isinstance(msg, Mapping):
+        raise RecordError("bad_message", f"{where}: a message must be an object (got {shorten(msg)})")
+    if role_key not in msg:
+        raise RecordError("bad_message", f"{where}: message has no {role_key!r} (got {shorten(msg)}); "
+                                         f"fix: every message needs {role_key!r} and {content_key!r}")
+    role = msg[role_key]
+    if role not in roles:
+        raise RecordError("unknown_role", f"{where}: unknown role {role!r}; fix: use one of {', '.join(roles)}")
+    role = roles[role]
+    calls = role == "assistant" and bool(msg.get("tool_calls"))
+    if msg.get(content_key) is None and not calls:
+        missing = "no" if content_key not in msg else "a null"
+        raise RecordError("bad_message", f"{where}: message has {missing} {content_key!r} (got {shorten(msg)}); "
+                                         f"fix: every message needs {role_key!r} and {content_key!r}"
+                                         + (" (null is allowed only beside tool_calls)" if role == "assistant" else ""))
+    out = {"role": role, "content": "" if msg.get(content_key) is None else
+           _content(msg[content_key], f"{where}.{content_key}")}
+    if role == "assistant":
+        _assistant_fields(msg, out, where, content_key)
+    elif role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(msg.get(key), str):
+                out[key] = msg[key]
+    return out
+
+
+def messages_from(value: Any, field: str, sharegpt: bool = False) -> list[Message]:
+    """Validated list of {"role", "content", ...} from a record field (ShareGPT `from`/`value` mapped).
+
+    >>> messages_from([{"from": "human", "value": "hi"}], "conversations", sharegpt=True)
+    [{'role': 'user', 'content': 'hi'}]
+    """
+    if not isinstance(value, list):
+        raise RecordError("bad_type", f"{field}: must be a list of messages (got {shorten(value)}); "
+                                      'fix: [{"role": "user", "content": "..."}, ...]')
+    if not value:
+        raise RecordError("empty_conversation", f"{field}: empty conversation; fix: give at least one "
+                                                "user and one assistant message")
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
+    return [_one_message(msg, f"{field}[{i}]", role_key, content_key, roles) for i, msg in enumerate(value)]
