@@ -3,6 +3,8 @@ EOS token that ends plain text (trained, so a model learns to stop)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from raysft.data.chatml import CHAT_TEMPLATE, IM_END, IM_START
@@ -107,3 +109,104 @@ def test_plain_text_already_ending_with_eos_gets_no_second_one():
     assert ids.count(im_end) == 2 and ids[-1] == labels[-1] == im_end
     ids, labels = encode({"text": "no end"}, tok)
     assert ids[-1] == labels[-1] == im_end
+
+
+# ---- datasets as they are published (issue 39): fixtures written from each convention's public description ---------
+
+ASK, ANSWER, WRONG = "What is 2 + 2?", "2 + 2 = 4.", "2 + 2 = 5."
+OPENAI_FORM = {"messages": [{"role": "user", "content": ASK}, {"role": "assistant", "content": ANSWER}]}
+
+
+@pytest.mark.parametrize("record", [
+    # LLaMA-Factory's data/README.md, "Sharegpt Format / Preference Dataset": conversations, then one message each
+    {"conversations": [{"from": "human", "value": ASK}], "chosen": {"from": "gpt", "value": ANSWER},
+     "rejected": {"from": "gpt", "value": WRONG}},
+    # the same with lists, and with OpenAI keys beside a `messages` prompt
+    {"conversations": [{"from": "human", "value": ASK}], "chosen": [{"from": "gpt", "value": ANSWER}],
+     "rejected": [{"from": "gpt", "value": WRONG}]},
+    {"messages": [{"role": "user", "content": ASK}], "chosen": {"role": "assistant", "content": ANSWER},
+     "rejected": {"role": "assistant", "content": WRONG}},
+], ids=["sharegpt-objects", "sharegpt-lists", "openai-objects"])
+def test_sharegpt_preference_pairs_train_the_conversation_and_chosen(tokenizer, record):
+    assert encode(record, tokenizer) == encode(OPENAI_FORM, tokenizer)
+    multi = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                               {"from": "human", "value": ASK}],
+             "chosen": {"from": "gpt", "value": ANSWER}, "rejected": {"from": "gpt", "value": WRONG}}
+    example = split_record(multi)
+    assert [m["content"] for m in example.prompt] == ["Hi", "Hello", ASK]
+    assert example.completion == [{"role": "assistant", "content": ANSWER}]
+    with pytest.raises(RecordError, match="preference record has 'conversations' but no 'rejected'"):
+        split_record({k: v for k, v in multi.items() if k != "rejected"})
+    with pytest.raises(RecordError, match="chosen: the completion starts with a 'user' turn"):
+        split_record({**multi, "chosen": {"from": "human", "value": "?"}})
+
+
+def test_sharegpt_function_call_and_observation_turns_are_a_tool_call_and_its_result(tokenizer):
+    """LLaMA-Factory's ShareGPT tool use (data/README.md; its glaive_toolcall demo set): a `function_call` turn holds
+    the call as JSON text, an `observation` turn the result, `tools` a JSON string. Read as the OpenAI form with
+    deterministic call ids (nine characters, the form Mistral's templates require)."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    sharegpt = {"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "18C, sunny"},
+        {"from": "gpt", "value": "It is 18C and sunny."}], "tools": json.dumps(tools)}
+    openai = {"tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call00000", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call00000", "name": "get_weather", "content": "18C, sunny"},
+        {"role": "assistant", "content": "It is 18C and sunny."}]}
+    assert split_record(sharegpt) == split_record(openai)
+    assert encode(sharegpt, tokenizer) == encode(openai, tokenizer)
+    completion = split_record(sharegpt).completion
+    assert completion[0]["tool_calls"][0]["id"] == completion[1]["tool_call_id"] == "call00000"
+    two = dict(sharegpt, conversations=[sharegpt["conversations"][0], {"from": "function_call", "value": json.dumps(
+        [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Rome"}}])},
+        {"from": "observation", "value": "18C"}, {"from": "observation", "value": "25C"},
+        {"from": "gpt", "value": "18C and 25C."}])
+    calls = split_record(two).completion
+    assert [c["id"] for c in calls[0]["tool_calls"]] == ["call00000", "call00001"]
+    assert [m["tool_call_id"] for m in calls[1:3]] == ["call00000", "call00001"]
+    with pytest.raises(RecordError) as info:
+        split_record(dict(sharegpt, conversations=[sharegpt["conversations"][0],
+                                                   {"from": "function_call", "value": "{get_weather(Paris)}"}]))
+    assert info.value.reason == "bad_tool_call" and info.value.message.startswith("conversations[1].value: a tool call "
+                                                                                    "that is not valid JSON")
+
+
+@pytest.mark.parametrize("parts", [
+    # LLaMA-Factory v1's messages format: {"type": ..., "value": ...}
+    [{"type": "reasoning", "value": "2 and 2 make 4."}, {"type": "text", "value": ANSWER}],
+    # Anthropic's Messages API content blocks: a thinking block, then text
+    [{"type": "thinking", "thinking": "2 and 2 make 4."}, {"type": "text", "text": ANSWER}],
+], ids=["value-parts", "thinking-blocks"])
+@pytest.mark.parametrize("train_on_reasoning", [True, False])
+def test_content_parts_with_reasoning_are_the_turns_reasoning(tokenizer, parts, train_on_reasoning):
+    """Reasoning parts become the turn's reasoning_content (trained or masked as data.train_on_reasoning says), text
+    parts its content: the same ids and labels as the record written with reasoning_content."""
+    as_parts = {"messages": [{"role": "user", "content": [{"type": "text", "value": ASK}]},
+                             {"role": "assistant", "content": parts}]}
+    as_fields = {"messages": [{"role": "user", "content": ASK},
+                              {"role": "assistant", "content": ANSWER, "reasoning_content": "2 and 2 make 4."}]}
+    s = settings(train_on_reasoning=train_on_reasoning)
+    assert encode(as_parts, tokenizer, s) == encode(as_fields, tokenizer, s)
+
+
+def test_other_content_parts_are_refused_naming_the_part():
+    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                       {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "A cat."}]}
+    with pytest.raises(RecordError) as info:
+        split_record(image)
+    assert info.value.reason == "bad_message" and info.value.message.startswith(
+        "messages[0].content[1]: a image_url part in a user message")
+    calls = {"messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": [
+        {"type": "tool_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})}]},
+        {"role": "tool", "content": [{"type": "observation", "value": "18C"}]},
+        {"role": "assistant", "content": "18C."}]}
+    completion = split_record(calls).completion
+    assert completion[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert completion[1] == {"role": "tool", "content": "18C", "tool_call_id": "call00000", "name": "get_weather"}

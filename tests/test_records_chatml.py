@@ -121,8 +121,8 @@ def test_chat_template_matches_renderer(tokenizer):
     ('{"messages": [{"role": "bot", "content": "x"}]}', "unknown_role", "messages[0]: unknown role 'bot'; fix: use "
                                                                         "one of system, user, assistant, tool"),
     ('{"messages": [{"role": "user", "content": 5}]}', "bad_message", "messages[0].content: content must be a string "
-                                                                      "(got 5); fix: give each message a string "
-                                                                      "content"),
+                                                                      "or a list of parts (got 5); fix: give each "
+                                                                      "message a string content"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no_assistant", "messages: no assistant message; fix: add "
                                                                          "the assistant's answer"),
     ('{"chosen": [{"role": "user", "content": "q"}, {"role": "user", "content": "u"}], '

@@ -919,3 +919,18 @@ def test_a_records_own_chat_template_kwargs_are_honoured_as_trl_honours_them(tmp
         encode(plain_turn, tok, settings(chat_template="chatml"))
     with pytest.raises(RecordError, match="chat_template_kwargs: must map template variable names to values"):
         split_record({**RECORDS[0][0], "chat_template_kwargs": ["enable_thinking"]})
+
+
+def test_thinking_off_with_reasoning_in_the_data_is_one_error_with_the_count(tmp_path):
+    """Qwen3 under enable_thinking: false, on data where some records carry reasoning: one error before training,
+    naming the first such record, how many of the checked records are like it, and the variable that fixes it."""
+    tok = templates.byte_tokenizer(trl_template("qwen3"), QWEN3_SPECIALS, None, "<|im_end|>")
+    thought = {"messages": [{"role": "user", "content": Q1},
+                            {"role": "assistant", "content": A1, "reasoning_content": REASONING}]}
+    records = [RECORDS[0][0], thought, RECORDS[1][0], thought, thought]
+    with pytest.raises(UserError) as err:
+        _preflight(tmp_path, tok, records, chat_template_kwargs={"enable_thinking": False})
+    text = str(err.value)
+    assert text.startswith(f"{tmp_path / 'train.jsonl'}:2: messages[1]: this turn has reasoning")
+    assert "fix: set data.chat_template_kwargs: {enable_thinking: true}" in text
+    assert text.endswith("(3 of the 5 records checked are like it; found by the chat template check before training)")

@@ -14,7 +14,8 @@ from raysft.data.parsing import RecordError, loads, shorten
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool", "function_response": "tool", "observation": "tool"}
+                  "system": "system", "tool": "tool", "function_response": "tool", "observation": "tool",
+                  "function_call": "function_call"}  # LLaMA-Factory's: an assistant's call as JSON text
 MESSAGE_FIELDS = ("role", "content", "tool_calls", "reasoning_content", "tool_call_id", "name")
 ROLE_VALUES = ("system", "user", "assistant", "tool")
 
@@ -24,18 +25,65 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_FORM = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
 
 
-def _content(value: Any, field: str) -> str:
+TEXT_PARTS = ("text", "input_text", "output_text")  # OpenAI's chat and Responses part types
+REASONING_PARTS = ("reasoning", "thinking")  # LLaMA-Factory v1's messages format, Anthropic's thinking blocks
+CALL_PARTS = ("tool_call", "function_call")  # LLaMA-Factory v1: {"type": "tool_call", "value": "{\"name\": ...}"}
+RESULT_PARTS = ("observation", "tool_result")  # LLaMA-Factory v1, on a tool message
+
+
+def _part_text(part: Mapping, keys: tuple) -> Optional[str]:
+    return next((part[k] for k in keys if isinstance(part.get(k), str)), None)
+
+
+def _parts(value: list, field: str, role: str) -> tuple[str, Optional[str], list]:
+    """Content given as a list of parts -> (text, reasoning or None, tool calls): text parts (`text` or `value`)
+    joined; reasoning or thinking parts (an assistant's) its reasoning; tool-call parts (an assistant's, a JSON
+    `{"name", "arguments"}` value) its calls; a tool's result parts its text. Any other part (an image, audio) is a
+    bad message naming it: raysft trains text."""
+    texts, reasoning, calls = [], [], []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        at = f"{field}[{i}]"
+        if kind in TEXT_PARTS or (kind in RESULT_PARTS and role == "tool"):
+            text = _part_text(part, ("text", "value", "content"))
+            if text is None:
+                raise RecordError("bad_message", f"{at}: a {kind} part needs a string text or value (got "
+                                                 f"{shorten(part)})")
+            texts.append(text)
+        elif kind in REASONING_PARTS and role == "assistant":
+            text = _part_text(part, (kind, "text", "value"))
+            if text is None:
+                raise RecordError("bad_message", f"{at}: a {kind} part needs a string {kind}, text or value (got "
+                                                 f"{shorten(part)})")
+            reasoning.append(text)
+        elif kind in CALL_PARTS and role == "assistant":
+            calls += tool_calls_from(_call_value(part.get("value", part.get("function")), at), at)
+        else:
+            raise RecordError("bad_message", f"{at}: a {kind or 'untyped'} part in a {role} message (got "
+                                             f"{shorten(part)}); raysft trains text: text, reasoning or tool-call "
+                                             "parts of an assistant, text of the others; fix: drop the part, or skip "
+                                             "such records (data.on_bad_record: skip)")
+    return "".join(texts), "\n\n".join(reasoning) if reasoning else None, calls
+
+
+def _call_value(value: Any, where: str) -> list:
+    """A tool call written as JSON text (or an object, or a list of them) -> a list of calls to validate."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # OpenAI-style parts: [{"type": "text", "text": ...}]
-        parts = []
-        for i, part in enumerate(value):
-            if not (isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise RecordError("bad_message", f"{field}[{i}]: only text parts are supported "
-                                                 f"(got {shorten(part)}); fix: give content as a string")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RecordError("bad_message", f"{field}: content must be a string (got {shorten(value)}); "
+        try:
+            value = loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            raise RecordError("bad_tool_call", f"{where}: a tool call that is not valid JSON (got {shorten(value)}); "
+                                               'fix: {"name": "get_weather", "arguments": {"city": "Paris"}}') from None
+    return value if isinstance(value, list) else [value]
+
+
+def _content(value: Any, field: str, role: str = "user") -> tuple[str, Optional[str], list]:
+    """A message's content -> (text, reasoning from parts, tool calls from parts)."""
+    if isinstance(value, str):
+        return value, None, []
+    if isinstance(value, list):
+        return _parts(value, field, role)
+    raise RecordError("bad_message", f"{field}: content must be a string or a list of parts (got {shorten(value)}); "
                                      "fix: give each message a string content")
 
 
@@ -120,7 +168,7 @@ def _assistant_fields(msg: Mapping, out: dict, where: str, content_key: str) -> 
 def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: Mapping) -> Message:
     if type(msg) is dict and len(msg) == 2:  # the common case, quickly: a role and a string content
         role, content = msg.get(role_key), msg.get(content_key)
-        if type(role) is str and type(content) is str and role in roles and not (
+        if type(role) is str and type(content) is str and role in roles and roles[role] != "function_call" and not (
                 roles[role] == "assistant" and THINK_OPEN in content):
             return {"role": roles[role], "content": content}
     if not isinstance(msg, Mapping):
@@ -132,20 +180,64 @@ def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: M
     if role not in roles:
         raise RecordError("unknown_role", f"{where}: unknown role {role!r}; fix: use one of {', '.join(roles)}")
     role = roles[role]
+    if role == "function_call":  # the call is the turn: {"name", "arguments"} (or a list) as JSON text
+        return {"role": "assistant", "content": "", "tool_calls": tool_calls_from(
+            _call_value(msg.get(content_key), f"{where}.{content_key}"), f"{where}.{content_key}")}
     calls = role == "assistant" and bool(msg.get("tool_calls"))
     if msg.get(content_key) is None and not calls:
         missing = "no" if content_key not in msg else "a null"
         raise RecordError("bad_message", f"{where}: message has {missing} {content_key!r} (got {shorten(msg)}); "
                                          f"fix: every message needs {role_key!r} and {content_key!r}"
                                          + (" (null is allowed only beside tool_calls)" if role == "assistant" else ""))
-    out = {"role": role, "content": "" if msg.get(content_key) is None else
-           _content(msg[content_key], f"{where}.{content_key}")}
+    text, reasoning, part_calls = ("", None, []) if msg.get(content_key) is None else _content(
+        msg[content_key], f"{where}.{content_key}", role)
+    out = {"role": role, "content": text}
     if role == "assistant":
         _assistant_fields(msg, out, where, content_key)
+        if reasoning is not None:
+            if "reasoning_content" in out:
+                raise RecordError("bad_message", f"{where}: reasoning given twice (a reasoning part and "
+                                                 "reasoning_content or a <think> block); fix: keep one")
+            out["reasoning_content"] = reasoning.strip()
+        if part_calls:
+            out["tool_calls"] = out.get("tool_calls", []) + part_calls
     elif role == "tool":
         for key in ("tool_call_id", "name"):
             if isinstance(msg.get(key), str):
                 out[key] = msg[key]
+    return out
+
+
+def with_call_ids(messages: list[Message]) -> list[Message]:
+    """Tool calls without an id get one, deterministic (`call00000`, `call00001`, ... in the record's order: nine
+    letters and digits, the form Mistral's templates require), and a tool message without `tool_call_id` (or
+    `name`) answers the earliest call not yet answered.
+
+    >>> out = with_call_ids([{"role": "assistant", "content": "", "tool_calls": [
+    ...     {"type": "function", "function": {"name": "f", "arguments": {}}}]}, {"role": "tool", "content": "1"}])
+    >>> out[0]["tool_calls"][0]["id"], out[1]
+    ('call00000', {'role': 'tool', 'content': '1', 'tool_call_id': 'call00000', 'name': 'f'})
+    """
+    if not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return messages
+    pending, n, out = [], 0, []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                if "id" not in call:
+                    call = {**call, "id": f"call{n:05d}"}
+                n += 1
+                calls.append(call)
+                pending.append(call)
+            m = {**m, "tool_calls": calls}
+        elif m["role"] == "tool":
+            answered = next((c for c in pending if c["id"] == m.get("tool_call_id")), pending[0] if pending else None)
+            if answered is not None:
+                pending.remove(answered)
+                m = {**m, "tool_call_id": m.get("tool_call_id", answered["id"]),
+                     "name": m.get("name", answered["function"]["name"])}
+        out.append(m)
     return out
 
 
@@ -163,4 +255,5 @@ def messages_from(value: Any, field: str, sharegpt: bool = False) -> list[Messag
                                                 "user and one assistant message")
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
-    return [_one_message(msg, f"{field}[{i}]", role_key, content_key, roles) for i, msg in enumerate(value)]
+    return with_call_ids([_one_message(msg, f"{field}[{i}]", role_key, content_key, roles)
+                          for i, msg in enumerate(value)])

@@ -223,7 +223,33 @@ def rename(record: Mapping, columns: Mapping[str, str]) -> Mapping:
     return out
 
 
+def split_sharegpt_preference(record: Mapping) -> Example:
+    """ShareGPT preference pairs (LLaMA-Factory's `ranking` format): `conversations` is the prompt, `chosen` and
+    `rejected` each a single message object (or a list) after it; the completion is `chosen`, `rejected` is
+    validated and dropped.
+
+    >>> split_sharegpt_preference({"conversations": [{"from": "human", "value": "2+2?"}],
+    ...     "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5"}}).completion
+    [{'role': 'assistant', 'content': '4'}]
+    """
+    field = "conversations" if "conversations" in record else "messages"
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise RecordError("missing_field", f"preference record has {field!r} but no {key!r}; fix: add {key!r} "
+                                               "(a message object), or drop the other one")
+    prompt = messages_from(record[field], field, sharegpt=field == "conversations")
+    turns = {}
+    for key in ("chosen", "rejected"):
+        value = [record[key]] if isinstance(record[key], Mapping) else record[key]
+        keyed = isinstance(value, list) and value and isinstance(value[0], Mapping) and "from" in value[0]
+        turns[key] = messages_from(value, key, sharegpt=bool(keyed))
+    return _completion_must_start_with_assistant(prompt, turns["chosen"], "chosen")
+
+
 def _split(record: Mapping) -> Example:
+    if ("chosen" in record or "rejected" in record) and ("conversations" in record or (
+            "messages" in record and isinstance(record.get("chosen"), Mapping))):
+        return split_sharegpt_preference(record)
     if "chosen" in record or "rejected" in record:
         return split_preference(record)
     if "messages" in record:
