@@ -13,7 +13,7 @@ export RAY_AUTH_MODE=token
 if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
   ray get-auth-token --generate >/dev/null  # ~/.ray/auth_token, made once, read by ray start and the clients
 fi
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() { python3 scripts/free_port.py; }  # below the kernel's ephemeral range: see the script
 GCS_PORT=$(free_port); DASHBOARD_PORT=$(free_port)  # and the job agent's: its default (52365) may be another Ray's
 TEMP_DIR=$(mktemp -d /tmp/raysft-ray-XXXXXX)  # this cluster's own session, sockets and logs
 setsid ray start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \

@@ -333,11 +333,10 @@ def test_token_authentication_is_on_when_raysft_starts_ray_itself(tmp_path):
 
 
 def free_port():
-    import socket
+    """A port for `ray start`, below the kernel's ephemeral range (scripts/free_port.py says why)."""
+    import runpy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return runpy.run_path(os.path.join(ROOT, "scripts", "free_port.py"))["free_port"]()
 
 
 @pytest.mark.ray
