@@ -124,8 +124,9 @@ def _render_native(example: Example, tokenizer, system_message: Optional[str], t
         pieces.prompt_end = len(prompt) if pieces.prompt_end is None else pieces.prompt_end
         full = draw(messages[:j + 1], False)
         i, k = align(prompt, full, find)
-        if lost(full[k:], message) and not lost(full[align(prompt, full, find, at_line=True)[1]:], message):
-            i, k = align(prompt, full, find, at_line=True)  # the answer starts with the pre-fill's first words
+        if lost(full[k:], message):  # the answer may start with the pre-fill's first words: cut at a line instead
+            at_line = align(prompt, full, find, at_line=True)
+            i, k = at_line if not lost(full[at_line[1]:], message) else (i, k)
         if lost(full[k:], message) and j + 1 < len(messages):  # e.g. a tool call rendered only before its result
             later = draw(messages[:j + 2], False, must=False) or ""
             i2, k2 = align(prompt, later, find)
@@ -213,27 +214,34 @@ def render_prompt(messages: Sequence[Mapping], tokenizer, system_message: Option
     return Rendered(plain(text), "", tuple(segments(text, False, split)))
 
 
+def _per_tokenizer(store: "weakref.WeakKeyDictionary", tokenizer, kwargs: Optional[Mapping], compute):
+    """`compute()` once per tokenizer, template, vocabulary size and template kwargs (a probe's finding)."""
+    key = (tokenizer.chat_template, len(tokenizer), repr(sorted((kwargs or {}).items())))
+    cached = store.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found = compute()
+    store[tokenizer] = (key, found)
+    return found
+
+
 def _appended_header(tokenizer, kwargs: Optional[Mapping], find: re.Pattern) -> Optional[str]:
     """For a template that renders something after a finished conversation's last turn where a next turn's header
     would go (an assistant header, always), a next user turn rendered alone (what `before_next_header` reads the
     header from); None for the others. Found on a probe conversation, once per tokenizer, template and kwargs."""
-    key = (tokenizer.chat_template, len(tokenizer), repr(sorted((kwargs or {}).items())))
-    cached = _appends.get(tokenizer)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    found = None
-    try:
-        said = [{"role": "user", "content": "hi"}]
-        msgs = said + [{"role": "assistant", "content": "hello"}]
-        prompt, full = render(tokenizer, said, None, True, kwargs), render(tokenizer, msgs, None, False, kwargs)
-        alone = render(tokenizer, [PROBE_NEXT], None, False, kwargs)
-        _, cut = before_next_header(full, align(prompt, full, find)[1], render(tokenizer, msgs + [PROBE_NEXT], None,
-                                    False, kwargs), alone, prompt, "hi", tokenizer.bos_token, find)
-        found = alone if cut else None
-    except RecordError:
-        pass
-    _appends[tokenizer] = (key, found)
-    return found
+    def probe() -> Optional[str]:
+        try:
+            said = [{"role": "user", "content": "hi"}]
+            msgs = said + [{"role": "assistant", "content": "hello"}]
+            prompt, full = render(tokenizer, said, None, True, kwargs), render(tokenizer, msgs, None, False, kwargs)
+            alone = render(tokenizer, [PROBE_NEXT], None, False, kwargs)
+            _, cut = before_next_header(full, align(prompt, full, find)[1], render(
+                tokenizer, msgs + [PROBE_NEXT], None, False, kwargs), alone, prompt, "hi", tokenizer.bos_token, find)
+        except RecordError:
+            return None
+        return alone if cut else None
+
+    return _per_tokenizer(_appends, tokenizer, kwargs, probe)
 
 
 def end_of_turn(tokenizer, template_kwargs: Optional[Mapping] = None) -> Optional[str]:
@@ -241,19 +249,16 @@ def end_of_turn(tokenizer, template_kwargs: Optional[Mapping] = None) -> Optiona
 
     Found by rendering a two-message probe conversation, as training does; once per tokenizer, template and
     template kwargs."""
-    cached = _end_of_turn.get(tokenizer)
-    key = (tokenizer.chat_template, len(tokenizer), repr(sorted((template_kwargs or {}).items())))
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    probe = Example("chat", [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
-    try:
-        rendered = render_native(probe, tokenizer, template_kwargs=template_kwargs)
-    except RecordError:
-        rendered = None
-    trained = [s for s in rendered.segments if s.trained] if rendered else []
-    found = trained[-1].text if trained and trained[-1].control else None
-    _end_of_turn[tokenizer] = (key, found)
-    return found
+    def probe() -> Optional[str]:
+        hello = Example("chat", [{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
+        try:
+            rendered = render_native(hello, tokenizer, template_kwargs=template_kwargs)
+        except RecordError:
+            return None
+        trained = [s for s in rendered.segments if s.trained]
+        return trained[-1].text if trained and trained[-1].control else None
+
+    return _per_tokenizer(_end_of_turn, tokenizer, template_kwargs, probe)
 
 
 def stop_ids(tokenizer, also=(), template_kwargs: Optional[Mapping] = None) -> list[int]:
