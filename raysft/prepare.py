@@ -56,8 +56,8 @@ def plan_inputs(cfg: Config) -> tuple[list[Chunk], list[Chunk], dict, list[dict]
     size = chunk_bytes(total)
     train_chunks: list[Chunk] = []
     train_inputs: list[dict] = []
-    for i, (source, source_files) in enumerate(zip(sources, files)):
-        chunks, inputs = plan(source_files, size, count=len(sources) > 1)
+    for i, ((key, source), source_files) in enumerate(zip(keyed, files)):
+        chunks, inputs = plan(source_files, size, len(sources) > 1, source["json_field"], key)
         if source["hf_dataset"]:
             hf_chunks, hf_inputs = plan_hf(source["hf_dataset"], source["hf_split"])
             chunks, inputs = chunks + hf_chunks, inputs + hf_inputs
@@ -65,7 +65,7 @@ def plan_inputs(cfg: Config) -> tuple[list[Chunk], list[Chunk], dict, list[dict]
         train_chunks += [dataclasses.replace(c, origin=i) for c in chunks]
         train_inputs += [{**x, "source": source["name"]} if d.sources else x for x in inputs]
     train_chunks = [dataclasses.replace(c, index=i) for i, c in enumerate(train_chunks)]
-    eval_chunks, eval_inputs = plan(eval_files, size)
+    eval_chunks, eval_inputs = plan(eval_files, size, json_field=d.json_field, key="data.eval_files")
     return train_chunks, eval_chunks, {"train": train_inputs, "eval": eval_inputs}, sources
 
 

@@ -110,7 +110,7 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
      "assistant, tool"),
     (["data.train_files=[]", f"data.sources=[{{files: {SAMPLE}, wieght: 2}}]"],
      "command line: data.sources[0].wieght: is not a source key (got 'wieght'). fix: did you mean weight? use: name, "
-     "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction"),
+     "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction, json_field"),
     ([f"data.sources=[{{files: {SAMPLE}}}]"],
      "command line: data.sources: set together with data.train_files or data.hf_dataset (got 1). fix: give the "
      "training data one way: as data.sources, or data.train_files (one source)"),

@@ -185,6 +185,8 @@ def run_multinode(out, model_dir, modes):
     reports = [_json.loads(ln[len("MULTINODE "):]) for ln in r.stdout.splitlines() if ln.startswith("MULTINODE ")]
     assert [x["mode"] for x in reports] == modes.split(","), log[-4000:]
     for report in reports:
+        if report["mode"] == "json":  # a prepare only (test_a_json_array_prepares_over_the_nodes...)
+            continue
         assert report["errors"] == []
         assert report["worker_nodes_busy"] == report["all_worker_nodes"]  # one Train worker on each worker node
         assert report["result"]["trained"] is True and report["result"]["step"] == 10
@@ -195,7 +197,7 @@ def run_multinode(out, model_dir, modes):
 def multinode(tmp_path_factory, tiny_model_dir):
     """One three-node cluster (a head, two worker nodes): the fixed 2-worker run (a worker node killed, a new one
     joins), then the elastic run (one of the two worker nodes killed, none replaces it)."""
-    return run_multinode(str(tmp_path_factory.mktemp("multinode") / "run"), tiny_model_dir, "fixed,elastic")
+    return run_multinode(str(tmp_path_factory.mktemp("multinode") / "run"), tiny_model_dir, "json,fixed,elastic")
 
 
 @pytest.mark.ray
@@ -253,6 +255,39 @@ def test_prepare_spreads_over_the_nodes_and_gives_the_rows_one_node_gives(multin
 
     a, b = rows(os.path.dirname(spread)), rows(single)
     assert a.num_rows == manifest["rows"] and a.equals(b)
+
+
+def examples_of(folder):
+    """The examples a prepared folder's training rows hold (unpacked by their seq_lengths), sorted."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in sorted(glob.glob(os.path.join(folder, "train", "*.parquet"))):
+        for row in pq.read_table(f).to_pylist():
+            at = 0
+            for n in row["seq_lengths"]:
+                out.append((row["input_ids"][at:at + n], row["labels"][at:at + n]))
+                at += n
+    return sorted(out)
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_a_json_array_prepares_over_the_nodes_into_the_examples_of_its_jsonl(multinode):
+    """Issue 39: the fixed run's records written as a JSON array, prepared on the same three-node cluster: its chunks
+    (cut from the array's record-boundary index) ran on more than one node, and its rows hold exactly the examples
+    the JSONL's rows hold (packed per chunk, and the two files' chunks hold different records: so compared unpacked)."""
+    import glob
+
+    _, report = multinode[0]["json"]
+    nodes = report["prepare_nodes"]
+    assert len(nodes) >= 2 and sum(nodes.values()) >= 2, nodes
+    out, _ = multinode[0]["fixed"]
+    [jsonl] = glob.glob(os.path.join(out, "prepared", "*", "manifest.json"))
+    expected = examples_of(os.path.dirname(jsonl))
+    assert len(expected) == report["records_kept"] and examples_of(report["prepared"]) == expected
 
 
 @pytest.mark.ray

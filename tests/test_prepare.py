@@ -195,6 +195,39 @@ def test_parquet_gzip_and_saved_hf_dataset_inputs(tmp_path, tiny_model_dir, ray_
     assert [i["path"] for i in m["inputs"]["train"]] == [str(pq_path), str(gz), f"{hf_dir}[train]"]
 
 
+def test_a_json_array_prepares_into_the_rows_of_the_same_records_in_jsonl(tmp_path, tiny_model_dir, ray_session):
+    """Issue 39 item 1 through Ray Data: an Alpaca-style array (indent=4, as the original release) gives the rows the
+    same records give as JSONL; a bad element and a cut-short end are rejects located by record and line."""
+    good = RECORDS[:10]
+    lines = write_jsonl(tmp_path / "same.jsonl", good)
+    text = json.dumps(good, indent=4)
+    array = tmp_path / "same.json"
+    array.write_text(text)
+    rows = {}
+    for name, data in (("jsonl", lines), ("json", str(array))):
+        path, m = prepare(load(tmp_path, base_config(tmp_path / name, tiny_model_dir, data)))
+        rows[name] = rows_of(path)
+        assert m["records_kept"] == 10 and m["inputs"]["train"][0]["records"] == 10
+    assert rows["json"] == rows["jsonl"]
+    damaged = tmp_path / "damaged.json"  # a bad element (record 3), then the file cut inside record 5
+    broken = json.dumps(good[:2], indent=4)[:-2] + ',\n    {"text": "x",},\n    ' + json.dumps(good[3]) + \
+        ',\n    {"messages": [{"role": "user", "con'
+    damaged.write_text(broken)
+    with pytest.raises(RecordError) as info:
+        prepare(load(tmp_path, base_config(tmp_path / "err", tiny_model_dir, str(damaged))))
+    line = broken[: broken.index('{"text": "x",}')].count("\n") + 1
+    assert str(info.value) == (f"{damaged}:record 3 (line {line}): invalid JSON: Expecting property name enclosed in "
+                               "double quotes at column 14; fix: make each element of the array a JSON object")
+    path, m = prepare(load(tmp_path, base_config(tmp_path / "skip", tiny_model_dir, str(damaged),
+                                                 data={"on_bad_record": "skip"})))
+    assert m["rejected_by_reason"] == {"invalid_json": 1, "damaged_file": 1} and m["records_kept"] == 3
+    with open(os.path.join(path, m["rejects_file"]), encoding="utf-8") as f:
+        rejects = [json.loads(r) for r in f]
+    assert [(r["where"], r["line"], r["reason"]) for r in rejects] == [
+        (f"{damaged}:record 3 (line {line})", 3, "invalid_json"),
+        (f"{damaged}:record 5 (line {line + 2})", 5, "damaged_file")]
+
+
 def test_cli_prepare_prints_summary(tmp_path, tiny_model_dir, ray_session, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:5])
     path = config_file(tmp_path, base_config(tmp_path, tiny_model_dir, data))

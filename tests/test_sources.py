@@ -71,7 +71,7 @@ def test_expand_globs_sorted_and_errors_name_the_key(tmp_path):
         f"data.train_files: no file matches (got '{tmp_path}/nope*.jsonl'). fix: check the path or glob "
         "(relative paths are taken from the current directory)",
         f"data.train_files: unsupported file type (got '{tmp_path}/c.txt'). fix: use one of .jsonl.gz, .jsonl, "
-        ".parquet",
+        ".json.gz, .json, .parquet",
     ]
 
 

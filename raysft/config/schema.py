@@ -25,17 +25,21 @@ class DataConfig:
     train_files: list[str] = field(
         default_factory=list,
         metadata=doc("training data: a path, a glob or a URI (s3://, gs://), or a list of them; "
-                     ".jsonl, .jsonl.gz or .parquet"),
+                     ".jsonl, .jsonl.gz, .json (an array, or JSON Lines), .json.gz or .parquet"),
     )
     eval_files: list[str] = field(default_factory=list, metadata=doc("evaluation data, same forms as train_files"))
     eval_fraction: float = field(default=0.0, metadata=doc("share of train_files records held out for evaluation "
                                                            "(chosen by a hash of file name and line: deterministic)"))
+    json_field: str = field(default="", metadata=doc(
+        "for .json files that hold one object: the key of the records' array in it (as `datasets`' json loader's "
+        "field), e.g. data"))
     hf_dataset: str = field(default="",
                             metadata=doc("a Hugging Face dataset: a folder saved by `datasets` or a hub id"))
     hf_split: str = field(default="train", metadata=doc("split of `hf_dataset` to train on"))
     sources: list[dict] = field(default_factory=list, metadata=doc(
         "several datasets mixed by weight, instead of train_files/hf_dataset: a list of {files | hf_dataset (+ "
-        "hf_split), weight, name, columns, system_message, eval_fraction}; each source's share of the training "
+        "hf_split), weight, name, columns, system_message, eval_fraction, json_field}; each source's share of the "
+        "training "
         "examples is its weight's share (repeated or sampled at prepare, from train.seed)"))
     prepared_path: str = field(default="", metadata=doc(
         "where prepared datasets go, a folder per fingerprint; empty = {output_dir}/prepared. Runs that share it "

@@ -24,7 +24,8 @@ import os
 
 import numpy as np
 
-SOURCE_KEYS = ("name", "files", "hf_dataset", "hf_split", "weight", "columns", "system_message", "eval_fraction")
+SOURCE_KEYS = ("name", "files", "hf_dataset", "hf_split", "weight", "columns", "system_message", "eval_fraction",
+               "json_field")
 PER_SOURCE_SETTINGS = ("columns", "system_message", "eval_fraction", "hf_split")  # override data.* of that name
 BLOCK = 64  # lines per seeded permutation: a stratified sample, exact to a record or two per block
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -36,7 +37,7 @@ def source_name(source: dict, index: int) -> str:
         return str(source["name"])
     first = (source.get("files") or [source.get("hf_dataset") or f"source{index}"])[0]
     base = os.path.basename(str(first).rstrip("/"))
-    for ext in (".jsonl.gz", ".jsonl", ".parquet"):
+    for ext in (".jsonl.gz", ".jsonl", ".json.gz", ".json", ".parquet"):
         base = base[: -len(ext)] if base.endswith(ext) else base
     return base or f"source{index}"
 
@@ -54,6 +55,7 @@ def sources_of(data) -> list[dict]:
         seen.add(name)
         out.append({**s, "name": name, "files": [files] if isinstance(files, str) else list(files),
                     "hf_dataset": s.get("hf_dataset") or "", "hf_split": s.get("hf_split", data.hf_split),
+                    "json_field": s.get("json_field", data.json_field),
                     "weight": float(s.get("weight", 1.0))})
     return out
 
@@ -90,6 +92,8 @@ def check_sources(data, bad) -> None:
                 "use one source of eval data: remove data.eval_files or the sources' eval_fraction")
         if "columns" in s and not isinstance(s["columns"], dict):
             bad(f"{key}.columns", "must be a mapping", s["columns"], "e.g. columns: {messages: conversation}")
+        if not isinstance(s.get("json_field", ""), str):
+            bad(f"{key}.json_field", "must be a string", s["json_field"], "e.g. json_field: data")
         if s.get("system_message") is not None and not isinstance(s["system_message"], str):
             bad(f"{key}.system_message", "must be a string", s["system_message"], "e.g. system_message: Be brief.")
 

@@ -55,7 +55,7 @@ def loads(line: str) -> Any:
     return json.loads(line, object_pairs_hook=_no_duplicate_keys)
 
 
-def parse_line(line: str | bytes) -> dict:
+def parse_line(line: str | bytes, fix: str = "one JSON object per line") -> dict:
     """A JSONL line -> its object. BOM and CR are tolerated; anything but a JSON object is a RecordError.
 
     >>> parse_line('\\ufeff{"text": "hi"}\\r')
@@ -72,13 +72,13 @@ def parse_line(line: str | bytes) -> dict:
         value = loads(line)
     except json.JSONDecodeError as exc:
         raise RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}; "
-                                          "fix: one JSON object per line") from None
+                                          f"fix: {fix}") from None
     except RecursionError:  # json's parser recurses once per level of nesting
         raise RecordError("too_deep", "nested too deeply for a JSON parser (more than ~1,000 levels of [ or {); "
                                       "fix: flatten the record") from None
     if not isinstance(value, dict):
         raise RecordError("not_an_object", f"a JSON {type(value).__name__} is not a record "
-                                           f"(got {shorten(value)}); fix: one JSON object per line")
+                                           f"(got {shorten(value)}); fix: {fix}")
     return value
 
 

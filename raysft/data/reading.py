@@ -1,6 +1,7 @@
 """Reading one chunk of the plan (`sources.py` makes it): its records, each with its file and line, in order.
 
-A JSONL chunk is a byte range of whole lines; a ``.jsonl.gz`` is streamed whole (a cut or damaged file keeps its
+A JSONL chunk is a byte range of whole lines, a JSON array's a byte range of whole records (`jsonarray.py`); a
+``.jsonl.gz`` or ``.json.gz`` is streamed whole (a cut or damaged file keeps its
 records before the damage and ends with one `RecordError` naming the line after the last good one); Parquet is
 read a row group at a time, a Hugging Face dataset a row range at a time. Runs in the Ray Data tasks (and in the
 driver's preflight). This module does not import ray.
@@ -15,6 +16,7 @@ import zlib
 from typing import Iterator
 
 from raysft import storage
+from raysft.data import jsonarray
 from raysft.data.parsing import RecordError, drop_nulls, parse_line
 from raysft.data.sources import Chunk, load_hf
 
@@ -30,6 +32,9 @@ def describe_chunk(chunk: Chunk) -> str:
         return f"{chunk.source}:lines {chunk.first_line}-{chunk.first_line + max(lines - 1, 0)}"
     if chunk.fmt == "hf":
         return f"{chunk.source}:rows {chunk.first_line}-{chunk.end}"
+    if chunk.fmt == "json":
+        return (f"{chunk.source}:records from {chunk.first_record} (line {chunk.first_line}, bytes "
+                f"{chunk.start}-{chunk.end})")
     if chunk.fmt == "parquet":
         return f"{chunk.source}:row group {chunk.start} (from row {chunk.first_line})"
     return f"{chunk.source} (the whole compressed file)"
@@ -83,6 +88,27 @@ def _parsed_lines(numbered, source: str):
             yield where, n, raw, exc.at(where)
 
 
+def _array_records(chunk: Chunk):
+    """The records of a JSON array's chunk, each located as ``file:record N (line L)``; a damaged file ends with one
+    ``damaged_file`` error."""
+    gz = chunk.fmt == "json.gz"
+    for e in jsonarray.elements(chunk.source, chunk.start, chunk.end, chunk.first_line, chunk.first_record, gz,
+                                chunk.start if gz else 0):
+        if isinstance(e, jsonarray.Damage):
+            where = f"{chunk.source}:record {e.after + 1} (line {e.line})"
+            yield where, e.after + 1, "", RecordError(
+                "damaged_file", f"the JSON array is cut short or damaged: {e.detail}; the {e.after} records before "
+                "it are read. fix: download the file again, or repair it (`python -m json.tool FILE` names the "
+                "first error)", where)
+            return
+        where = f"{chunk.source}:record {e.record} (line {e.line})"
+        raw = e.data.decode("utf-8", errors="replace")
+        try:
+            yield where, e.record, raw, parse_line(e.data, "make each element of the array a JSON object")
+        except RecordError as exc:
+            yield where, e.record, raw, exc.at(where)
+
+
 def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, object]]:
     """(where, line or row number, raw text, record dict or RecordError) for each record of the chunk, in order."""
     if chunk.fmt == "jsonl":
@@ -94,6 +120,9 @@ def read_chunk(chunk: Chunk, hf_split: str = "train") -> Iterator[tuple[str, obj
         return
     if chunk.fmt == "jsonl.gz":  # streamed: memory stays flat whatever the file's size
         yield from _parsed(_gzip_lines(chunk.source), chunk.source)
+        return
+    if chunk.fmt in ("json", "json.gz"):
+        yield from _array_records(chunk)
         return
     if chunk.fmt == "parquet":
         import pyarrow.parquet as pq

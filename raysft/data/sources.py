@@ -3,7 +3,8 @@
 Planning runs on the driver in one streaming pass per file: it hashes the bytes (for the prepared
 data's fingerprint) and cuts JSONL files into chunks of whole lines, remembering each chunk's first line
 number so that a bad record is reported as ``file:line`` by whichever Ray task reads it. ``.jsonl.gz``
-is one chunk per file (gzip cannot be entered mid-stream), Parquet one chunk per row group, a
+is one chunk per file (gzip cannot be entered mid-stream), a JSON array (``.json``) is cut at record boundaries from
+an index made once per file (`jsonarray.py`; a ``.json.gz`` is one chunk), Parquet one chunk per row group, a
 Hugging Face dataset one chunk per row range. Local paths and any URI pyarrow reads (``s3://``,
 ``gs://``, ``file://``) go through `pyarrow.fs`. This module does not import ray.
 """
@@ -22,9 +23,10 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 from raysft import storage
+from raysft.data import jsonarray
 from raysft.errors import UserError, format_error
 
-FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".parquet": "parquet"}
+FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".json.gz": "json.gz", ".json": "json", ".parquet": "parquet"}
 HF_ROWS_PER_CHUNK = 20_000
 
 
@@ -34,7 +36,8 @@ class Chunk:
     fmt: str  # jsonl | jsonl.gz | parquet | hf
     start: int  # byte offset (jsonl), row group (parquet), row (hf)
     end: int
-    first_line: int  # line (jsonl) or row (parquet, hf) number of the chunk's first record, 1-based
+    first_line: int  # line (jsonl, json) or row (parquet, hf) number of the chunk's first record, 1-based
+    first_record: int = 0  # json: the chunk's first record's number in the array, 1-based
     index: int = 0  # position in the plan: names the chunk's stats and rejects files
     origin: int = 0  # which of data.sources (data/mixing.py) it is part of
 
@@ -97,7 +100,7 @@ def has_records(source: str) -> bool:
             return pq.ParquetFile(f).metadata.num_rows > 0
     try:
         with fs.open_input_stream(path, compression=None) as raw:
-            stream = gzip.GzipFile(fileobj=raw) if fmt == "jsonl.gz" else raw
+            stream = gzip.GzipFile(fileobj=raw) if fmt.endswith(".gz") else raw
             while block := stream.read(storage.READ_BLOCK):
                 if block.strip():
                     return True
@@ -154,9 +157,32 @@ def _gzip_line_count(source: str) -> int:
     return n + (last != b"\n")
 
 
-def plan(files: list[str], chunk_bytes: int, count: bool = False) -> tuple[list[Chunk], list[dict]]:
+def _plan_json(fs, path: str, source: str, chunk_bytes: int, h, json_field: str, key: str, count: bool):
+    """A .json/.json.gz file that holds an array: its chunks (cut from its record-boundary index) and records."""
+    layout = jsonarray.sniff(source, json_field, key)
+    gz = source.endswith(".gz")
+    if layout.kind == "jsonl":  # JSON Lines under a .json name
+        if not gz:
+            return _plan_jsonl(fs, path, source, chunk_bytes, h)
+        size = _hash_file(fs, path, h)
+        return [Chunk(source, "jsonl.gz", 0, size, 1)], _gzip_line_count(source) if count else None
+    size = _hash_file(fs, path, h)
+    if gz:  # one chunk, streamed: its records counted (a second pass) only for data.sources' weights
+        records = sum(isinstance(e, jsonarray.Element) for e in jsonarray.elements(
+            source, 0, 0, layout.line, 1, True, layout.offset)) if count else None
+        return [Chunk(source, "json.gz", layout.offset, size, layout.line, 1)], records
+    ix = jsonarray.index(source, h.hexdigest(), layout, size, key)
+    if not ix.records and not ix.damaged:
+        raise UserError(format_error(key, "has no records (an empty array)", source, "leave the file out"))
+    return [Chunk(source, "json", s, e, line, record) for s, e, line, record in jsonarray.ranges(ix, chunk_bytes)] \
+        or [Chunk(source, "json", layout.offset, ix.end, layout.line, 1)], ix.records
+
+
+def plan(files: list[str], chunk_bytes: int, count: bool = False, json_field: str = "",
+         key: str = "data.train_files") -> tuple[list[Chunk], list[dict]]:
     """Chunks to read, and each file's {path, bytes, sha256, lines or rows} for the fingerprint (and for
-    data.sources' weights: a .jsonl.gz is decompressed to count its lines only with `count`)."""
+    data.sources' weights: a .jsonl.gz or .json.gz is decompressed to count its records only with `count`).
+    `json_field` is data.json_field, for .json files that hold an object; `key` names the files' config key."""
     import pyarrow.parquet as pq
 
     chunks: list[Chunk] = []
@@ -165,6 +191,14 @@ def plan(files: list[str], chunk_bytes: int, count: bool = False) -> tuple[list[
         fs, path = storage.filesystem(source)
         fmt = file_format(source)
         h = hashlib.sha256()
+        if fmt in ("json", "json.gz"):
+            file_chunks, records = _plan_json(fs, path, source, chunk_bytes, h, json_field, key, count)
+            chunks += file_chunks
+            size = fs.get_file_info(path).size
+            inputs.append({"path": source, "bytes": size, "sha256": h.hexdigest(),
+                           **({"records": records} if records is not None else {}),
+                           **({"json_field": json_field} if json_field else {})})
+            continue
         if fmt == "jsonl":
             file_chunks, records = _plan_jsonl(fs, path, source, chunk_bytes, h)
             chunks += file_chunks

@@ -5,6 +5,8 @@ joins; the run must resume from its last checkpoint and finish. Prints one JSON 
 
     python tests/scripts/multinode.py OUTPUT_DIR MODEL_DIR TRAIN_JSONL [fixed | elastic | fixed,elastic]
 
+`json` (first in the list) prepares the same records written as a JSON array on the three nodes, and trains nothing.
+
 With `elastic`, `cluster.num_workers` is [1, 2] and no node replaces the killed one: Ray Train's elastic mode
 restarts the group with the one worker that fits, which converts the 2-worker ZeRO checkpoint to DeepSpeed's
 universal form and continues. `fixed,elastic` runs both on one cluster, one after the other (the elastic run on the
@@ -68,6 +70,21 @@ def run(cluster, workers: list, out: str, model_dir: str, data: str, mode: str) 
             "result": result, "errors": errors}
 
 
+def prepare_json(out: str, model_dir: str, data: str) -> dict:
+    """The run's data as a JSON array (indent=2, as published sets are), prepared on the cluster: the report holds
+    its prepared folder and which nodes prepared how many chunks."""
+    from raysft.config import load_config
+    from raysft.prepare import prepare
+
+    os.makedirs(out, exist_ok=True)
+    array = os.path.join(out, "data.json")
+    with open(data, encoding="utf-8") as f, open(array, "w", encoding="utf-8") as g:
+        json.dump([json.loads(line) for line in f if line.strip()], g, indent=2, ensure_ascii=False)
+    path, manifest = prepare(load_config(None, overrides(out, model_dir, array)), log=print)
+    return {"mode": "json", "prepared": path, "prepare_nodes": manifest["prepare_nodes"],
+            "records_kept": manifest["records_kept"]}
+
+
 def main(out: str, model_dir: str, data: str, modes: str = "fixed") -> None:
     """`modes`: fixed, elastic, or fixed,elastic (one after the other on the same cluster, OUTPUT_DIR-MODE each)."""
     # the GCS marks a killed node dead after a few missed health checks (Ray's defaults: 5 missed, 3 s apart); a
@@ -79,7 +96,9 @@ def main(out: str, model_dir: str, data: str, modes: str = "fixed") -> None:
     ray.init(address=cluster.address, logging_level="ERROR")
     several = "," in modes
     for mode in modes.split(","):
-        report = run(cluster, workers, f"{out}-{mode}" if several else out, model_dir, data, mode)
+        where = f"{out}-{mode}" if several else out
+        report = prepare_json(where, model_dir, data) if mode == "json" else run(cluster, workers, where, model_dir,
+                                                                                  data, mode)
         print("MULTINODE " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()
