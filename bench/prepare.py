@@ -3,6 +3,7 @@
     python bench/prepare.py                       # 200k records at 1x and 4x (about 12 minutes on 2 cores)
     python bench/prepare.py --records 20000 --scales 1
     python bench/prepare.py --scales 1 --profile  # and cProfile one chunk's task, and summarise Ray's timeline
+    python bench/prepare.py --json --records 50000  # JSONL vs the same records as one JSON array, at 1x and 4x
 
 Raw reference: `json.loads` + `to_chatml` + the Rust tokenizer's `encode_batch` in one process per core, nothing
 else (no masks, packing, Arrow or writes): raysft's Ray Data stage and its whole command are printed as ratios to it.
@@ -309,6 +310,16 @@ def check_text(data: str, ds) -> int:
 
 
 PATHS = ("raysft", "raw (all cores)", "peer num_proc=1", "peer num_proc=2")
+JSON_PATHS = ("raysft", "raysft json array")  # --json: the same records as JSONL (the peer) and as one JSON array
+
+
+def write_array(jsonl: str, out: str) -> None:
+    """The records of `jsonl` as one JSON array, a record per line (streamed: the bench's own memory stays flat)."""
+    with open(jsonl, encoding="utf-8") as src, open(out, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        for i, line in enumerate(src):
+            f.write((",\n" if i else "") + "  " + line.rstrip("\n"))
+        f.write("\n]\n")
 
 
 def one(name: str, data: str, tok_dir: str, out: str, profile: bool, check: bool) -> dict:
@@ -322,7 +333,7 @@ def one(name: str, data: str, tok_dir: str, out: str, profile: bool, check: bool
     import raysft.prepare  # noqa: F401
 
     datasets.disable_progress_bars()
-    if name == "raysft":
+    if name.startswith("raysft"):
         import ray
 
         t = time.time()
@@ -365,7 +376,7 @@ def measure(name: str, data: str, tok_dir: str, out: str, profile: bool, check: 
         return json.load(f), mem.peak / 2**20
 
 
-def run(records: int, scales: list[int], work: str, profile: bool = False) -> None:
+def run(records: int, scales: list[int], work: str, profile: bool = False, arrays: bool = False) -> None:
     base = os.path.join(work, "data-1x.jsonl")
     make_data(base, records)
     tok_dir = train_tokenizer(base, os.path.join(work, "tokenizer"))
@@ -383,10 +394,13 @@ def run(records: int, scales: list[int], work: str, profile: bool = False) -> No
                 for _ in range(scale):
                     out.write(body)
         n = records * scale
-        for name in PATHS:
+        if arrays:
+            write_array(data, data[: -len(".jsonl")] + ".json")
+        for name in JSON_PATHS if arrays else PATHS:
             first = scale == scales[0]
-            out = os.path.join(work, f"out-{scale}-{PATHS.index(name)}")
-            info, peak = measure(name, data, tok_dir, out, profile and first, first and name == "peer num_proc=1")
+            out = os.path.join(work, f"out-{scale}-{(PATHS + JSON_PATHS).index(name)}")
+            source = data[: -len(".jsonl")] + ".json" if name == "raysft json array" else data
+            info, peak = measure(name, source, tok_dir, out, profile and first, first and name == "peer num_proc=1")
             dt, tokens = info["seconds"], info["tokens"]
             results[(scale, name)] = (n / dt, tokens / dt, dt, peak)
             print(f"{scale:>4}x {name:<22} {n / dt:>10.0f} {tokens / dt:>11.0f} {dt:>8.1f} {peak:>8.0f} "
@@ -396,7 +410,7 @@ def run(records: int, scales: list[int], work: str, profile: bool = False) -> No
                 print(f"      Ray start-up {info['ray_start']:.1f} s (not counted)")
                 for line in info.get("timeline", []):
                     print(line)
-                if first:
+                if first and not arrays:
                     sampled, equal = check_rows(data, info["prepared"], bench_config(data, tok_dir, work))
                     print(f"      rows check: {equal}/{sampled} sampled records are in the rows as the slow path "
                           "makes them")
@@ -405,6 +419,15 @@ def run(records: int, scales: list[int], work: str, profile: bool = False) -> No
                 bad = info["mismatches"]
                 print(f"      text check: {n - bad}/{n} records give the same text (mismatches: {bad})")
                 assert bad == 0
+    if arrays:
+        for scale in scales:
+            j, r = results[(scale, "raysft json array")], results[(scale, "raysft")]
+            print(f"ratio {scale}x: JSON array / JSONL: records/s {j[0] / r[0]:.2f}x, peak memory {j[3] / r[3]:.2f}x")
+        if len(scales) > 1:
+            lo, hi = scales[0], scales[-1]
+            for name in JSON_PATHS:
+                print(f"peak memory {hi}x/{lo}x input, {name}: {results[(hi, name)][3] / results[(lo, name)][3]:.2f}")
+        return
     for scale in scales:
         r, w = results[(scale, "raysft")], results[(scale, "raw (all cores)")]
         stage = records * scale / phases[scale]["ray_data"]
@@ -425,7 +448,9 @@ if __name__ == "__main__":
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--profile", action="store_true", help="cProfile one chunk's task, and summarise Ray's timeline")
-    ap.add_argument("--one", choices=PATHS, help=argparse.SUPPRESS)  # measure()'s child: one path, its result to --result
+    ap.add_argument("--json", action="store_true", help="the same records as JSONL and as a JSON array: raysft "
+                    "on each (peak memory flat in the input's size, JSONL the peer)")
+    ap.add_argument("--one", choices=PATHS + JSON_PATHS[1:], help=argparse.SUPPRESS)  # measure()'s child: one path, its result to --result
     for flag in ("--data", "--tokenizer", "--out", "--result"):
         ap.add_argument(flag, help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -435,4 +460,4 @@ if __name__ == "__main__":
             json.dump(one(args.one, args.data, args.tokenizer, args.out, args.profile, args.check), f)
     else:
         with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
-            run(args.records, args.scales, work, args.profile)
+            run(args.records, args.scales, work, args.profile, args.json)

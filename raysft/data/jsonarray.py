@@ -39,6 +39,8 @@ INDEX_VERSION = 1
 # a whole string (escapes included), a structural character, or the quote of a string the buffer cuts short
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},:]|"', re.S)
 _WS = b" \t\r\n"
+_RAW = json.JSONDecoder().raw_decode
+_SPACES = re.compile(rb"[ \t\r\n]*")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Elements:
         self.line = line  # the line of buf[self.counted]
         self.counted = 0
         self.in_string = False
+        self.fresh = True  # at an element's start (after [ or a comma): json may skip it whole
 
     def _line_at(self, i: int) -> int:
         self.line += self.buf.count(b"\n", self.counted, i)
@@ -97,11 +100,28 @@ class Elements:
             return out
         self.buf += block
         self.in_string = False
-        for m in _TOKEN.finditer(self.buf, self.pos):
-            c = self.buf[m.start()]
+        buf, pos = self.buf, self.pos
+        text = None  # the buffer as latin-1 (one character per byte) for json's raw_decode, made when first needed
+        while True:
+            if self.fresh and self.depth == 0:  # an element begins: json (C) finds its end, when it is whole here
+                pos = _skip_ws(buf, pos)
+                if pos < len(buf) and buf[pos] in b'{["':
+                    text = text if text is not None else buf.decode("latin-1")
+                    try:
+                        pos = _RAW(text, pos)[1]
+                        self.fresh = False
+                        continue
+                    except ValueError:  # cut by the buffer's end, or not valid JSON: the tokens below decide
+                        pass
+            m = _TOKEN.search(buf, pos)
+            if m is None:
+                pos = len(buf)
+                break
+            c = buf[m.start()]
+            self.fresh = False
             if c == 0x22:  # "
                 if m.end() - m.start() == 1:  # a string the buffer cuts short: wait for more bytes
-                    self.pos, self.in_string = m.start(), True
+                    pos, self.in_string = m.start(), True
                     break
             elif c in b"[{":
                 self.depth += 1
@@ -110,14 +130,16 @@ class Elements:
                     if c == 0x5D:  # the array's own ]
                         self._emit(m.start(), out)
                         self.closed = self.base + m.end()
+                        pos = m.end()
                         break
+                    pos = m.end()
                     continue  # a stray } between elements: left to the element's parse to refuse
                 self.depth -= 1
             elif c == 0x2C and self.depth == 0:  # ,
                 self._emit(m.start(), out)
-                self.seg = m.end()
-        else:
-            self.pos = len(self.buf)
+                self.seg, self.fresh = m.end(), True
+            pos = m.end()
+        self.pos = pos
         if self.closed is None:  # keep only the current element's bytes
             cut = min(self.seg, self.pos)
             self._line_at(cut)
@@ -173,9 +195,7 @@ class Layout:
 
 
 def _skip_ws(data: bytes, i: int) -> int:
-    while i < len(data) and data[i] in _WS:
-        i += 1
-    return i
+    return _SPACES.match(data, i).end()
 
 
 def _first_line(source: str, gz: bool) -> tuple[bytes, Optional[bool]]:
