@@ -365,6 +365,11 @@ def test_skip_counts_a_too_deep_record_and_keeps_a_cut_files_records(tmp_path, r
 
 
 # Last in this file: these use the session's Ray, and the tests above check that nothing started one.
+# a record bad by itself: the fix also names the policy that would skip it (raysft/data/chunks.py)
+SKIP_HINT = "; or skip such records with data.on_bad_record: skip (counted, and written to the rejects file)"
+BAD_DATA = [(text, expected + SKIP_HINT) for text, expected in BAD_DATA]
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("text, expected", BAD_DATA, ids=[c[0][:30] or "empty" for c in BAD_DATA])
 def test_bad_data(tmp_path, capfd, ray_session, text, expected):

@@ -9,6 +9,7 @@ import pytest
 from raysft.cli import main
 from raysft.config import load_config
 from raysft.data.chunks import Settings, render
+from raysft.data.prepared import summary
 from raysft.data.records import RecordError
 from raysft.data.tokenize import tokenize_rendered
 from raysft.prepare import prepare
@@ -143,36 +144,45 @@ def test_on_bad_record_error_stops_with_file_and_line(tmp_path, tiny_model_dir, 
     cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, data))
     with pytest.raises(RecordError) as info:
         prepare(cfg)
-    assert str(info.value) == f"{data}:4: invalid JSON: Expecting value at column 15; fix: one JSON object per line"
+    assert str(info.value) == (f"{data}:4: invalid JSON: Expecting value at column 15; fix: one JSON object per line; "
+                               "or skip such records with data.on_bad_record: skip (counted, and written to the "
+                               "rejects file)")
     assert not os.path.exists(os.path.join(cfg.output_dir, "prepared"))  # nothing left behind, not even the folder
 
 
-def test_on_bad_record_skip_counts_by_reason_and_writes_rejects(tmp_path, tiny_model_dir, ray_session):
+def test_on_bad_record_skip_counts_by_reason_and_writes_rejects(tmp_path, tiny_model_dir, tokenizer, ray_session):
     long_answer, long_question = {"messages": msgs("q", "a" * 400)}, {"messages": msgs("q" * 100, "a")}
     data = write_jsonl(tmp_path / "train.jsonl", RECORDS[:5] + [long_answer, long_question],
                        raw_lines=BAD_LINES + [""])
     cfg = load(tmp_path, base_config(tmp_path, tiny_model_dir, data, data={"on_bad_record": "skip",
                                                                           "max_seq_len": 40}))
     path, m = prepare(cfg)
-    assert m["rejected_by_reason"] == {"invalid_json": 1, "no_assistant": 1, "no_trained_tokens": 1,
-                                       "not_an_object": 1, "unknown_role": 1}
-    assert (m["records_read"], m["records_kept"], m["records_rejected"]) == (11, 6, 5)
-    assert (m["examples_truncated"], m["examples_dropped"]) == (2, 0)
+    assert m["rejected_by_reason"] == {"invalid_json": 1, "no_assistant": 1, "not_an_object": 1, "unknown_role": 1}
+    assert (m["records_read"], m["records_kept"], m["records_rejected"]) == (11, 6, 4)
+    # the long question's prompt alone fills max_seq_len: dropped and counted, never a bad record (issue 39, item 9)
+    assert (m["examples_truncated"], m["examples_dropped"], m["prompt_over_max_seq_len"]) == (1, 1, 1)
+    [(_, labels)] = tokenize_rendered([render(long_question, CHATML, tokenizer)], tokenizer, "completion")
+    prompt = next(i for i, x in enumerate(labels) if x != -100)  # the first trained token follows the prompt
+    assert prompt > 40 and m["longest_prompt"] == {"tokens": prompt, "where": f"{data}:7"}
+    assert (f"examples: 1 truncated, 1 dropped (longer than max_seq_len); 1 of them a prompt alone of max_seq_len "
+            f"tokens or more (the longest: {prompt} tokens, {data}:7): raise data.max_seq_len to train them"
+            ) in summary(m).splitlines()
     with open(os.path.join(path, m["rejects_file"]), encoding="utf-8") as f:
         rejects = [json.loads(line) for line in f]
     assert [(r["where"], r["line"], r["reason"], r["raw"]) for r in rejects] == [
-        (f"{data}:7", 7, "no_trained_tokens", json.dumps(long_question)),
         (f"{data}:8", 8, "invalid_json", BAD_LINES[0]),
         (f"{data}:9", 9, "not_an_object", BAD_LINES[1]),
         (f"{data}:10", 10, "unknown_role", BAD_LINES[2]),
         (f"{data}:11", 11, "no_assistant", BAD_LINES[3]),
     ]
-    assert rejects[0]["error"] == ("no token to train on within max_seq_len=40; fix: give the record an assistant "
-                                   "answer, or raise data.max_seq_len")
     drop = load(tmp_path, base_config(tmp_path / "d", tiny_model_dir, data,
                                       data={"on_bad_record": "skip", "max_seq_len": 40, "on_overlong": "drop"}))
     _, m = prepare(drop)
     assert (m["examples_dropped"], m["examples_truncated"], m["records_kept"], m["records_rejected"]) == (2, 0, 5, 4)
+    assert m["prompt_over_max_seq_len"] == 1 and m["longest_prompt"]["where"] == f"{data}:7"
+    clean = write_jsonl(tmp_path / "clean.jsonl", RECORDS[:5] + [long_question])  # under the defaults: not a stop
+    _, m = prepare(load(tmp_path, base_config(tmp_path / "c", tiny_model_dir, clean, data={"max_seq_len": 40})))
+    assert (m["records_kept"], m["examples_dropped"], m["prompt_over_max_seq_len"]) == (5, 1, 1)
 
 
 def test_parquet_gzip_and_saved_hf_dataset_inputs(tmp_path, tiny_model_dir, ray_session):
@@ -217,7 +227,8 @@ def test_a_json_array_prepares_into_the_rows_of_the_same_records_in_jsonl(tmp_pa
         prepare(load(tmp_path, base_config(tmp_path / "err", tiny_model_dir, str(damaged))))
     line = broken[: broken.index('{"text": "x",}')].count("\n") + 1
     assert str(info.value) == (f"{damaged}:record 3 (line {line}): invalid JSON: Expecting property name enclosed in "
-                               "double quotes at column 14; fix: make each element of the array a JSON object")
+                               "double quotes at column 14; fix: make each element of the array a JSON object; or skip such "
+                               "records with data.on_bad_record: skip (counted, and written to the rejects file)")
     path, m = prepare(load(tmp_path, base_config(tmp_path / "skip", tiny_model_dir, str(damaged),
                                                  data={"on_bad_record": "skip"})))
     assert m["rejected_by_reason"] == {"invalid_json": 1, "damaged_file": 1} and m["records_kept"] == 3

@@ -30,6 +30,12 @@ from raysft.data.template import render_native
 from raysft.data.tokenize import IGNORE_INDEX, count_trained, tokenize_rendered
 
 TOKENIZE_BATCH = 512  # examples per tokenizer call: large enough to amortise the call, small for memory
+# the reasons a record is bad by itself (skipping it helps); the others say the template or the config is wrong
+SKIP_HELPS = frozenset({"invalid_json", "invalid_utf8", "too_deep", "not_an_object", "duplicate_key", "unknown_format",
+                        "missing_field", "bad_type", "bad_message", "unknown_role", "empty_conversation",
+                        "no_assistant", "completion_not_assistant", "no_completion", "empty_answer", "bad_tool_call",
+                        "bad_tools", "bad_template_kwargs", "damaged_file"})
+SKIP_HINT = "; or skip such records with data.on_bad_record: skip (counted, and written to the rejects file)"
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class ChunkResult:
     copies: list = field(default_factory=list)  # per example: times it trains (data.sources' weights; 0 when held out)
     counts: dict = field(default_factory=dict)  # records_read, records_kept, ..., rejected_by_reason
     rejects: list = field(default_factory=list)  # {where, line, reason, error, raw} per rejected record
+    longest_prompt: list = field(default_factory=lambda: [0, ""])  # of the examples dropped for it: [tokens, where]
 
 
 def held_out(where: str, fraction: float) -> bool:
@@ -143,7 +150,7 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
 
     def bad(err: RecordError, line: int, raw: str) -> None:
         if s.on_bad_record == "error":
-            raise err
+            raise RecordError(err.reason, err.message + SKIP_HINT, err.where) if err.reason in SKIP_HELPS else err
         by_reason[err.reason] += 1
         out.rejects.append({"where": err.where, "line": line, "reason": err.reason, "error": err.message, "raw": raw})
 
@@ -166,15 +173,22 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
                 bad(broken.at(where), line, raw)
                 continue
             fitted = fit_length(ids, labels, s.max_seq_len, s.on_overlong)
+            if fitted is not None and len(fitted[0]) < len(ids) and not count_trained(fitted[1]) \
+                    and count_trained(labels):
+                fitted = None  # the prompt alone fills max_seq_len: nothing to train on, dropped as drop does
             if fitted is None:
                 counts["examples_dropped"] += 1
+                prompt = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX) if count_trained(labels) else 0
+                if prompt >= s.max_seq_len:
+                    counts["prompt_over_max_seq_len"] += 1
+                    if prompt > out.longest_prompt[0]:
+                        out.longest_prompt = [prompt, where]
                 continue
             if len(fitted[0]) < len(ids):
                 counts["examples_truncated"] += 1
             if count_trained(fitted[1]) == 0:
-                bad(RecordError("no_trained_tokens", "no token to train on" + (
-                    f" within max_seq_len={s.max_seq_len}" if len(fitted[0]) < len(ids) else "")
-                    + "; fix: give the record an assistant answer, or raise data.max_seq_len", where), line, raw)
+                bad(RecordError("no_trained_tokens", "no token to train on; fix: give the record an assistant answer",
+                                where), line, raw)
                 continue
             out.examples.append(fitted)
             out.held_out.append(held_out(where, s.eval_fraction))
@@ -184,7 +198,7 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
             counts["examples"] += n
     counts["records_rejected"] = sum(by_reason.values())
     out.rejects.sort(key=lambda r: r["line"])  # file order (token-level rejects are found after parse errors)
-    out.counts = {**counts, "rejected_by_reason": dict(by_reason)}
+    out.counts = {**counts, "rejected_by_reason": dict(by_reason), "longest_prompt": out.longest_prompt}
     return out
 
 

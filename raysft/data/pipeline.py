@@ -194,8 +194,13 @@ def side_counts(stats: list[tuple[str, dict]], split: str) -> dict:
             by_reason.update(c["rejected_by_reason"])
             counts.update({k: v for k, v in c.items() if isinstance(v, int) and k != "source"})
     keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples_truncated",
-            "examples_dropped")
-    return {**{k: counts[k] for k in keys}, "rejected_by_reason": dict(sorted(by_reason.items()))}
+            "examples_dropped", "prompt_over_max_seq_len")
+    out = {**{k: counts[k] for k in keys}, "rejected_by_reason": dict(sorted(by_reason.items()))}
+    longest = max((c.get("longest_prompt") or [0, ""] for name, c in stats if name.startswith(f"{split}-")),
+                  key=lambda x: x[0], default=[0, ""])
+    if counts["prompt_over_max_seq_len"]:  # the examples dropped because their prompt alone fills max_seq_len
+        out["longest_prompt"] = {"tokens": longest[0], "where": longest[1]}
+    return out
 
 
 def _chunk_file(name: str, split: str = "") -> bool:

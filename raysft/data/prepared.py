@@ -99,7 +99,10 @@ def summary(manifest: dict) -> str:
              + (f", {m['records_held_out']} held out for eval" if m.get("records_held_out") else "")
              + (f" {m['rejected_by_reason']}" if m["rejected_by_reason"] else ""),
              f"examples: {m['examples_truncated']} truncated, {m['examples_dropped']} dropped "
-             "(longer than max_seq_len)",
+             "(longer than max_seq_len)" + (
+                 f"; {m['prompt_over_max_seq_len']} of them a prompt alone of max_seq_len tokens or more (the "
+                 f"longest: {m['longest_prompt']['tokens']} tokens, {m['longest_prompt']['where']}): raise "
+                 "data.max_seq_len to train them" if m.get("prompt_over_max_seq_len") else ""),
              f"rows: {m['rows']}, tokens: {m['tokens']}, trained tokens: {m['trained_tokens']}, "
              f"padding: {m['padding_fraction']:.2%}",
              f"example tokens: {m['example_tokens']}"]
