@@ -4,6 +4,7 @@ EOS token that ends plain text (trained, so a model learns to stop)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -210,3 +211,85 @@ def test_other_content_parts_are_refused_naming_the_part():
     completion = split_record(calls).completion
     assert completion[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
     assert completion[1] == {"role": "tool", "content": "18C", "tool_call_id": "call00000", "name": "get_weather"}
+
+
+# ---- per-message training flags (issue 39, item 5) -----------------------------------------------------------------
+# OpenAI's fine-tuning format for chat models: "weight": 0 or 1 on assistant messages, 0 to skip learning from that
+# message (multi-turn examples); `train: false` and `loss_weight: 0.0` are the same switch under other names.
+
+def flagged(flag, off_value, on_value=None):
+    second = {"role": "assistant", "content": "Paris, of course."}
+    if on_value is not None:
+        second[flag] = on_value
+    return {"messages": [
+        {"role": "system", "content": "Marv is a factual chatbot that is also sarcastic."},
+        {"role": "user", "content": "What's the capital of France?"},
+        {"role": "assistant", "content": "Paris", flag: off_value},
+        {"role": "user", "content": "Can you be more sarcastic?"},
+        second]}
+
+
+def trained_text(tokenizer, ids, labels):
+    return tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])
+
+
+@pytest.mark.parametrize("flag, off, on", [("weight", 0, 1), ("train", False, True), ("loss_weight", 0.0, 1.0)])
+def test_a_switched_off_assistant_turn_is_untrained_context(tokenizer, flag, off, on):
+    record = flagged(flag, off, on)
+    plain = {"messages": [{k: v for k, v in m.items() if k != flag} for m in record["messages"]]}
+    ids, labels = encode(record, tokenizer)
+    ids_all, labels_all = encode(plain, tokenizer)
+    assert ids == ids_all  # the same row, only its mask differs
+    assert trained_text(tokenizer, ids_all, labels_all) == f"Paris{E}Paris, of course.{E}"
+    assert trained_text(tokenizer, ids, labels) == f"Paris, of course.{E}"
+    [(ids, labels)] = tokenize_rendered([render(record, settings(), tokenizer)], tokenizer, "all")
+    off_turn = f"{S}assistant\nParis{E}\n"  # off even when every other token is trained
+    assert trained_text(tokenizer, ids, labels) == tokenizer.decode(ids[1:]).replace(off_turn, "", 1)
+    assert off_turn in tokenizer.decode(ids)
+
+
+def test_switched_off_turns_through_a_models_own_template_on_a_real_tokenizer(tmp_path):
+    from template_corpus import TEMPLATES, real_tokenizer
+
+    tok = real_tokenizer("qwen2")
+    with open(os.path.join(TEMPLATES, "chujiezheng", "qwen2.5-instruct.jinja"), encoding="utf-8") as f:
+        tok.chat_template = f.read()
+    record = flagged("weight", 0)
+    s = settings(chat_template="model")
+    ids, labels = tokenize_rendered([render(record, s, tok)], tok)[0]
+    plain = {"messages": [{k: v for k, v in m.items() if k != "weight"} for m in record["messages"]]}
+    ids_all, labels_all = tokenize_rendered([render(plain, s, tok)], tok)[0]
+    assert ids == ids_all and trained_text(tok, ids_all, labels_all) == "Paris<|im_end|>Paris, of course.<|im_end|>"
+    assert trained_text(tok, ids, labels) == "Paris, of course.<|im_end|>"
+    assert tok.decode(ids).endswith(tok.apply_chat_template(plain["messages"], tokenize=False))
+    data = write_jsonl(tmp_path / "flags.jsonl", [record, plain])  # the preflight's checks hold with the turn off
+    assert preflight(plan([data], 1 << 20)[0], s, tok)["records"] == 2
+
+
+@pytest.mark.parametrize("message, reason, text", [
+    ({"role": "assistant", "content": "a", "weight": 0.5}, "bad_weight",
+     "messages[1].weight: 0.5, and a turn is trained or not (a weighted loss is not offered); fix: 0 (untrained "
+     "context) or 1 (trained)"),
+    ({"role": "assistant", "content": "a", "train": "no"}, "bad_weight",
+     'messages[1].train: must be true or false (got "no"); fix: train: false for a turn to keep as untrained context'),
+    ({"role": "assistant", "content": "a", "weight": 0}, "all_turns_switched_off",
+     "messages: every assistant turn is switched off (weight), so nothing would be trained; fix: switch one on, or "
+     "leave the record out"),
+])
+def test_bad_training_flags_are_bad_records(message, reason, text):
+    with pytest.raises(RecordError) as info:
+        split_record({"messages": [{"role": "user", "content": "q"}, message]})
+    assert (info.value.reason, info.value.message) == (reason, text)
+
+
+def test_the_manifest_counts_the_turns_each_flag_switched_off(tmp_path, tokenizer):
+    from raysft.data.chunks import chunk_to_examples
+    from raysft.data.pipeline import side_counts
+
+    data = write_jsonl(tmp_path / "openai.jsonl", [flagged("weight", 0), flagged("weight", 0, 1),
+                                                   flagged("train", False), flagged("loss_weight", 1.0)])
+    [chunk], _ = plan([data], 1 << 20)
+    result = chunk_to_examples(chunk, settings(), tokenizer)
+    counts = side_counts([("train-000000.json", result.counts)], "train")
+    assert counts["turns_switched_off"] == {"weight": 2, "train": 1}
+    assert counts["turns_history_untrained"] == 0 and counts["records_kept"] == 4

@@ -205,7 +205,8 @@ class Pieces:
     def __init__(self, find: re.Pattern, split: re.Pattern):
         self.find, self.split = find, split
         self.text = ""
-        self.pieces: list[tuple[int, int, bool]] = []  # (start, end, trained) spans of `text`
+        self.pieces: list[tuple[int, int, Optional[bool]]] = []  # (start, end, trained) spans of `text`; trained
+        # None: a turn the record switched off (a training flag), untrained under loss_on: all too
         self.prompt_end: Optional[int] = None  # where the prompt (the first generation prompt) ends
         self.turns: list[list[int]] = []  # [start, end] of each trained turn (its masked reasoning included)
         self.history_untrained = 0
@@ -270,4 +271,5 @@ class Pieces:
         return bool(last) and last[-1].control
 
     def segments(self) -> list[Segment]:
-        return [seg for a, b, trained in self.pieces for seg in segments(self.text[a:b], trained, self.split)]
+        return [seg if trained is not None else seg._replace(off=True) for a, b, trained in self.pieces
+                for seg in segments(self.text[a:b], bool(trained), self.split)]

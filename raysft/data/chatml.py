@@ -73,6 +73,7 @@ class Segment(NamedTuple):  # a tuple: made for every part of every message, so 
     text: str
     control: bool = False  # one control token, never split
     trained: bool = False  # loss is taken on these tokens (loss_on: completion)
+    off: bool = False  # a turn the record switched off (weight: 0, train: false): untrained under loss_on: all too
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,10 @@ def render_example(example: Example, system_message: Optional[str] = None, train
         segments += _message(m, trained=False)
     head = len(segments) + 2  # the answer starts after the first completion message's <|im_start|>assistant\n
     for m in example.completion:
-        segments += _message(m, trained=m["role"] == "assistant", train_on_reasoning=train_on_reasoning)
+        if m.get("switched_off"):  # untrained context, whatever data.loss_on says
+            segments += [s._replace(off=True) for s in _message(m, trained=False)]
+        else:
+            segments += _message(m, trained=m["role"] == "assistant", train_on_reasoning=train_on_reasoning)
     prompt = _text(segments[:head])
     return Rendered(prompt, _text(segments[head:]), tuple(segments))
 

@@ -161,7 +161,13 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
         try:
             if isinstance(record, RecordError):
                 raise record
-            pending.append((where, line, raw, render(record, s, tokenizer)))
+            example = example_of(record, s)
+            rendered = render(record, s, tokenizer, example)
+            for m in example.completion if example.kind == "chat" else ():
+                if m.get("switched_off"):
+                    counts[f"turns_off_{m['switched_off']}"] += 1  # by the flag that switched it off
+            counts["turns_history_untrained"] += rendered.history_untrained
+            pending.append((where, line, raw, rendered))
         except RecordError as exc:
             bad(exc if exc.where else exc.at(where), line, raw)
     for i in range(0, len(pending), TOKENIZE_BATCH):

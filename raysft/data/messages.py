@@ -165,6 +165,38 @@ def _assistant_fields(msg: Mapping, out: dict, where: str, content_key: str) -> 
         out["reasoning_content"] = reasoning.strip()
 
 
+# per-message training flags on assistant turns: OpenAI's fine-tuning format (`weight: 0 | 1`), `train: true |
+# false`, `loss_weight: 0.0 | 1.0`; a turn one of them switches off stays in the row as untrained context
+TRAIN_FLAGS = ("weight", "train", "loss_weight")
+
+
+def switched_off(msg: Mapping, where: str) -> Optional[str]:
+    """The flag that switches this assistant turn off (untrained context), or None; a weight other than 0 or 1 (or
+    a `train` that is not a boolean) is a bad record: raysft trains a turn or not, it has no weighted loss.
+
+    >>> switched_off({"role": "assistant", "content": "hi", "weight": 0}, "messages[1]")
+    'weight'
+    """
+    off = None
+    for flag in TRAIN_FLAGS:
+        if flag not in msg or msg[flag] is None:
+            continue
+        value = msg[flag]
+        if flag == "train":
+            if not isinstance(value, bool):
+                raise RecordError("bad_weight", f"{where}.train: must be true or false (got {shorten(value)}); fix: "
+                                                "train: false for a turn to keep as untrained context")
+            on = value
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+            raise RecordError("bad_weight", f"{where}.{flag}: {shorten(value)}, and a turn is trained or not (a "
+                                            "weighted loss is not offered); fix: 0 (untrained context) or 1 "
+                                            "(trained)")
+        else:
+            on = value == 1
+        off = off or (None if on else flag)
+    return off
+
+
 def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: Mapping) -> Message:
     if type(msg) is dict and len(msg) == 2:  # the common case, quickly: a role and a string content
         role, content = msg.get(role_key), msg.get(content_key)
@@ -194,6 +226,9 @@ def _one_message(msg: Any, where: str, role_key: str, content_key: str, roles: M
     out = {"role": role, "content": text}
     if role == "assistant":
         _assistant_fields(msg, out, where, content_key)
+        flag = switched_off(msg, where)
+        if flag:
+            out["switched_off"] = flag  # raysft's own key: rendered as context, never passed to a template
         if reasoning is not None:
             if "reasoning_content" in out:
                 raise RecordError("bad_message", f"{where}: reasoning given twice (a reasoning part and "

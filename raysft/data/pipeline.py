@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysft.data.chunks import Settings, chunk_to_examples, rows_table, train_tables
+from raysft.data.messages import TRAIN_FLAGS
 from raysft.data.prepared import EVAL, ROW_SCHEMA, TRAIN, saved_tokenizer, split_dir
 from raysft.data.reading import describe_chunk
 from raysft.data.records import RecordError
@@ -198,6 +199,9 @@ def side_counts(stats: list[tuple[str, dict]], split: str) -> dict:
     out = {**{k: counts[k] for k in keys}, "rejected_by_reason": dict(sorted(by_reason.items()))}
     longest = max((c.get("longest_prompt") or [0, ""] for name, c in stats if name.startswith(f"{split}-")),
                   key=lambda x: x[0], default=[0, ""])
+    off = {flag: counts[f"turns_off_{flag}"] for flag in TRAIN_FLAGS if counts[f"turns_off_{flag}"]}
+    out["turns_switched_off"] = off  # assistant turns the records' training flags left untrained, by flag
+    out["turns_history_untrained"] = counts["turns_history_untrained"]  # the template's history rule's (apart)
     if counts["prompt_over_max_seq_len"]:  # the examples dropped because their prompt alone fills max_seq_len
         out["longest_prompt"] = {"tokens": longest[0], "where": longest[1]}
     return out

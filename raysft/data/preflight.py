@@ -84,14 +84,16 @@ def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, 
         prompt = _first_trained_prompt(tokenizer, messages, start, example.tools, kwargs, ids, labels) or prompt
     masked_reasoning = not settings.train_on_reasoning and example.completion[0].get("reasoning_content") is not None
     starts = (labels[len(prompt): len(prompt) + 1] != [IGNORE_INDEX] or masked_reasoning  # masked reasoning first
-              or rendered.history_untrained > 0)  # the first turn re-rendered as history: context, untrained
+              or rendered.history_untrained > 0  # the first turn re-rendered as history: context, untrained
+              or example.completion[0].get("switched_off"))  # the first turn switched off by a training flag
     if ids[: len(prompt)] != prompt or not starts or set(labels[: len(prompt)]) - {IGNORE_INDEX}:
         at = next((i for i, (a, b) in enumerate(zip(ids, prompt)) if a != b), min(len(ids), len(prompt)))
         raise RecordError("prompt_differs", f"the prompt's token ids differ from apply_chat_template(prompt, "
                                             f"add_generation_prompt=True) at token {at} (training "
                                             f"{ids[at:at + 5]}, inference {prompt[at:at + 5]}), or the trained part "
                                             "does not start right after it; fix: report this with the template")
-    if GENERATION.search(tokenizer.chat_template or "") and not masked_reasoning:
+    switched = any(m.get("switched_off") for m in example.completion)  # the template's blocks mark every turn
+    if GENERATION.search(tokenizer.chat_template or "") and not masked_reasoning and not switched:
         check_generation_blocks(rendered, tokenizer, messages, example.tools, kwargs)
     later = same = 0
     for j in range(start + 1, len(messages)):

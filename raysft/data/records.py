@@ -59,7 +59,14 @@ class Example:
 
 
 def _check_answers(completion: list, field: str, offset: int = 0) -> None:
-    """Every assistant turn of the completion has something to train besides its end-of-turn token."""
+    """Every assistant turn of the completion has something to train besides its end-of-turn token, and one at
+    least is not switched off by a training flag."""
+    turns = [m for m in completion if m["role"] == "assistant"]
+    if turns and all(m.get("switched_off") for m in turns):
+        flags = sorted({m["switched_off"] for m in turns})
+        raise RecordError("all_turns_switched_off", f"{field}: every assistant turn is switched off ("
+                                                    f"{', '.join(flags)}), so nothing would be trained; fix: switch "
+                                                    "one on, or leave the record out")
     for k, msg in enumerate(completion):
         if msg["role"] == "assistant" and not (msg["content"] or msg.get("tool_calls") or msg.get("reasoning_content")):
             raise RecordError("empty_answer", f"{field}[{offset + k}]: an assistant message with empty content, no "

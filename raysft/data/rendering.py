@@ -108,6 +108,7 @@ def _native(message: Mapping, field: Optional[str]) -> dict:
     """A message as templates take it: reasoning in the field the template reads, else as a think block opening
     the content."""
     out = dict(message)
+    out.pop("switched_off", None)  # raysft's own (a training flag): no template reads it
     reasoning = out.pop("reasoning_content", None)
     if reasoning is not None:
         if field:

@@ -147,10 +147,10 @@ def _render_native(example: Example, tokenizer, system_message: Optional[str], t
             conditional = conditional or appended
         rules.update(["conditional end"] if conditional else [])
         reasoning = mark(message.get("reasoning_content") or "", find)
-        masked = message.get("reasoning_content") is not None and not train_on_reasoning
+        masked = message.get("reasoning_content") is not None and not train_on_reasoning and not message.get(
+            "switched_off")
         if masked and not answer_text(message):
             raise empty_answer()
-        pieces.open_turn()
         think_answer = open_think(prompt[i:], full[k:], reasoning)
         if think_answer is not None:
             rules.add("open think")
@@ -173,6 +173,10 @@ def _render_native(example: Example, tokenizer, system_message: Optional[str], t
                         "data.train_on_reasoning: true, or use data.chat_template: chatml"))
                 think = full[k:end]
             answer = full[k + len(think):]
+        if message.get("switched_off"):  # a training flag: the turn is context, as history is
+            pieces.advance(prompt + think + answer, None, f"messages[:{j + 1}]")
+            continue
+        pieces.open_turn()
         if masked and think:
             pieces.advance(prompt + think, False, "the reasoning")
         pieces.advance(prompt + think + answer, True, f"messages[:{j + 1}]")

@@ -32,8 +32,8 @@ def _merged(segments: Sequence[Segment]) -> list[Segment]:
     """Adjacent text segments with the same training flag become one (fewer, more natural tokenizer calls)."""
     out: list[Segment] = []
     for seg in segments:
-        if out and not seg.control and not out[-1].control and out[-1].trained == seg.trained:
-            out[-1] = Segment(out[-1].text + seg.text, trained=seg.trained)
+        if out and not seg.control and not out[-1].control and out[-1][2:] == seg[2:]:  # trained and off alike
+            out[-1] = seg._replace(text=out[-1].text + seg.text)
         elif seg.text:
             out.append(seg)
     return out
@@ -136,7 +136,7 @@ def tokenize_rendered(rendered: Sequence[Rendered], tokenizer, loss_on: str = "c
             else:
                 piece = next(encoded)
             ids.extend(piece)
-            labels.extend(piece if (seg.trained or loss_on == "all") else [IGNORE_INDEX] * len(piece))
+            labels.extend(piece if seg.trained or (loss_on == "all" and not seg.off) else [IGNORE_INDEX] * len(piece))
         if labels:
             labels[0] = IGNORE_INDEX
         out.append((ids, labels))
