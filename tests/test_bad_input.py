@@ -110,7 +110,7 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
      "assistant, tool"),
     (["data.train_files=[]", f"data.sources=[{{files: {SAMPLE}, wieght: 2}}]"],
      "command line: data.sources[0].wieght: is not a source key (got 'wieght'). fix: did you mean weight? use: name, "
-     "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction, json_field"),
+     "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction, json_field, where"),
     ([f"data.sources=[{{files: {SAMPLE}}}]"],
      "command line: data.sources: set together with data.train_files or data.hf_dataset (got 1). fix: give the "
      "training data one way: as data.sources, or data.train_files (one source)"),
@@ -153,6 +153,10 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
     (["train.offload_activations=true"],
      "command line: train.offload_activations: offloads the activations gradient checkpointing keeps, and "
      "train.gradient_checkpointing is false (got True). fix: set train.gradient_checkpointing=true"),
+    (['data.where={score: {">=": high}, source: {within: [a]}}'],
+     "command line: data.where.score.>=: compares numbers (got 'high'). fix: e.g. {\">=\": 4}",
+     "command line: data.where.source.within: is not an operator (got 'within'). fix: use one of ==, !=, in, not in, "
+     "<, <=, >, >="),
     (["data.train_files=/nonexistent/*.jsonl"],
      "data.train_files: no file matches (got '/nonexistent/*.jsonl'). fix: check the path or glob (relative paths "
      "are taken from the current directory)"),

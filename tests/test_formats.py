@@ -293,3 +293,61 @@ def test_the_manifest_counts_the_turns_each_flag_switched_off(tmp_path, tokenize
     counts = side_counts([("train-000000.json", result.counts)], "train")
     assert counts["turns_switched_off"] == {"weight": 2, "train": 1}
     assert counts["turns_history_untrained"] == 0 and counts["records_kept"] == 4
+
+
+# ---- labelled records and data.where (issue 39, item 6) -------------------------------------------------------------
+# TRL's unpaired preference (KTO) format: {"prompt": [...], "completion": [...], "label": true | false}, false marking
+# an undesirable completion; UltraFeedback-binarized's score_chosen / score_rejected (numbers) to filter on.
+
+KTO = [{"prompt": [{"role": "user", "content": "Q1"}], "completion": [{"role": "assistant", "content": "good"}],
+        "label": True},
+       {"prompt": [{"role": "user", "content": "Q2"}], "completion": [{"role": "assistant", "content": "bad"}],
+        "label": False},
+       {"prompt": [{"role": "user", "content": "Q3"}], "completion": [{"role": "assistant", "content": "fine"}],
+        "label": True, "quality": 3}]
+
+
+def kept(tmp_path, tokenizer, records, **kw):
+    from raysft.data.chunks import chunk_to_examples
+
+    data = write_jsonl(tmp_path / "kto.jsonl", records)
+    [chunk], _ = plan([data], 1 << 20)
+    result = chunk_to_examples(chunk, settings(**kw), tokenizer)
+    texts = [tokenizer.decode([t for t, lab in zip(*e) if lab != -100]) for e in result.examples]
+    return texts, result.counts
+
+
+@pytest.mark.parametrize("where, answers, filtered", [
+    ({"label": True}, ["good", "fine"], 1),
+    ({}, ["good", "bad", "fine"], 0),
+    ({"label": True, "quality": {">=": 3}}, ["fine"], 2),  # a missing field does not match
+    ({"quality": {"in": [1, 2]}}, [], 3),
+    ({"label": {"!=": True}}, ["bad"], 2),
+])
+def test_data_where_keeps_the_matching_records_and_counts_the_rest(tmp_path, tokenizer, where, answers, filtered):
+    texts, counts = kept(tmp_path, tokenizer, KTO, where=where)
+    assert texts == [f"{a}{E}" for a in answers]
+    assert (counts.get("records_kept", 0), counts.get("records_filtered", 0)) == (len(answers), filtered)
+
+
+def test_labelled_records_are_refused_until_data_where_says_what_to_do(tmp_path, tokenizer):
+    data = write_jsonl(tmp_path / "kto.jsonl", KTO)
+    with pytest.raises(UserError) as info:
+        preflight(plan([data], 1 << 20)[0], settings(), tokenizer)
+    assert str(info.value) == (
+        f"{data}:1: the record has a 'label' (true: KTO's unpaired format, where false marks an undesirable "
+        "completion) and data.where is not set, so every completion would be trained; fix: data.where: {label: true} "
+        "to train the desirable ones, or data.where: {} to train them all (found before training, in the first 3 "
+        "records)")
+    with pytest.raises(RecordError, match="unfiltered_label|data.where is not set"):
+        kept(tmp_path, tokenizer, KTO)  # past the preflight's sample too, whatever on_bad_record says
+    texts, counts = kept(tmp_path, tokenizer, KTO, on_bad_record="skip")
+    assert texts == [] and counts["rejected_by_reason"] == {"unfiltered_label": 3}
+
+
+def test_a_where_comparison_on_a_field_without_a_number_is_a_bad_record(tmp_path, tokenizer):
+    records = [{**KTO[0], "quality": "high"}]
+    with pytest.raises(RecordError) as info:
+        kept(tmp_path, tokenizer, records, where={"quality": {">": 2}})
+    assert info.value.message.startswith('quality: "high", and data.where compares it with > 2; fix: give quality as '
+                                         "a number, or change data.where")

@@ -51,6 +51,11 @@ def check(cfg: Config, where, problems: list[str]) -> None:
     from raysft.data.records import MESSAGE_FIELDS, RECORD_FIELDS, ROLE_VALUES
 
     check_sources(cfg.data, bad)
+    from raysft.data.where import check_where
+
+    check_where(cfg.data.where, "data.where", bad)
+    for i, s in enumerate(cfg.data.sources):
+        check_where(s.get("where"), f"data.sources[{i}].where", bad)
     known = tuple(dict.fromkeys(RECORD_FIELDS + MESSAGE_FIELDS + ROLE_VALUES))
     mappings = [("data.columns", cfg.data.columns)] + [(f"data.sources[{i}].columns", s["columns"])
                                                         for i, s in enumerate(cfg.data.sources)

@@ -28,6 +28,7 @@ from raysft.data.records import Example, RecordError, rename, split_record
 from raysft.data.sources import Chunk
 from raysft.data.template import render_native
 from raysft.data.tokenize import IGNORE_INDEX, count_trained, tokenize_rendered
+from raysft.data.where import label_error, matches
 
 TOKENIZE_BATCH = 512  # examples per tokenizer call: large enough to amortise the call, small for memory
 # the reasons a record is bad by itself (skipping it helps); the others say the template or the config is wrong
@@ -54,6 +55,7 @@ class Settings:
     chat_template_kwargs: dict = field(default_factory=dict)  # extra render variables (model or file templates)
     train_on_reasoning: bool = True
     columns: dict = field(default_factory=dict)
+    where: Optional[dict] = None  # data.where (data/where.py); None: unset, so labelled records are refused
     repeat: float = 1.0  # data.sources: uses per record (data/mixing.py); 1 = each record once
     mix_seed: int = 0  # train.seed, when the sources are mixed
 
@@ -96,6 +98,16 @@ def held_out(where: str, fraction: float) -> bool:
 def example_of(record, settings: Settings) -> Example:
     """A parsed record, its columns renamed (`data.columns`), as prompt and completion; raises RecordError."""
     return split_record(rename(record, settings.columns))
+
+
+def selected(record, settings: Settings) -> Optional[dict]:
+    """The record with its columns renamed, or None when data.where leaves it out; raises RecordError (a labelled
+    record while data.where is unset, a comparison with a field that holds no number)."""
+    renamed = rename(record, settings.columns)
+    err = label_error(renamed, settings.where)
+    if err is not None:
+        raise err
+    return renamed if settings.where is None or matches(renamed, settings.where) else None
 
 
 def render(record, settings: Settings, tokenizer, example: Optional[Example] = None) -> Rendered:
@@ -161,7 +173,11 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
         try:
             if isinstance(record, RecordError):
                 raise record
-            example = example_of(record, s)
+            renamed = selected(record, s)
+            if renamed is None:
+                counts["records_filtered"] += 1
+                continue
+            example = split_record(renamed)
             rendered = render(record, s, tokenizer, example)
             for m in example.completion if example.kind == "chat" else ():
                 if m.get("switched_off"):

@@ -25,8 +25,9 @@ import os
 import numpy as np
 
 SOURCE_KEYS = ("name", "files", "hf_dataset", "hf_split", "weight", "columns", "system_message", "eval_fraction",
-               "json_field")
-PER_SOURCE_SETTINGS = ("columns", "system_message", "eval_fraction", "hf_split")  # override data.* of that name
+               "json_field", "where")
+# a source's own value overrides data.* of that name
+PER_SOURCE_SETTINGS = ("columns", "system_message", "eval_fraction", "hf_split", "where")
 BLOCK = 64  # lines per seeded permutation: a stratified sample, exact to a record or two per block
 GOLDEN = (math.sqrt(5) - 1) / 2
 

@@ -194,8 +194,8 @@ def side_counts(stats: list[tuple[str, dict]], split: str) -> dict:
         if name.startswith(f"{split}-"):
             by_reason.update(c["rejected_by_reason"])
             counts.update({k: v for k, v in c.items() if isinstance(v, int) and k != "source"})
-    keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples_truncated",
-            "examples_dropped", "prompt_over_max_seq_len")
+    keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "records_filtered",
+            "examples_truncated", "examples_dropped", "prompt_over_max_seq_len")
     out = {**{k: counts[k] for k in keys}, "rejected_by_reason": dict(sorted(by_reason.items()))}
     longest = max((c.get("longest_prompt") or [0, ""] for name, c in stats if name.startswith(f"{split}-")),
                   key=lambda x: x[0], default=[0, ""])
@@ -223,8 +223,8 @@ def node_counts(stats: list[tuple[str, dict]]) -> dict:
 
 def source_counts(stats: list[tuple[str, dict]], split: str, n_sources: int) -> list[dict]:
     """The tasks' counts of one split per source (data.sources): records, examples, trained tokens, rows."""
-    keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "examples", "trained_tokens",
-            "rows")
+    keys = ("records_read", "records_kept", "records_rejected", "records_held_out", "records_filtered", "examples",
+            "trained_tokens", "rows")
     out = [dict.fromkeys(keys, 0) for _ in range(n_sources)]
     for name, c in stats:
         if _chunk_file(name, split):

@@ -22,7 +22,7 @@ import difflib
 import re
 from typing import Optional
 
-from raysft.data.chunks import Settings, example_of, mask_error, render
+from raysft.data.chunks import Settings, example_of, mask_error, render, selected
 from raysft.data.reading import read_chunk
 from raysft.data.records import MESSAGE_FIELDS, RECORD_FIELDS, ROLE_VALUES, RecordError
 from raysft.data.sources import Chunk
@@ -215,6 +215,13 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
     for where, _line, _raw, record in records:
         if isinstance(record, RecordError):
             continue  # a bad line: the prepare policy's business
+        try:
+            if selected(record, settings) is None:
+                continue  # left out by data.where: never trained
+        except RecordError as err:
+            if err.reason == "unfiltered_label":  # a config decision, before anything runs
+                raise UserError(f"{err.at(where)} (found before training, in the first {checked} records)") from None
+            continue
         try:
             turns, as_inference, applied = check_example(record, settings, tokenizer, closers)
         except RecordError as err:

@@ -97,6 +97,7 @@ def summary(manifest: dict) -> str:
     m = manifest
     lines = [f"records: {m['records_read']} read, {m['records_kept']} kept, {m['records_rejected']} rejected"
              + (f", {m['records_held_out']} held out for eval" if m.get("records_held_out") else "")
+             + (f", {m['records_filtered']} left out by data.where" if m.get("records_filtered") else "")
              + (f" {m['rejected_by_reason']}" if m["rejected_by_reason"] else ""),
              f"examples: {m['examples_truncated']} truncated, {m['examples_dropped']} dropped "
              "(longer than max_seq_len)" + (
