@@ -110,7 +110,8 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
      "assistant, tool"),
     (["data.train_files=[]", f"data.sources=[{{files: {SAMPLE}, wieght: 2}}]"],
      "command line: data.sources[0].wieght: is not a source key (got 'wieght'). fix: did you mean weight? use: name, "
-     "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction, json_field, where"),
+     "files, hf_dataset, hf_split, weight, columns, system_message, eval_fraction, json_field, where, "
+     "transcript_roles"),
     ([f"data.sources=[{{files: {SAMPLE}}}]"],
      "command line: data.sources: set together with data.train_files or data.hf_dataset (got 1). fix: give the "
      "training data one way: as data.sources, or data.train_files (one source)"),
@@ -157,6 +158,9 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
      "command line: data.where.score.>=: compares numbers (got 'high'). fix: e.g. {\">=\": 4}",
      "command line: data.where.source.within: is not an operator (got 'within'). fix: use one of ==, !=, in, not in, "
      "<, <=, >, >="),
+    (["data.transcript_roles={Human: human, Assistant: assistant}"],
+     "command line: data.transcript_roles.Human: is not a role (got 'human'). fix: use one of system, user, "
+     "assistant, tool"),
     (["data.train_files=/nonexistent/*.jsonl"],
      "data.train_files: no file matches (got '/nonexistent/*.jsonl'). fix: check the path or glob (relative paths "
      "are taken from the current directory)"),

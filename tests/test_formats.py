@@ -351,3 +351,38 @@ def test_a_where_comparison_on_a_field_without_a_number_is_a_bad_record(tmp_path
         kept(tmp_path, tokenizer, records, where={"quality": {">": 2}})
     assert info.value.message.startswith('quality: "high", and data.where compares it with > 2; fix: give quality as '
                                          "a number, or change data.where")
+
+
+# ---- chat transcripts in strings (issue 39, item 7) -----------------------------------------------------------------
+# Anthropic's HH-RLHF: "chosen" and "rejected" each a whole transcript, "\n\nHuman: ...\n\nAssistant: ...", the two
+# sharing every turn but the last answer (its dataset card).
+
+HH = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nNothing more to it.\n\nHuman: And 3+3?\n\nAssistant: 6.",
+      "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nNothing more to it.\n\nHuman: And 3+3?\n\nAssistant: 7."}
+ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def test_hh_rlhf_transcripts_are_plain_text_or_with_transcript_roles_turns(tokenizer):
+    plain = render(HH, settings(), tokenizer)
+    assert not plain.chat and "".join(seg.text for seg in plain.segments) == HH["chosen"] + tokenizer.eos_token
+    turns = render(HH, settings(transcript_roles=ROLES), tokenizer)
+    same = render({"messages": [{"role": "user", "content": "What is 2+2?"},
+                                {"role": "assistant", "content": "4.\n\nNothing more to it."},
+                                {"role": "user", "content": "And 3+3?"},
+                                {"role": "assistant", "content": "6."}]}, settings(), tokenizer)
+    assert turns.chat and turns.text == same.text
+    ids, labels = encode(HH, tokenizer, settings(transcript_roles=ROLES))
+    assert trained_text(tokenizer, ids, labels) == f"6.{E}"  # the pair's prompt is every turn they share
+    text = {"text": "\n\nHuman: Hi\n\nAssistant: Hello!"}
+    ids, labels = encode(text, tokenizer, settings(transcript_roles=ROLES))
+    assert trained_text(tokenizer, ids, labels) == f"Hello!{E}"
+
+
+def test_a_transcript_with_text_before_its_first_speaker_is_a_bad_record():
+    from raysft.data.chunks import example_of
+
+    with pytest.raises(RecordError) as info:
+        example_of({"text": "Intro\n\nHuman: Hi\n\nAssistant: Hey"}, settings(transcript_roles=ROLES))
+    assert (info.value.reason, info.value.message) == (
+        "bad_transcript", 'text: text before the first speaker ("Intro"); fix: start it with one of Human:, '
+        "Assistant:, or remove data.transcript_roles")

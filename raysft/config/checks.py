@@ -54,6 +54,15 @@ def check(cfg: Config, where, problems: list[str]) -> None:
     from raysft.data.where import check_where
 
     check_where(cfg.data.where, "data.where", bad)
+    for key, roles in [("data.transcript_roles", cfg.data.transcript_roles)] + [
+            (f"data.sources[{i}].transcript_roles", s.get("transcript_roles")) for i, s in enumerate(cfg.data.sources)
+            if s.get("transcript_roles") is not None]:
+        if not isinstance(roles, dict):
+            bad(key, "must be a mapping of speaker to role", roles, "e.g. {Human: user, Assistant: assistant}")
+            continue
+        for name, role in roles.items():
+            if role not in ROLE_VALUES:
+                bad(f"{key}.{name}", "is not a role", role, f"use one of {', '.join(ROLE_VALUES)}")
     for i, s in enumerate(cfg.data.sources):
         check_where(s.get("where"), f"data.sources[{i}].where", bad)
     known = tuple(dict.fromkeys(RECORD_FIELDS + MESSAGE_FIELDS + ROLE_VALUES))

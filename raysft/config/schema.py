@@ -38,8 +38,9 @@ class DataConfig:
     hf_split: str = field(default="train", metadata=doc("split of `hf_dataset` to train on"))
     sources: list[dict] = field(default_factory=list, metadata=doc(
         "several datasets mixed by weight, instead of train_files/hf_dataset: a list of {files | hf_dataset (+ "
-        "hf_split), weight, name, columns, system_message, eval_fraction, json_field, where}; each source's share "
-        "of the training examples is its weight's share (repeated or sampled at prepare, from train.seed)"))
+        "hf_split), weight, name, columns, system_message, eval_fraction, json_field, where, transcript_roles}; "
+        "each source's share of the training examples is its weight's share (repeated or sampled at prepare, from "
+        "train.seed)"))
     prepared_path: str = field(default="", metadata=doc(
         "where prepared datasets go, a folder per fingerprint; empty = {output_dir}/prepared. Runs that share it "
         "prepare the same data once (local or mounted storage every node sees)"))
@@ -63,6 +64,10 @@ class DataConfig:
     train_on_reasoning: bool = field(default=True, metadata=doc(
         "train on assistants' reasoning (reasoning_content, <think> blocks); false masks it, the answer stays "
         "trained"))
+    transcript_roles: dict = field(default_factory=dict, metadata=doc(
+        "read chat transcripts kept in one string (HH-RLHF's \\n\\nHuman: ... \\n\\nAssistant: ...) as turns: "
+        "each speaker's name and its role, e.g. {Human: user, Assistant: assistant}; empty = such strings stay "
+        "plain text"))
     where: Optional[dict] = field(default=None, metadata=doc(
         "keep only the records whose fields match, after data.columns and before the eval split: {field: value} "
         "(equality) or {field: {op: value}} with ==, !=, in, not in, <, <=, >, >= (numbers); a missing field does "

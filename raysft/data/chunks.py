@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.data.chatml import Rendered, Segment, render_example
+from raysft.data.messages import transcripts
 from raysft.data.mixing import PER_SOURCE_SETTINGS, copies
 from raysft.data.packing import fit_length, make_rows
 from raysft.data.prepared import LIST_COLUMNS, ROW_SCHEMA
@@ -55,6 +56,7 @@ class Settings:
     chat_template_kwargs: dict = field(default_factory=dict)  # extra render variables (model or file templates)
     train_on_reasoning: bool = True
     columns: dict = field(default_factory=dict)
+    transcript_roles: dict = field(default_factory=dict)  # data.transcript_roles: speakers of string transcripts
     where: Optional[dict] = None  # data.where (data/where.py); None: unset, so labelled records are refused
     repeat: float = 1.0  # data.sources: uses per record (data/mixing.py); 1 = each record once
     mix_seed: int = 0  # train.seed, when the sources are mixed
@@ -96,14 +98,18 @@ def held_out(where: str, fraction: float) -> bool:
 
 
 def example_of(record, settings: Settings) -> Example:
-    """A parsed record, its columns renamed (`data.columns`), as prompt and completion; raises RecordError."""
-    return split_record(rename(record, settings.columns))
+    """A parsed record, its columns renamed (`data.columns`) and transcripts read (`data.transcript_roles`), as
+    prompt and completion; raises RecordError."""
+    renamed = rename(record, settings.columns)
+    return split_record(transcripts(renamed, settings.transcript_roles) if settings.transcript_roles else renamed)
 
 
 def selected(record, settings: Settings) -> Optional[dict]:
     """The record with its columns renamed, or None when data.where leaves it out; raises RecordError (a labelled
     record while data.where is unset, a comparison with a field that holds no number)."""
     renamed = rename(record, settings.columns)
+    if settings.transcript_roles:
+        renamed = transcripts(renamed, settings.transcript_roles)
     err = label_error(renamed, settings.where)
     if err is not None:
         raise err

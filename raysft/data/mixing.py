@@ -25,9 +25,9 @@ import os
 import numpy as np
 
 SOURCE_KEYS = ("name", "files", "hf_dataset", "hf_split", "weight", "columns", "system_message", "eval_fraction",
-               "json_field", "where")
+               "json_field", "where", "transcript_roles")
 # a source's own value overrides data.* of that name
-PER_SOURCE_SETTINGS = ("columns", "system_message", "eval_fraction", "hf_split", "where")
+PER_SOURCE_SETTINGS = ("columns", "system_message", "eval_fraction", "hf_split", "where", "transcript_roles")
 BLOCK = 64  # lines per seeded permutation: a stratified sample, exact to a record or two per block
 GOLDEN = (math.sqrt(5) - 1) / 2
 
