@@ -386,3 +386,82 @@ def test_a_transcript_with_text_before_its_first_speaker_is_a_bad_record():
     assert (info.value.reason, info.value.message) == (
         "bad_transcript", 'text: text before the first speaker ("Intro"); fix: start it with one of Human:, '
         "Assistant:, or remove data.transcript_roles")
+
+
+# ---- shapes already read, as published (issue 39, item 8) ----------------------------------------------------------
+# Fixtures written from the dataset cards and OpenAI's fine-tuning guide, not copied: UltraFeedback-binarized (a
+# `prompt` string, `chosen`/`rejected` full conversations, `messages`, `score_chosen`/`score_rejected`), OpenAI's chat
+# fine-tuning JSONL (system/user/assistant, tool calls with string arguments, `tools`, `parallel_tool_calls`), and the
+# tulu-3 / SmolTalk mixtures (`messages` with `id` and `source` fields).
+
+ULTRAFEEDBACK = [
+    {"prompt": "How many r's are in strawberry?", "prompt_id": "5e1a",
+     "chosen": [{"role": "user", "content": "How many r's are in strawberry?"},
+                {"role": "assistant", "content": "There are three r's in strawberry."}],
+     "rejected": [{"role": "user", "content": "How many r's are in strawberry?"},
+                  {"role": "assistant", "content": "Two."}],
+     "messages": [{"role": "user", "content": "How many r's are in strawberry?"},
+                  {"role": "assistant", "content": "There are three r's in strawberry."}],
+     "score_chosen": 9.0, "score_rejected": 2.5},
+    {"prompt": "Name a prime.", "prompt_id": "77c0",
+     "chosen": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}],
+     "rejected": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "9"}],
+     "messages": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}],
+     "score_chosen": 6.0, "score_rejected": 6.0},
+]
+
+
+def test_ultrafeedback_binarized_trains_the_chosen_answer_and_filters_on_its_scores(tmp_path, tokenizer):
+    ids, labels = encode(ULTRAFEEDBACK[0], tokenizer)
+    assert render(ULTRAFEEDBACK[0], settings(), tokenizer).text == render(
+        {"messages": ULTRAFEEDBACK[0]["chosen"]}, settings(), tokenizer).text  # the prompt string not repeated
+    assert trained_text(tokenizer, ids, labels) == f"There are three r's in strawberry.{E}"
+    texts, counts = kept(tmp_path, tokenizer, ULTRAFEEDBACK, where={"score_chosen": {">": 7}})
+    assert texts == [f"There are three r's in strawberry.{E}"] and counts["records_filtered"] == 1
+
+
+OPENAI_TOOLS = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the weather in Boston?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_id", "type": "function", "function": {
+            "name": "get_current_weather", "arguments": "{\"location\": \"Boston, MA\", \"format\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_id", "content": "{\"temperature\": 12}"},
+        {"role": "assistant", "content": "It is 12 degrees Celsius in Boston.", "weight": 1},
+    ],
+    "tools": [{"type": "function", "function": {"name": "get_current_weather", "description": "Current weather",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "location": {"type": "string"},
+                                                    "format": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                                                    "required": ["location", "format"]}}}],
+    "parallel_tool_calls": False,
+}
+
+
+def test_openai_chat_fine_tuning_records_with_tool_calls(tokenizer):
+    rendered = render(OPENAI_TOOLS, settings(), tokenizer)
+    ids, labels = encode(OPENAI_TOOLS, tokenizer)
+    call = '<tool_call>\n{"name": "get_current_weather", "arguments": {"location": "Boston, MA", "format": "celsius"}}' \
+           '\n</tool_call>'
+    assert trained_text(tokenizer, ids, labels) == f"{call}{E}It is 12 degrees Celsius in Boston.{E}"
+    assert f'{S}tool\n{{"temperature": 12}}{E}' in rendered.text and '"name": "get_current_weather"' in rendered.prompt
+    off = {**OPENAI_TOOLS, "messages": [dict(m) for m in OPENAI_TOOLS["messages"]]}
+    off["messages"][2]["weight"] = 0  # the call as context: only the final answer trained
+    ids, labels = encode(off, tokenizer)
+    assert trained_text(tokenizer, ids, labels) == f"It is 12 degrees Celsius in Boston.{E}"
+
+
+MIXTURE = [{"id": "oasst1_1", "source": "ai2-adapt-dev/oasst1_converted",
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+           {"id": "numina_2", "source": "ai2-adapt-dev/numinamath_tir_math_decontaminated",
+            "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]},
+           {"source": "smol-magpie-ultra",
+            "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Thanks"},
+                         {"role": "assistant", "content": "Anytime."}]}]
+
+
+def test_tulu_and_smoltalk_mixtures_read_as_messages_and_select_by_source(tmp_path, tokenizer):
+    texts, counts = kept(tmp_path, tokenizer, MIXTURE)
+    assert texts == [f"Hello!{E}", f"2{E}", f"Anytime.{E}"] and counts["records_kept"] == 3
+    texts, counts = kept(tmp_path, tokenizer, MIXTURE, where={"source": {"not in": ["smol-magpie-ultra"]}})
+    assert texts == [f"Hello!{E}", f"2{E}"] and counts["records_filtered"] == 1
