@@ -10,7 +10,7 @@ import pytest
 
 from raysft.data.chatml import CHAT_TEMPLATE, IM_END, IM_START
 from raysft.data.chunks import Settings, render
-from raysft.data.preflight import check_columns, preflight
+from raysft.data.preflight import check_columns, nearest_shape, preflight
 from raysft.data.records import RecordError, split_record
 from raysft.data.sources import plan
 from raysft.data.tokenize import tokenize_rendered
@@ -465,3 +465,25 @@ def test_tulu_and_smoltalk_mixtures_read_as_messages_and_select_by_source(tmp_pa
     assert texts == [f"Hello!{E}", f"2{E}", f"Anytime.{E}"] and counts["records_kept"] == 3
     texts, counts = kept(tmp_path, tokenizer, MIXTURE, where={"source": {"not in": ["smol-magpie-ultra"]}})
     assert texts == [f"Hello!{E}", f"2{E}"] and counts["records_filtered"] == 1
+
+
+# ---- the preflight looks at every file (issue 39) -------------------------------------------------------------------
+
+def test_a_file_of_a_shape_raysft_does_not_read_is_refused_before_ray_with_the_nearest_shape(tmp_path, tokenizer):
+    good = write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "a"}]}] * 100)
+    qa = write_jsonl(tmp_path / "b.jsonl", [{"id": i, "Question": "2+2?", "answer": "4"} for i in range(100)])
+    tokenizer.chat_template = CHAT_TEMPLATE  # as load_tokenizer sets it under chatml
+    with pytest.raises(UserError) as info:  # the second file: beyond the first file's 64 records
+        preflight(plan([good, qa], 1 << 20)[0], settings(), tokenizer)
+    assert str(info.value) == (f"{qa}: none of its first 32 records has a shape raysft reads (the first one's keys: "
+                               "'id', 'Question', 'answer'); fix: the nearest shape raysft reads is prompt/completion: "
+                               "map your names onto it with data.columns: {prompt: Question, completion: answer}")
+    odd = write_jsonl(tmp_path / "c.jsonl", [{"foo": 1}])
+    with pytest.raises(UserError, match=r"c.jsonl: none of its first 1 records has a shape raysft reads \(the first "
+                                        r"one's keys: 'foo'\); fix: give records one of the shapes raysft reads "
+                                        r"\(messages, conversations \(ShareGPT\), chosen/rejected"):
+        preflight(plan([odd], 1 << 20)[0], settings(), tokenizer)
+    mixed = write_jsonl(tmp_path / "d.jsonl", [{"foo": 1}, {"text": "fine"}])  # one odd record: the policy's
+    assert preflight(plan([mixed], 1 << 20)[0], settings(), tokenizer)["records"] == 2
+    assert nearest_shape(["prompt", "response"]) == ("prompt/completion", {"prompt": "prompt", "completion": "response"})

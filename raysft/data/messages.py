@@ -282,7 +282,7 @@ TRANSCRIPT_FIELDS = ("chosen", "rejected", "text", "prompt", "completion")
 
 
 def from_transcript(text: str, roles: Mapping[str, str], field: str) -> Optional[list[Message]]:
-    """A chat transcript kept in one string (HH-RLHF's ``\n\nHuman: ...\n\nAssistant: ...``) -> its turns, the
+    r"""A chat transcript kept in one string (HH-RLHF's ``\n\nHuman: ...\n\nAssistant: ...``) -> its turns, the
     speakers named by `roles` (`data.transcript_roles`, e.g. ``{Human: user, Assistant: assistant}``); None when no
     speaker starts a turn in it. A turn begins at the start of the text or after a blank line.
 

@@ -31,6 +31,7 @@ from raysft.data.tokenize import IGNORE_INDEX, tokenize_rendered
 from raysft.errors import UserError, format_error
 
 SAMPLE = 64  # records: enough to see every shape a dataset's first chunk has, a fraction of a second
+PER_FILE = 8  # at least this many of each file's first records: every file is looked at
 FATAL = {"template_not_prefix_stable", "template_drops_content", "no_end_of_turn", "no_trained_tokens",
          "all_trained", "end_of_turn_untrained", "prompt_differs", "generation_blocks_differ", "reasoning_needs_kwarg"}
 COUNTED = {"thinking_off"}  # fatal too, reported once with how many of the sample's records it concerns
@@ -50,13 +51,59 @@ def _fail(err: RecordError, where: str, checked: int) -> UserError:
 
 
 def _first(chunks: list[Chunk], settings: Settings, sample: int) -> list:
+    """The first records of every file (of its first chunk), each as (file, where, line, raw, record): `sample` over
+    all of them, at least PER_FILE each."""
+    firsts = list({c.source: c for c in reversed(chunks)}.values())[::-1]  # each file's first chunk, in order
+    each = max(PER_FILE, sample // max(len(firsts), 1))
     out: list = []
-    for chunk in chunks:
-        for item in read_chunk(chunk, settings.hf_split):
-            if len(out) >= sample:
-                return out
-            out.append(item)
+    for chunk in firsts:
+        for n, item in enumerate(read_chunk(chunk, settings.hf_split)):
+            if n >= each:
+                break
+            out.append((chunk.source, *item))
     return out
+
+
+# the shapes raysft reads, by their fields; and names datasets give those fields (for the nearest shape's fix)
+SHAPES = {"messages": ("messages",), "conversations (ShareGPT)": ("conversations",),
+          "chosen/rejected": ("chosen", "rejected"), "prompt/completion": ("prompt", "completion"),
+          "instruction/output (Alpaca)": ("instruction", "output"), "text": ("text",)}
+SYNONYMS = {"prompt": ("question", "query", "input", "context", "user", "request", "problem"),
+            "completion": ("answer", "response", "output", "reply", "target", "solution", "assistant"),
+            "messages": ("conversation", "dialog", "dialogue", "chat", "turns", "history"),
+            "conversations": ("conversation", "dialog", "dialogue", "chat", "turns"),
+            "instruction": ("instructions", "task", "question"), "output": ("response", "answer"),
+            "text": ("content", "document", "body"), "chosen": ("preferred", "accepted", "winner"),
+            "rejected": ("dispreferred", "loser")}
+
+
+def nearest_shape(keys: list) -> tuple[str, dict]:
+    """The shape whose fields the record's keys come closest to, and the data.columns mapping that would read it
+    ({} when none is close)."""
+    best, mapping = "", {}
+    for shape, fields in SHAPES.items():
+        found = {}
+        for f in fields:
+            lower = {str(k).lower(): k for k in keys if k not in found.values()}
+            close = [lower[s] for s in SYNONYMS.get(f, ()) if s in lower] or [
+                lower[c] for c in difflib.get_close_matches(f, list(lower), n=1, cutoff=0.75)]
+            if close:
+                found[f] = close[0]
+        if len(found) == len(fields) and len(found) > len(mapping):
+            best, mapping = shape, found
+    return best, mapping
+
+
+def _unknown_shape(source: str, record: dict, checked: int) -> UserError:
+    keys = list(record)
+    shape, mapping = nearest_shape(keys)
+    names = ", ".join(map(repr, keys[:8])) or "none"
+    fix = (f"the nearest shape raysft reads is {shape}: map your names onto it with data.columns: "
+           "{" + ", ".join(f"{ours}: {theirs}" for ours, theirs in mapping.items()) + "}") if mapping else (
+        "give records one of the shapes raysft reads (" + ", ".join(SHAPES) + "), or map your names onto one with "
+        "data.columns")
+    return UserError(f"{source}: none of its first {checked} records has a shape raysft reads (the first one's keys: "
+                     f"{names}); fix: {fix}")
 
 
 def check_example(record, settings: Settings, tokenizer, closers) -> tuple[int, int, tuple]:
@@ -209,10 +256,13 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
     eot = end_of_turn(tokenizer, settings.chat_template_kwargs)
     closers = {tokenizer.convert_tokens_to_ids(t) for t in control_tokens(tokenizer, tokenizer.chat_template)}
     records = _first(chunks, settings, sample)
-    check_columns([r[3] for r in records if not isinstance(r[3], RecordError)], settings.columns, columns_key)
+    check_columns([r[4] for r in records if not isinstance(r[4], RecordError)], settings.columns, columns_key)
     checked, later, same, rules = len(records), 0, 0, set()
     counted: list = []  # (where, error) of the COUNTED reasons
-    for where, _line, _raw, record in records:
+    shapes: dict = {}  # file -> [records looked at, of no known shape, the first such record]
+    for source, where, _line, _raw, record in records:
+        seen = shapes.setdefault(source, [0, 0, None])
+        seen[0] += 1
         if isinstance(record, RecordError):
             continue  # a bad line: the prepare policy's business
         try:
@@ -229,10 +279,16 @@ def preflight(chunks: list[Chunk], settings: Settings, tokenizer, sample: int = 
                 raise _fail(err, where, checked) from None
             if err.reason in COUNTED:
                 counted.append((where, err))
+            if err.reason == "unknown_format":
+                seen[1] += 1
+                seen[2] = seen[2] or record
             continue
         later += turns
         same += as_inference
         rules.update(applied)
+    for source, (looked, unknown, first) in shapes.items():
+        if looked and unknown == looked:  # a whole file of a shape raysft does not read: before Ray starts
+            raise _unknown_shape(source, first, looked)
     if counted:
         where, err = counted[0]
         many = f"{len(counted)} of the {checked} records checked are like it" if len(counted) > 1 else (
