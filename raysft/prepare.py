@@ -99,6 +99,18 @@ def _counts(stats: list, work: str, split: str, max_seq_len: int) -> dict:
     return {**pipeline.side_counts(stats, split), **prepared.split_statistics(work, split, max_seq_len)}
 
 
+def task_cap() -> int:
+    """How many chunk tasks may run at once: the cores, when an in-process Ray has more logical CPUs than cores
+    (`raysft train` gives it room for the Train workers: uncapped, more tasks than cores would share them); else 0,
+    Ray Data's own limit. A cap equal to the logical CPUs is worse than none: the map tasks, no longer fused with
+    the Parquet writes (an explicit concurrency stops Ray Data fusing them), hold every CPU the writes then wait
+    for -- 10.3k against 19.8k records/s at 200k records on 2 cores (issue 40, docs/BENCHMARKS.md)."""
+    import ray
+
+    cores = local_cores()
+    return cores if cores and ray.cluster_resources().get("CPU", 0) > cores else 0
+
+
 def tokenizer_path(cfg: Config) -> str:
     return cfg.tokenizer.name_or_path or cfg.model.name_or_path
 
@@ -177,8 +189,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print,
     size = f"{sum(i.get('bytes', 0) for i in inputs['train'] + inputs['eval']) / 1e6:.1f} MB"
     log(f"prepare: {len(train_chunks)} train chunks + {len(eval_chunks)} eval chunks ({size}) -> {final}")
     try:
-        # an in-process Ray has more logical CPUs than cores (room for the Train workers): no more tasks than cores
-        max_tasks = local_cores()
+        max_tasks = task_cap()
         for split, chunks in ((prepared.TRAIN, train_chunks), (prepared.EVAL, eval_chunks)):
             task = pipeline.Task(settings, work, split, log_dir=os.path.join(cfg.output_dir, "logs"),
                                  sources=per_source if split == prepared.TRAIN else (),
