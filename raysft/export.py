@@ -4,8 +4,9 @@ The folder holds safetensors weights (ZeRO shards consolidated by DeepSpeed's ow
 DCP shards read by DCP's own reader), the model config, the tokenizer with the chat template training used
 (`data.chat_template`: raysft's ChatML, which renders exactly as raysft's templating does, or the model's own or a
 file's), and a generation config whose eos is that template's end-of-turn token (then the base model's eos ids and
-the tokenizer's eos). `raysft.json` records the checkpoint, and `data.chat_template_kwargs` when the run set them:
-`raysft generate` renders with them, as training did (pass them to `apply_chat_template` yourself elsewhere).
+the tokenizer's eos). `raysft.json` records how the model was made and `README.md` is its model card (`card.py`),
+with `data.chat_template_kwargs` when the run set them: `raysft generate` renders with them, as training did (pass
+them to `apply_chat_template` yourself elsewhere).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 from typing import Callable
 
+from raysft import card
 from raysft import checkpoint as ckpt
 from raysft.errors import UserError, format_error
 
@@ -146,9 +148,8 @@ def export(checkpoint_path: str, out_dir: str, log: Callable[[str], None] = prin
     model.save_pretrained(out_dir, safe_serialization=True)
     generation.save_pretrained(out_dir)  # an adapter folder has none of its own
     tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "raysft.json"), "w", encoding="utf-8") as f:
-        json.dump({"checkpoint": checkpoint_path, "step": state.step, "fingerprint": state.fingerprint,
-                   **({"chat_template_kwargs": kwargs} if kwargs else {})}, f)
+    card.write(out_dir, card.make_record(cfg, state, checkpoint_path, ("merged" if merge else "adapter")
+                                         if state.lora else None), cfg.output_dir)
     kind = ("LoRA merged into the base" if merge else "LoRA adapter") if state.lora else "model"
     log(f"export: {checkpoint_path} -> {out_dir} ({kind}, step {state.step})")
     return out_dir

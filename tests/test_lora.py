@@ -63,6 +63,7 @@ def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path
                          "lr": 1e-2, "lora": {"r": 4, "alpha": 8, "target_modules": ["all-linear"]}})
     raw["checkpoint"] = {"every_steps": 2}
     raw["run_name"] = "run"
+    raw["train"]["tracking_uri"] = "http://alice:s3cr3t-t0ken@127.0.0.1:5000"  # must never reach the model card
     cfg = load_config(config_file(tmp_path, raw))
     probe_file = os.path.join(cfg.output_dir, "probe.pt")
     result = train(None, [], cfg=cfg, hooks=Faults(probe=probe_file))
@@ -74,6 +75,7 @@ def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path
     # final/ is the adapter folder; the base weights under it are the untouched base model's
     final = result["final"]
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"} <= set(os.listdir(final))
+    cards = {}
     saved = load_file(os.path.join(final, "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # lora_B starts at zero: it trained
@@ -87,6 +89,16 @@ def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path
     merged_dir = str(tmp_path / "merged")
     assert main(["export", result["checkpoint"], merged_dir, "--merge"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    for folder in (final, merged_dir):  # each export's model card says which it is (issue 44)
+        with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
+            cards[folder] = f.read()
+        with open(os.path.join(folder, "raysft.json"), encoding="utf-8") as f:
+            assert "s3cr3t" not in f.read() and "s3cr3t" not in cards[folder]
+    assert cards[final].startswith('---\nlibrary_name: peft\ntags:\n- "raysft"\n- "sft"\n- "lora"\n---\n')
+    assert "This folder holds a LoRA adapter (load it with PEFT over the base model)." in cards[final]
+    assert cards[merged_dir].startswith('---\nlibrary_name: transformers\ntags:\n- "raysft"\n- "sft"\n- "lora"\n')
+    assert "the base model with the LoRA adapter merged into its weights" in cards[merged_dir]
+    assert '| lora | {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]} |' in cards[final]
     probe = load_probe(probe_file)
     with torch.no_grad():
         a = merged(input_ids=probe["input_ids"]).logits

@@ -205,6 +205,24 @@ def test_the_quickstart_answers_its_eval_prompts_and_they_change_as_it_learns(tm
     assert first != last, (first, last)
     with open(os.path.join(cfg.output_dir, "console.log"), encoding="utf-8") as f:
         assert f"sample step 120: {prompts[0]!r} -> {last[0]!r}\n" in f.read()
+    # the export's model card (issue 44): from scratch on a local folder, so no base_model; the last answers
+    final = os.path.join(cfg.output_dir, "final")
+    with open(os.path.join(final, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    with open(os.path.join(final, "raysft.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    assert text.split("\n---\n")[0].splitlines() == ["---", "library_name: transformers", "tags:", '- "raysft"',
+                                                     '- "sft"']
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## Chat template", "## Training data", "## Training procedure", "## Results", "## Framework versions",
+        "## Reproduce"]
+    assert "initialised from the base model's config (trained from scratch)" in text and "![loss](loss.png)" in text
+    assert os.path.exists(os.path.join(final, "loss.png"))
+    metrics = read_metrics(cfg.output_dir)
+    assert record["results"]["train_loss"] == round(metrics[-1]["loss"], 6) and record["training"]["steps"] == 120
+    assert [a["answer"] for a in record["results"]["eval_answers"]] == last
+    assert f"**{prompts[0]}**\n\n> " + last[0].replace("\n", "\n> ") in text
+    assert record["data"]["inputs"][0]["path"].endswith("sample_prefs.jsonl")
 
 
 def test_offload_gradient_checkpointing_and_bf16_train(tmp_path, tiny_model_dir, ray_session):

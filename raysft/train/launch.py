@@ -209,9 +209,9 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
     good = ckpt.latest_good(run_dir, warn=log)
     if good is None or ckpt.read_state(good).step < schedule.total_steps:
         raise RuntimeError(f"training ended without a final checkpoint in {run_dir} ({result.error})")
-    export(good, final_dir, log=log)
     title = f"{cfg.run_name}: {cfg.model.name_or_path}, {schedule.total_steps} steps"
-    log(f"train: loss curve {plot_loss(cfg.output_dir, title)}")
+    log(f"train: loss curve {plot_loss(cfg.output_dir, title)}")  # before the export: its model card shows it
+    export(good, final_dir, log=log)
     return {"checkpoint": good, "final": final_dir, "trained": True, "step": schedule.total_steps}
 
 
