@@ -195,6 +195,25 @@ def good_config(tmp_path):
     return str(path)
 
 
+@pytest.fixture
+def ray_calls(monkeypatch):
+    """Each time raysft asked for Ray (`ensure_ray`: start it in this process or join a cluster), which these tests
+    refuse: their "found before Ray starts" holds whatever ran earlier in the session (a test that started Ray
+    included), not because this file sorts before the first Ray-using module."""
+    import raysft.cluster
+    import raysft.train.launch
+
+    calls = []
+
+    def asked(cfg, log=print):
+        calls.append(cfg.output_dir)
+        raise AssertionError("raysft asked for Ray")
+
+    monkeypatch.setattr(raysft.cluster, "ensure_ray", asked)
+    monkeypatch.setattr(raysft.train.launch, "ensure_ray", asked)
+    return calls
+
+
 def run_cli(args, capfd):
     """(exit status, the raysft error lines on stderr, all it printed: stderr then stdout)."""
     capfd.readouterr()
@@ -206,18 +225,15 @@ def run_cli(args, capfd):
 
 @pytest.mark.parametrize("overrides, expected", [(c[0], c[1:]) for c in BAD_CONFIGS],
                          ids=[" ".join(c[0])[:40] for c in BAD_CONFIGS])
-def test_bad_config(tmp_path, capfd, overrides, expected):
-    import ray
-
+def test_bad_config(tmp_path, capfd, overrides, expected, ray_calls):
     code, errors, err = run_cli(["train", good_config(tmp_path), *overrides], capfd)
     assert (code, errors) == (2, [f"raysft: error: {line}" for line in expected])
     assert "Traceback" not in err
-    assert not ray.is_initialized()  # found before Ray started
+    assert not ray_calls  # found before Ray started
 
 
-def test_a_tracker_that_is_not_installed_or_has_no_server_is_refused_before_ray(tmp_path, capfd, monkeypatch):
-    import ray
-
+def test_a_tracker_that_is_not_installed_or_has_no_server_is_refused_before_ray(tmp_path, capfd, monkeypatch,
+                                                                                ray_calls):
     from raysft.config import checks
 
     monkeypatch.setattr(checks, "installed", lambda module: module != "wandb")
@@ -229,13 +245,11 @@ def test_a_tracker_that_is_not_installed_or_has_no_server_is_refused_before_ray(
     assert (code, errors) == (2, ["raysft: error: train.tracking_uri: mlflow needs a tracking server, and neither "
                                   "train.tracking_uri nor MLFLOW_TRACKING_URI is set. fix: start one (`mlflow server "
                                   "--host 127.0.0.1 --port 5000`) and set train.tracking_uri=http://127.0.0.1:5000"])
-    assert not ray.is_initialized()
+    assert not ray_calls
 
 
-def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, capfd):
+def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, capfd, ray_calls):
     """A .jinja file whose turns end with no control token: one line naming the first record, exit 2, no Ray."""
-    import ray
-
     template = tmp_path / "plain.jinja"
     template.write_text("{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + '\\n\\n' }}"
                         "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}")
@@ -246,7 +260,7 @@ def test_a_broken_chat_template_is_refused_before_ray_with_the_record(tmp_path, 
         "learn to stop; fix: add the template's end-of-turn token "
         "to the tokenizer as a special token, or use data.chat_template: chatml (found by the chat template check "
         "before training, on the first 64 records; it is the template or the tokenizer, not this record alone)"])
-    assert "Traceback" not in err and not ray.is_initialized()
+    assert "Traceback" not in err and not ray_calls
 
 
 BAD_FILES = [  # (what to make at the data path, the error; {file} is the path) — all found before Ray starts
@@ -261,9 +275,7 @@ BAD_FILES = [  # (what to make at the data path, the error; {file} is the path) 
 
 @pytest.mark.parametrize("kind, expected", BAD_FILES, ids=[c[0] for c in BAD_FILES])
 @pytest.mark.parametrize("command", ["prepare", "train"])
-def test_bad_file_is_named_before_ray_starts(tmp_path, capfd, kind, expected, command):
-    import ray
-
+def test_bad_file_is_named_before_ray_starts(tmp_path, capfd, kind, expected, command, ray_calls):
     path = tmp_path / "data.jsonl"
     if kind == "directory":
         path.mkdir()
@@ -272,7 +284,7 @@ def test_bad_file_is_named_before_ray_starts(tmp_path, capfd, kind, expected, co
     code, errors, err = run_cli([command, good_config(tmp_path), f"data.train_files={path}"], capfd)
     assert (code, errors) == (2, [f"raysft: error: {expected.format(file=path)}"])
     assert "Traceback" not in err
-    assert not ray.is_initialized()
+    assert not ray_calls
     assert not (tmp_path / "run" / "prepared").exists()
 
 
