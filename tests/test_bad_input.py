@@ -197,20 +197,20 @@ def good_config(tmp_path):
 
 @pytest.fixture
 def ray_calls(monkeypatch):
-    """Each time raysft asked for Ray (`ensure_ray`: start it in this process or join a cluster), which these tests
-    refuse: their "found before Ray starts" holds whatever ran earlier in the session (a test that started Ray
-    included), not because this file sorts before the first Ray-using module."""
-    import raysft.cluster
-    import raysft.train.launch
+    """Each time raysft asked to start or join Ray (`ray.init`), which these tests refuse, with raysft seeing no Ray
+    running (`ray.is_initialized`) whatever ran earlier in the session: their "found before Ray starts" no longer
+    depends on this file sorting before the first Ray-using module, nor do the checks that apply only when raysft
+    would start Ray itself (the machine's cores)."""
+    import ray
 
     calls = []
 
-    def asked(cfg, log=print):
-        calls.append(cfg.output_dir)
+    def init(*args, **kwargs):
+        calls.append(kwargs)
         raise AssertionError("raysft asked for Ray")
 
-    monkeypatch.setattr(raysft.cluster, "ensure_ray", asked)
-    monkeypatch.setattr(raysft.train.launch, "ensure_ray", asked)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
     return calls
 
 

@@ -94,9 +94,10 @@ def test_lora_run_trains_only_the_adapter_and_exports_adapter_or_merged(tmp_path
             cards[folder] = f.read()
         with open(os.path.join(folder, "raysft.json"), encoding="utf-8") as f:
             assert "s3cr3t" not in f.read() and "s3cr3t" not in cards[folder]
-    assert cards[final].startswith('---\nlibrary_name: peft\ntags:\n- "raysft"\n- "sft"\n- "lora"\n---\n')
+    tags = 'tags:\n- "raysft"\n- "sft"\n' + ('- "trl"\n' if backend == "hf" else "") + '- "lora"\n---\n'
+    assert cards[final].startswith("---\nlibrary_name: peft\n" + tags)  # a local base: no base_model
     assert "This folder holds a LoRA adapter (load it with PEFT over the base model)." in cards[final]
-    assert cards[merged_dir].startswith('---\nlibrary_name: transformers\ntags:\n- "raysft"\n- "sft"\n- "lora"\n')
+    assert cards[merged_dir].startswith("---\nlibrary_name: transformers\n" + tags)
     assert "the base model with the LoRA adapter merged into its weights" in cards[merged_dir]
     assert '| lora | {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["all-linear"]} |' in cards[final]
     probe = load_probe(probe_file)
