@@ -562,7 +562,9 @@ def test_the_console_shows_raysfts_lines_once_and_a_progress_bar_in_a_terminal(t
     assert re.fullmatch(r"ray: starting Ray in this process \(\d+ logical CPUs\)", ours[1])
     assert any(ln.startswith("setup: 0.12M parameters") for ln in ours)
     assert sum(ln.startswith("checkpoint: step ") for ln in ours) == 3
-    assert ours[-1] == f"train: loss curve {cfg.output_dir}/loss.png"
+    assert ours[-3] == f"train: loss curve {cfg.output_dir}/loss.png"  # drawn before the export: its card shows it
+    assert re.fullmatch(r"export: consolidating \S+ into a Hugging Face folder", ours[-2]), ours[-2]
+    assert re.fullmatch(rf"export: \S+ -> {re.escape(cfg.output_dir)}/final \(model, step 6\)", ours[-1]), ours[-1]
     steps = [ln for ln in ours if ln.startswith("step ")]
     if terminal:  # the steps are a bar with rate and ETA, not lines
         assert steps == [] and re.search(r"train: 100%\|[^|]*\| 6/6 \[[0-9:]+<00:00, +[0-9.]+s?/?(step|s)", text)
