@@ -100,16 +100,19 @@ def held_out(where: str, fraction: float) -> bool:
 def example_of(record, settings: Settings) -> Example:
     """A parsed record, its columns renamed (`data.columns`) and transcripts read (`data.transcript_roles`), as
     prompt and completion; raises RecordError."""
+    return split_record(_read(record, settings))
+
+
+def _read(record, settings: Settings) -> dict:
+    """The record with its columns renamed and its transcripts read."""
     renamed = rename(record, settings.columns)
-    return split_record(transcripts(renamed, settings.transcript_roles) if settings.transcript_roles else renamed)
+    return transcripts(renamed, settings.transcript_roles) if settings.transcript_roles else renamed
 
 
 def selected(record, settings: Settings) -> Optional[dict]:
-    """The record with its columns renamed, or None when data.where leaves it out; raises RecordError (a labelled
+    """The record as `_read` gives it, or None when data.where leaves it out; raises RecordError (a labelled
     record while data.where is unset, a comparison with a field that holds no number)."""
-    renamed = rename(record, settings.columns)
-    if settings.transcript_roles:
-        renamed = transcripts(renamed, settings.transcript_roles)
+    renamed = _read(record, settings)
     err = label_error(renamed, settings.where)
     if err is not None:
         raise err
@@ -201,12 +204,12 @@ def chunk_to_examples(chunk: Chunk, settings: Settings, tokenizer) -> ChunkResul
                 bad(broken.at(where), line, raw)
                 continue
             fitted = fit_length(ids, labels, s.max_seq_len, s.on_overlong)
-            if fitted is not None and len(fitted[0]) < len(ids) and not count_trained(fitted[1]) \
-                    and count_trained(labels):
+            trained = count_trained(labels)
+            if fitted is not None and len(fitted[0]) < len(ids) and trained and not count_trained(fitted[1]):
                 fitted = None  # the prompt alone fills max_seq_len: nothing to train on, dropped as drop does
             if fitted is None:
                 counts["examples_dropped"] += 1
-                prompt = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX) if count_trained(labels) else 0
+                prompt = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX) if trained else 0
                 if prompt >= s.max_seq_len:
                     counts["prompt_over_max_seq_len"] += 1
                     if prompt > out.longest_prompt[0]:

@@ -160,14 +160,13 @@ def run_split(task: Task, chunks: list[Chunk]) -> Optional[UserError]:
     ctx.execution_options.preserve_order = True  # same input, same row order: the schedule relies on it
     ctx.enable_progress_bars = verbose()  # raysft's own bar in a terminal instead (console.ChunkProgress)
     ctx.print_on_execution_start = verbose()
-    warming = _warm_workers(task, len(chunks))
+    _warm_workers(task, len(chunks))
     ds = ray.data.from_items([c.as_row() for c in chunks], override_num_blocks=len(chunks))
     ds = ds.map_batches(process_chunks, batch_size=1, batch_format="numpy", fn_kwargs={"task": task},
                         compute=ray.data.TaskPoolStrategy(size=task.max_tasks or None))
     done = functools.partial(_chunks_done, task)
     with ChunkProgress(done, len(chunks), f"prepare {task.split}"):
         ds.write_parquet(split_dir(task.work_dir, task.split), min_rows_per_file=1)
-    ray.wait(warming, num_returns=len(warming), timeout=0)  # long done; nothing to report
     return first_error(task.work_dir)
 
 
@@ -177,7 +176,7 @@ def _warm(work: str, tokenizer_class: str) -> None:
     _tokenizer(work, tokenizer_class)
 
 
-def _warm_workers(task: Task, chunks: int) -> list:
+def _warm_workers(task: Task, chunks: int) -> None:
     """One `_warm` task per CPU (at most one per chunk), submitted before Ray Data starts, so that its start-up (its
     internal actors, the first task's lease, about a second on 2 cores) and the workers' first imports overlap
     instead of adding up (issue 40). Not waited for: the chunk tasks queue behind them on the same workers."""
@@ -185,7 +184,8 @@ def _warm_workers(task: Task, chunks: int) -> list:
 
     n = min(int(ray.available_resources().get("CPU", 0)), task.max_tasks or chunks, chunks)
     warm = ray.remote(num_cpus=1, max_retries=0)(_warm)
-    return [warm.remote(task.work_dir, task.tokenizer_class) for _ in range(max(n, 0))]
+    for _ in range(max(n, 0)):
+        warm.remote(task.work_dir, task.tokenizer_class)
 
 
 def _chunks_done(task: Task) -> int:
