@@ -24,7 +24,6 @@ RECORD = "raysft.json"
 LOSS_PLOT = "loss.png"
 LIBRARIES = ("raysft", "torch", "transformers", "trl", "deepspeed", "peft", "ray", "datasets")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URI
 
 
 def hub_id(name: str) -> Optional[str]:
@@ -48,7 +47,9 @@ def _versions() -> dict:
 
 def _clean(text: str) -> str:
     """A path or location as the card may show it: credentials in a URI removed."""
-    return URI_CREDENTIALS.sub("", text)
+    from raysft.train.tracking import USERINFO  # user:password@ in a URI, as the tracking params cut it
+
+    return USERINFO.sub("", text)
 
 
 def _data(cfg, fingerprint: str) -> dict:
