@@ -256,6 +256,12 @@ def summary(results: dict) -> tuple[int, int, int]:
     return n["accepted"], n["refused"], n["excluded"]
 
 
+def forced(results: dict) -> int:
+    """The refusals for a reason the template forces (ALLOWED): it drops what the record gives, or nothing ends a
+    turn."""
+    return sum(v.verdict == "refused" and v.detail.split(":")[0] in ALLOWED for v in results.values())
+
+
 def _cell(v: Verdict) -> str:
     if v.verdict == "accepted":
         kw = "; " + ", ".join(f"{k}={v}" for k, v in v.kwargs.items()) if v.kwargs else ""
@@ -288,7 +294,10 @@ def table(results: dict) -> str:
         "tool calls it does not know).",
         "",
         f"**{accepted} of {accepted + refused} renderable pairs accepted "
-        f"({100 * accepted / max(1, accepted + refused):.1f}%)**, {refused} refused, {excluded} excluded.",
+        f"({100 * accepted / max(1, accepted + refused):.1f}%)**, {refused} refused, {excluded} excluded. "
+        f"Of the refusals, {forced(results)} are a template that cannot train the record as written (each checked "
+        f"against transformers' own render by the sweep's test): of the pairs a template can train, "
+        f"{accepted} of {accepted + refused - forced(results)} are accepted.",
         "",
         "| template | host | " + " | ".join(SHAPES) + " |",
         "|---|---|" + "---|" * len(SHAPES),

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from raysft.data import jsonarray
+from raysft.data import jsonarray, jsonscan
 from raysft.data.reading import read_chunk
 from raysft.data.sources import expand, plan
 from raysft.errors import UserError
@@ -190,7 +190,7 @@ def test_the_scanner_finds_every_element_however_the_bytes_arrive():
     values = ALPACA[:40] + [3, "s,]\\\"", None, [1, {"a": "]"}], {"deep": [[[{"x": "}"}]]]}]
     text = json.dumps(values, indent=1, ensure_ascii=False).encode()
     for _ in range(50):
-        scanner, out, i = jsonarray.Elements(1, 1, 1), [], 1
+        scanner, out, i = jsonscan.Elements(1, 1, 1), [], 1
         while i < len(text):
             j = i + rng.randint(1, 200)
             out += scanner.feed(text[i:j])

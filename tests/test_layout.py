@@ -1,6 +1,6 @@
 """The package's shape: no import cycle between raysft's modules (counting imports inside functions too), every
-module imports on its own in a fresh interpreter, the pure data modules import neither ray nor torch, and
-docs/ARCHITECTURE.md names every module."""
+module imports on its own in a fresh interpreter, the pure data modules import neither ray nor torch, no module of
+raysft/data/ is over 300 lines, and docs/ARCHITECTURE.md names every module."""
 
 import ast
 import os
@@ -13,7 +13,8 @@ from helpers import ROOT
 
 PACKAGE = os.path.join(ROOT, "raysft")
 PURE = ["raysft.data.records", "raysft.data.chatml", "raysft.data.tokenize", "raysft.data.packing",
-        "raysft.data.sources", "raysft.data.chunks", "raysft.data.prepared", "raysft.storage", "raysft.errors"]
+        "raysft.data.sources", "raysft.data.chunks", "raysft.data.prepared", "raysft.data.jsonarray",
+        "raysft.data.jsonscan", "raysft.data.messages", "raysft.data.transcripts", "raysft.storage", "raysft.errors"]
 
 
 def modules() -> dict[str, str]:
@@ -82,3 +83,11 @@ def test_architecture_doc_names_every_module():
         doc = f.read()
     files = sorted(os.path.relpath(f, ROOT) for f in modules().values() if not f.endswith("__init__.py"))
     assert [f for f in files if f"`{f}`" not in doc] == []
+
+
+def test_no_data_module_is_over_300_lines():
+    """The data modules stay small enough to read whole (issue 38): a module that grows past 300 lines is split
+    where its parts meet (as jsonscan from jsonarray, transcripts from messages)."""
+    long = {m: n for m, f in modules().items() if m.startswith("raysft.data.")
+            for n in [sum(1 for _ in open(f, encoding="utf-8"))] if n > 300}
+    assert long == {}

@@ -29,8 +29,7 @@ def test_at_least_95_percent_of_the_pairs_a_template_can_train_are_accepted(resu
     """The goal: of the renderable pairs, every one the template can train as written is accepted (refusals only
     for what the template itself drops or for turns nothing ends), and most renderable pairs are accepted."""
     accepted, refused, excluded = corpus.summary(results)
-    forced = sum(v.verdict == "refused" and v.detail.split(":")[0] in corpus.ALLOWED for v in results.values())
-    assert accepted / (accepted + refused - forced) >= 0.95
+    assert accepted / (accepted + refused - corpus.forced(results)) >= 0.95
     assert accepted / (accepted + refused) >= 0.85 and excluded < 0.15 * len(results)
 
 
@@ -127,6 +126,36 @@ GOLDEN = {  # (template, shape): the trained text, written by hand from each tem
     ("fixture/minimax_m2", "reasoning"): [f"{corpus.REASONING}\n</think>\n\n2 + 2 = 4.[e~["],
     ("fixture/apriel", "single"): ["2 + 2 = 4.\n<|end|>"],  # after the pre-filled "Here are my reasoning steps:\n"
     ("fixture/kimi_k2", "single"): ["2 + 2 = 4.<|im_end|>"],
+    # DeepSeek-R1's distills (TRL's copy): the prompt opens <think>; what the model writes after it is the reasoning
+    # (none: an empty line), </think>, a blank line, the answer and eos (the template itself strips the reasoning)
+    ("trl/deepseek_r1_distill", "single"): ["\n</think>\n\n2 + 2 = 4.<｜end▁of▁sentence｜>"],
+    ("trl/deepseek_r1_distill", "reasoning"): [f"{corpus.REASONING}\n</think>\n\n2 + 2 = 4.<｜end▁of▁sentence｜>"],
+    # Nemotron 3 Nano opens <think> too, and renders the reasoning with one newline before the answer
+    ("trl/nemotron_3_nano", "reasoning"): [f"{corpus.REASONING}\n</think>\n2 + 2 = 4.<|im_end|>"],
+    # EXAONE 4 pre-fills a closed empty think block, and the finished turn renders it too: only the answer follows
+    ("other-axolotl-ai-cloud-axolotl/exaone4.jinja", "single"): ["2 + 2 = 4.[|endofturn|]"],
+    # ChatML-shaped families: the answer and <|im_end|>, never the newline after it
+    ("trl/lfm2", "single"): ["2 + 2 = 4.<|im_end|>"],
+    ("other-axolotl-ai-cloud-axolotl/falcon_h1.jinja", "single"): ["2 + 2 = 4.<|im_end|>"],
+    ("other-axolotl-ai-cloud-axolotl/nemotron_h.jinja", "single"): ["2 + 2 = 4.<|im_end|>"],
+    ("vllm/tool_chat_template_olmo3.jinja", "single"): ["2 + 2 = 4.<|im_end|>"],
+    ("fixture/smollm3", "single"): ["2 + 2 = 4.<|im_end|>"],
+    ("fixture/phi4", "single"): ["2 + 2 = 4.<|im_end|>"],  # <|im_sep|> after the role, nothing after <|im_end|>
+    # Qwen2.5's tool convention: the call turn (no content) and the answer after the tool's result
+    ("chujiezheng/qwen2.5-instruct.jinja", "tools"): [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 18C and sunny.<|im_end|>"],
+    # Zephyr's prompt ends with a blank line the finished turn lacks (one newline): the answer follows the shared one
+    ("chujiezheng/zephyr.jinja", "single"): ["2 + 2 = 4.</s>"],
+    # Baichuan: nothing closes a turn; the next user turn's <reserved_106> is what the model writes to stop
+    ("vllm/template_baichuan.jinja", "single"): ["2 + 2 = 4.<reserved_106>"],
+    ("other-axolotl-ai-cloud-axolotl/cohere.jinja", "single"): ["2 + 2 = 4.<|END_OF_TURN_TOKEN|>"],
+    ("other-axolotl-ai-cloud-axolotl/llama4.jinja", "single"): ["2 + 2 = 4.<|eot|>"],
+    ("other-axolotl-ai-cloud-axolotl/deepseek_v3.jinja", "single"): ["2 + 2 = 4.<｜end▁of▁sentence｜>"],
+    ("other-axolotl-ai-cloud-axolotl/mistral_v7_tekken.jinja", "system"): ["2 + 2 = 4.</s>"],
+    ("other-axolotl-ai-cloud-axolotl/jamba.jinja", "single"): [" 2 + 2 = 4.<|eom|>"],  # a space after the header
+    ("vllm/tool_chat_template_hunyuan_a13b.jinja", "single"): ["2 + 2 = 4.<|eos|>"],
+    ("fixture/granite3", "single"): ["2 + 2 = 4.<|end_of_text|>"],
     ("fixture/granite4", "tools"): [
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|end_of_text|>',
         "It is 18C and sunny.<|end_of_text|>"],

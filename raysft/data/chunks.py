@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.data.chatml import Rendered, Segment, render_example
-from raysft.data.messages import transcripts
 from raysft.data.mixing import PER_SOURCE_SETTINGS, copies
 from raysft.data.packing import fit_length, make_rows
 from raysft.data.prepared import LIST_COLUMNS, ROW_SCHEMA
@@ -29,6 +28,7 @@ from raysft.data.records import Example, RecordError, rename, split_record
 from raysft.data.sources import Chunk
 from raysft.data.template import render_native
 from raysft.data.tokenize import IGNORE_INDEX, count_trained, tokenize_rendered
+from raysft.data.transcripts import transcripts
 from raysft.data.where import label_error, matches
 
 TOKENIZE_BATCH = 512  # examples per tokenizer call: large enough to amortise the call, small for memory

@@ -1,13 +1,13 @@
 """JSON files that hold an array of records (`.json`, `.json.gz`): the original Alpaca release and most instruction sets
 published as one file.
 
-Such a file is never loaded whole. `Elements` is a push scanner: fed the bytes after an array's ``[`` block by
-block, it finds each element's byte range and line from the JSON structure alone (strings are skipped by one regular
-expression in C, brackets counted), and the element's bytes are then parsed by `json` like a JSONL line. Planning
-(`sources.py`) scans a file once into a record-boundary index -- a cut point (byte offset, line, record number)
-about every `INDEX_BYTES` -- cached by the file's SHA-256 and `data.json_field`, and cuts chunks at those points so
-Ray Data spreads an array over cores and nodes as it does a JSONL file; a task reads its chunk's byte range with
-the same scanner. A ``.json.gz`` is one chunk, streamed.
+Such a file is never loaded whole. `Elements` (`jsonscan.py`) is a push scanner: fed the bytes after an array's
+``[`` block by block, it finds each element's byte range and line from the JSON structure alone (strings are skipped
+by one regular expression in C, brackets counted), and the element's bytes are then parsed by `json` like a JSONL
+line. Planning (`sources.py`) scans a file once into a record-boundary index -- a cut point (byte offset, line,
+record number) about every `INDEX_BYTES` -- cached by the file's SHA-256 and `data.json_field`, and cuts chunks at
+those points so Ray Data spreads an array over cores and nodes as it does a JSONL file; a task reads its chunk's
+byte range with the same scanner. A ``.json.gz`` is one chunk, streamed.
 
 (A streaming parser such as ijson gives values, not the byte offsets that cutting a file into ranges needs; the
 scanner gives the offsets, and `json` parses each record.)
@@ -20,165 +20,20 @@ This module does not import ray.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
-import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 from raysft import storage
+from raysft.data.jsonscan import TOKEN, WS, Element, Elements, blocks, skip_ws
 from raysft.errors import UserError, format_error
 
 INDEX_BYTES = 64 << 10  # a cut point about this often: chunks of any size are cut from the one index
 SNIFF_LINE_MAX = 64 << 20  # a first line longer than this is not taken for a JSON Lines record
 INDEX_VERSION = 1
-
-# a whole string (escapes included), a structural character, or the quote of a string the buffer cuts short
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[][{},:]|"', re.S)
-_WS = b" \t\r\n"
-_RAW = json.JSONDecoder().raw_decode
-_SPACES = re.compile(rb"[ \t\r\n]*")
-
-
-@dataclass
-class Element:
-    record: int  # 1-based, in the array
-    line: int  # of the element's first byte, 1-based
-    start: int  # absolute byte offsets [start, end)
-    end: int
-    data: bytes
-
-
-@dataclass
-class Damage:
-    after: int  # complete records before it
-    line: int  # where reading stopped
-    detail: str
-
-
-class Elements:
-    """Push scanner of one array's elements, from the byte just after its ``[`` (or any element boundary in it).
-
-    `feed` takes the next bytes and returns the elements they complete; `finish` says the bytes ended, returns the
-    last element (when it is whole) and whether the array was closed. Memory holds one element at most (plus a
-    block)."""
-
-    def __init__(self, offset: int, line: int, record: int):
-        self.buf = b""
-        self.base = offset  # absolute offset of buf[0]
-        self.pos = 0  # where tokenizing resumes in buf
-        self.seg = 0  # where the current element's bytes begin in buf (after the last separator)
-        self.depth = 0
-        self.closed: Optional[int] = None  # absolute offset just after the array's closing ]
-        self.record = record - 1  # records emitted so far, counted from the first one's number
-        self.line = line  # the line of buf[self.counted]
-        self.counted = 0
-        self.in_string = False
-        self.fresh = True  # at an element's start (after [ or a comma): json may skip it whole
-
-    def _line_at(self, i: int) -> int:
-        self.line += self.buf.count(b"\n", self.counted, i)
-        self.counted = i
-        return self.line
-
-    def _emit(self, end: int, out: list) -> None:
-        data = self.buf[self.seg:end]
-        stripped = data.lstrip(_WS)
-        if stripped.strip(_WS):
-            start = self.seg + len(data) - len(stripped)
-            self.record += 1
-            stripped = stripped.rstrip(_WS)
-            out.append(Element(self.record, self._line_at(start), self.base + start,
-                               self.base + start + len(stripped), stripped))
-
-    def feed(self, block: bytes) -> list[Element]:
-        out: list[Element] = []
-        if self.closed is not None:
-            return out
-        self.buf += block
-        self.in_string = False
-        buf, pos = self.buf, self.pos
-        text = None  # the buffer as latin-1 (one character per byte) for json's raw_decode, made when first needed
-        while True:
-            if self.fresh and self.depth == 0:  # an element begins: json (C) finds its end, when it is whole here
-                pos = _skip_ws(buf, pos)
-                if pos < len(buf) and buf[pos] in b'{["':
-                    text = text if text is not None else buf.decode("latin-1")
-                    try:
-                        pos = _RAW(text, pos)[1]
-                        self.fresh = False
-                        continue
-                    except ValueError:  # cut by the buffer's end, or not valid JSON: the tokens below decide
-                        pass
-            m = _TOKEN.search(buf, pos)
-            if m is None:
-                pos = len(buf)
-                break
-            c = buf[m.start()]
-            self.fresh = False
-            if c == 0x22:  # "
-                if m.end() - m.start() == 1:  # a string the buffer cuts short: wait for more bytes
-                    pos, self.in_string = m.start(), True
-                    break
-            elif c in b"[{":
-                self.depth += 1
-            elif c in b"]}":
-                if self.depth == 0:
-                    if c == 0x5D:  # the array's own ]
-                        self._emit(m.start(), out)
-                        self.closed = self.base + m.end()
-                        pos = m.end()
-                        break
-                    pos = m.end()
-                    continue  # a stray } between elements: left to the element's parse to refuse
-                self.depth -= 1
-            elif c == 0x2C and self.depth == 0:  # ,
-                self._emit(m.start(), out)
-                self.seg, self.fresh = m.end(), True
-            pos = m.end()
-        self.pos = pos
-        if self.closed is None:  # keep only the current element's bytes
-            cut = min(self.seg, self.pos)
-            self._line_at(cut)
-            self.buf, self.base = self.buf[cut:], self.base + cut
-            self.pos, self.seg, self.counted = self.pos - cut, self.seg - cut, 0
-        return out
-
-    def finish(self, file_end: bool) -> tuple[list[Element], Optional[Damage]]:
-        """The bytes ended: at the end of a chunk's range (`file_end` False: its last element is whole), or of the
-        file (then an array not closed is damage)."""
-        out: list[Element] = []
-        if self.closed is not None:
-            return out, None
-        whole = self.depth == 0 and not self.in_string
-        if whole:
-            self._emit(len(self.buf), out)
-        if not file_end:
-            return out, None
-        if whole:
-            return out, Damage(self.record, self._line_at(len(self.buf)),
-                               "the array is not closed (no ']' after the last record)")
-        line = self._line_at(len(self.buf) - len(self.buf[self.seg:].lstrip(_WS)))  # where the cut record begins
-        return out, Damage(self.record, line, f"cut short inside record {self.record + 1} (line {line})")
-
-
-def blocks(source: str, start: int = 0, end: Optional[int] = None, gz: bool = False) -> Iterator[bytes]:
-    """The bytes of `source` from `start` to `end` (a .json.gz: decompressed, whole), a block at a time."""
-    fs, path = storage.filesystem(source)
-    if gz:
-        with fs.open_input_stream(path, compression=None) as raw, gzip.GzipFile(fileobj=raw) as f:
-            while block := f.read(storage.READ_BLOCK):
-                yield block
-        return
-    with fs.open_input_file(path) as f:
-        f.seek(start)
-        left = (end if end is not None else f.size()) - start
-        while left > 0 and (block := f.read(min(storage.READ_BLOCK, left))):
-            left -= len(block)
-            yield block
 
 
 # ---------------------------------------------------------------------------------------------------------- sniffing
@@ -194,10 +49,6 @@ class Layout:
     top: bool = True  # the array is the file's top-level value (not under data.json_field)
 
 
-def _skip_ws(data: bytes, i: int) -> int:
-    return _SPACES.match(data, i).end()
-
-
 def _first_line(source: str, gz: bool) -> tuple[bytes, Optional[bool]]:
     """The file's bytes up to its first newline (at most SNIFF_LINE_MAX), and whether that is the whole file (None:
     a .json.gz damaged before its first newline)."""
@@ -208,7 +59,7 @@ def _first_line(source: str, gz: bool) -> tuple[bytes, Optional[bool]]:
             nl = block.find(b"\n")
             if nl >= 0:
                 head += block[:nl]
-                rest = block[nl + 1:].strip(_WS) or any(b.strip(_WS) for b in it)
+                rest = block[nl + 1:].strip(WS) or any(b.strip(WS) for b in it)
                 return head, not rest
             head += block
             if len(head) > SNIFF_LINE_MAX:
@@ -223,7 +74,7 @@ def sniff(source: str, json_field: str, key: str) -> Layout:
     nor an array (nor an object with `json_field`)."""
     gz = source.endswith(".gz")
     head, only_line = _first_line(source, gz)
-    i = _skip_ws(head, 3 if head.startswith(b"\xef\xbb\xbf") else 0)
+    i = skip_ws(head, 3 if head.startswith(b"\xef\xbb\xbf") else 0)
     if i < len(head) and head[i] == 0x5B:  # [
         return Layout("array", i + 1, 1)
     if i >= len(head) and only_line is None:  # nothing could be decompressed: reading it reports the damage
@@ -260,11 +111,11 @@ def _locate_field(source: str, gz: bool, json_field: str, key: str) -> tuple[int
     after_colon, pos_colon = False, 0
     for block in blocks(source, gz=gz):
         buf += block
-        for m in _TOKEN.finditer(buf, pos):
+        for m in TOKEN.finditer(buf, pos):
             tok = m.group()
             if after_colon:  # the first token of a top-level value
                 name = pending_key
-                gap = buf[pos_colon:m.start()].strip(_WS)
+                gap = buf[pos_colon:m.start()].strip(WS)
                 kind = "array" if tok == b"[" and not gap else "object" if tok == b"{" and not gap else \
                     "string" if tok[:1] == b'"' and not gap else "value"
                 keys[name] = kind
@@ -328,7 +179,7 @@ def cache_dir() -> str:
 def _nothing_after(source: str, offset: int, key: str) -> None:
     """A top-level array is the whole file: anything after its ] (a second array, a stray record) would be lost."""
     for block in blocks(source, offset):
-        if block.strip(_WS):
+        if block.strip(WS):
             _raise(key, f"has more after its array's closing ] (byte {offset})", source,
                    "give one array per file (or JSON Lines: one record per line)")
 
@@ -381,35 +232,3 @@ def ranges(ix: Index, chunk_bytes: int) -> list[tuple[int, int, int, int]]:
             cuts.append((start, line, record))
     return [(s, cuts[i + 1][0] if i + 1 < len(cuts) else ix.end, line, record)
             for i, (s, line, record) in enumerate(cuts)]
-
-
-# ---------------------------------------------------------------------------------------------------------- reading
-
-
-def elements(source: str, start: int, end: int, line: int, record: int, gz: bool,
-             offset: int = 0) -> Iterator[Element | Damage]:
-    """The elements of one chunk's byte range (a .json.gz: of the whole array, from `offset`), then a `Damage` when
-    the file ends inside the array."""
-    scanner = Elements(offset if gz else start, line, record)
-    skip = offset if gz else 0
-    if gz:
-        file_end = True
-    else:
-        fs, path = storage.filesystem(source)
-        file_end = end >= fs.get_file_info(path).size
-    try:
-        for block in blocks(source, start, end, gz):
-            if skip:
-                block, skip = block[skip:], max(0, skip - len(block))
-            yield from scanner.feed(block)
-            if scanner.closed is not None:
-                return
-    except (EOFError, OSError, zlib.error) as exc:  # a .json.gz cut short or damaged
-        detail = f"{'zlib.error' if isinstance(exc, zlib.error) else type(exc).__name__}: {exc}"
-        yield Damage(scanner.record, scanner._line_at(len(scanner.buf)),
-                     f"the compressed file is cut short or damaged ({detail})")
-        return
-    rest, damage = scanner.finish(file_end)
-    yield from rest
-    if damage is not None:
-        yield damage

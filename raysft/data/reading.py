@@ -16,7 +16,7 @@ import zlib
 from typing import Iterator
 
 from raysft import storage
-from raysft.data import jsonarray
+from raysft.data import jsonscan
 from raysft.data.parsing import RecordError, drop_nulls, parse_line
 from raysft.data.sources import Chunk, load_hf
 
@@ -92,9 +92,9 @@ def _array_records(chunk: Chunk):
     """The records of a JSON array's chunk, each located as ``file:record N (line L)``; a damaged file ends with one
     ``damaged_file`` error."""
     gz = chunk.fmt == "json.gz"
-    for e in jsonarray.elements(chunk.source, chunk.start, chunk.end, chunk.first_line, chunk.first_record, gz,
+    for e in jsonscan.elements(chunk.source, chunk.start, chunk.end, chunk.first_line, chunk.first_record, gz,
                                 chunk.start if gz else 0):
-        if isinstance(e, jsonarray.Damage):
+        if isinstance(e, jsonscan.Damage):
             where = f"{chunk.source}:record {e.after + 1} (line {e.line})"
             yield where, e.after + 1, "", RecordError(
                 "damaged_file", f"the JSON array is cut short or damaged: {e.detail}; the {e.after} records before "

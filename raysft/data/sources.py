@@ -23,7 +23,7 @@ from typing import Optional
 import pyarrow.fs as pafs
 
 from raysft import storage
-from raysft.data import jsonarray
+from raysft.data import jsonarray, jsonscan
 from raysft.errors import UserError, format_error
 
 FORMATS = {".jsonl.gz": "jsonl.gz", ".jsonl": "jsonl", ".json.gz": "json.gz", ".json": "json", ".parquet": "parquet"}
@@ -168,7 +168,7 @@ def _plan_json(fs, path: str, source: str, chunk_bytes: int, h, json_field: str,
         return [Chunk(source, "jsonl.gz", 0, size, 1)], _gzip_line_count(source) if count else None
     size = _hash_file(fs, path, h)
     if gz:  # one chunk, streamed: its records counted (a second pass) only for data.sources' weights
-        records = sum(isinstance(e, jsonarray.Element) for e in jsonarray.elements(
+        records = sum(isinstance(e, jsonscan.Element) for e in jsonscan.elements(
             source, 0, 0, layout.line, 1, True, layout.offset)) if count else None
         return [Chunk(source, "json.gz", layout.offset, size, layout.line, 1)], records
     ix = jsonarray.index(source, h.hexdigest(), layout, size, key)
