@@ -13,7 +13,7 @@ worker and step as SP=1. Each setting is measured plain, and with gradient check
 to CPU memory) and tiled MLP, as configs/qwen2.5-0.5b-long-sp.yaml trains. The ratio is SP=2's longest row / SP=1's,
 measured in the same run; each process imports the same modules, so their resident sets start equal.
 What runs is raysft's own code: `raysft.loss` (chunked), `raysft.train.sequence_parallel` (DeepSpeed's Ulysses
-attention, its loader adapter, TiledMLP), as the deepspeed worker calls it.
+attention, its loader adapter, TiledMLP), as the deepspeed backend calls it.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ import re
 from importlib import metadata
 from typing import Optional
 
+from raysft import capabilities
+
 CARD = "README.md"
 RECORD = "raysft.json"
 LOSS_PLOT = "loss.png"
@@ -73,9 +75,8 @@ def _training(cfg, state) -> dict:
     out = {"backend": t.backend, "dtype": t.dtype, "workers": state.world_size, "micro_batch_size": t.micro_batch_size,
            "global_batch_size": t.global_batch_size, "lr": t.lr, "lr_scheduler": t.lr_scheduler,
            "warmup_steps": t.warmup_steps, "steps": state.step, "epochs": t.epochs, "max_seq_len": cfg.data.max_seq_len,
-           "packing": cfg.data.packing, "loss_on": cfg.data.loss_on, "seed": t.seed}
-    if t.backend == "deepspeed":
-        out["zero_stage"] = t.zero_stage
+           "packing": cfg.data.packing, "loss_on": cfg.data.loss_on, "seed": t.seed,
+           "zero_stage": t.zero_stage}  # DeepSpeed's ZeRO stage, or the fsdp backend's resharding
     if t.sequence_parallel_size > 1:
         out["sequence_parallel_size"] = t.sequence_parallel_size
     if t.lora.r:
@@ -130,8 +131,8 @@ def render_card(record: dict, has_plot: bool = False) -> str:
     lora, base, hub = record["lora"], record["base_model"], record["base_model_hub_id"]
     front = ["---", f"library_name: {'peft' if lora == 'adapter' else 'transformers'}"]
     front += [f"base_model: {json.dumps(hub)}"] if hub else []
-    front += _yaml_list("tags", ["raysft", "sft"] + (["trl"] if record["training"]["backend"] == "hf" else [])
-                        + (["lora"] if lora else []))
+    trl = capabilities.of(record["training"]["backend"]).hf_args  # the backend that runs TRL's SFTTrainer
+    front += _yaml_list("tags", ["raysft", "sft"] + (["trl"] if trl else []) + (["lora"] if lora else []))
     front += _yaml_list("datasets", record["data"]["hub_datasets"])
     front += ["---", ""]
     what = {None: "the full model's weights", "adapter": "a LoRA adapter (load it with PEFT over the base model)",

@@ -46,7 +46,7 @@ def dir_name(step: int) -> str:
 
 
 def deepspeed_tag(step: int) -> str:
-    """The tag the deepspeed worker saves its engine under, in model/."""
+    """The tag the deepspeed backend saves its engine under, in model/."""
     return f"step{step}"
 
 
@@ -61,7 +61,7 @@ def model_dir(path: str) -> str:
 
 
 def deepspeed_dir(path: str, step: int) -> str:
-    """The deepspeed worker's engine state of step `step` in the checkpoint at `path`."""
+    """The deepspeed backend's engine state of step `step` in the checkpoint at `path`."""
     return os.path.join(path, MODEL, deepspeed_tag(step))
 
 

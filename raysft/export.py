@@ -49,7 +49,7 @@ def consolidated_state_dict(model_dir: str, zero_stage: int, trainable_only: boo
 
 
 def dcp_model_state(model_dir: str) -> dict:
-    """The model's full state dict from a DCP checkpoint written by the fsdp worker, read in this one process
+    """The model's full state dict from a DCP checkpoint written by the fsdp backend, read in this one process
     (DCP's own reader, the way its `dcp_to_torch_save` reads one; the optimizer's entries are not read)."""
     import warnings
 

@@ -2,7 +2,7 @@
 
 `attach(model, kind)` (before LoRA wraps the model) gives it one more way to be called:
 `model(input_ids=..., position_ids=..., labels=..., loss_sum=True)` returns the *sum* of next-token cross-entropy
-over the trained tokens (labels != -100), the numerator of the global-batch mean both workers divide by the global
+over the trained tokens (labels != -100), the numerator of the global-batch mean every backend divides by the global
 batch's trained-token count. Without `loss_sum` the forward is the model's own (logits; generation unchanged).
 
 - `chunked` (the default): only the positions whose next label is trained are kept; the output head is applied to
@@ -42,6 +42,22 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift_labels=None
                                reduction="sum")
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def global_mean_part(loss_sum: torch.Tensor, n_trained: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss normalisation of every backend, once: a micro-batch's summed loss over the trained tokens of the
+    whole global batch (all micro-batches, all workers; every rank knows the count without communication, the
+    global batch being a function of the step) is its part of the global batch's mean. Backward runs on that part
+    times the world size, because every backend's gradient reduction averages over ranks (DeepSpeed's all-reduce,
+    FSDP2's reduce-scatter; TRL's `average_tokens_across_devices` scales the same way), and is not divided by the
+    accumulation steps: the update is that of the mean over the global batch, whatever the packing, accumulation
+    and worker count. Returns (the part, what backward runs on).
+
+    >>> [x.item() for x in global_mean_part(torch.tensor(6.0), 12, 2)]
+    [0.5, 1.0]
+    """
+    part = loss_sum / n_trained
+    return part, part * world
 
 
 def attach(model, kind: str) -> None:

@@ -43,7 +43,8 @@ BAD_CONFIGS = [  # (overrides of a good config, the errors, in order)
      "cluster.use_gpu is false: on CPU everything is in CPU memory already (got True). fix: set "
      "train.offload_optimizer=false on CPU (or train.backend=deepspeed, whose ZeRO offload runs on CPU too)"),
     (["train.backend=fsdp", "train.deepspeed_config={gradient_clipping: 0.5}"],
-     "command line: train.deepspeed_config: only the deepspeed backend reads it (got 'gradient_clipping'). fix: "
+     "command line: train.deepspeed_config: only the deepspeed and hf backends read it (got 'gradient_clipping'). "
+     "fix: "
      "remove train.deepspeed_config, or set train.backend=deepspeed"),
     (["cluster.num_workers=[2, 4]", "train.global_batch_size=8", "train.micro_batch_size=1"],
      "command line: train.global_batch_size: must be a multiple of micro_batch_size x workers for every worker count "

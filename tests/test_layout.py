@@ -91,3 +91,59 @@ def test_no_data_module_is_over_300_lines():
     long = {m: n for m, f in modules().items() if m.startswith("raysft.data.")
             for n in [sum(1 for _ in open(f, encoding="utf-8"))] if n > 300}
     assert long == {}
+
+
+def _source(skip: tuple = ()) -> dict[str, str]:
+    return {os.path.relpath(f, ROOT): open(f, encoding="utf-8").read() for f in modules().values()
+            if os.path.relpath(f, ROOT) not in skip}
+
+
+def test_one_definition_each_of_the_loss_normalisation_adamw_and_the_scheduler():
+    """The training loop's shared parts are defined once (issue 41): every backend normalises the loss through
+    loss.global_mean_part, builds AdamW and the learning-rate schedule through optim.adamw / optim.scheduler."""
+    import re
+
+    src = _source()
+    count = lambda pattern: {f: len(re.findall(pattern, s)) for f, s in src.items() if re.search(pattern, s)}  # noqa: E731
+    assert count(r"def global_mean_part\(") == {"raysft/loss.py": 1}
+    assert count(r"loss_sum\([^()]*\)\s*/") == {}  # no loss divided anywhere else
+    assert count(r"optim\.AdamW\(") == {"raysft/train/optim.py": 1}
+    assert count(r"\bget_scheduler\(") == {"raysft/train/optim.py": 1}
+    assert count(r"clip_grad_norm_\(") == {"raysft/train/backends/fsdp.py": 1}  # the engines clip the others'
+
+
+def test_no_backend_name_is_compared_outside_capabilities():
+    """Code asks a backend's capabilities (raysft/capabilities.py), never its name."""
+    import re
+
+    name = r"""["'](?:deepspeed|fsdp|hf)["']"""
+    compared = re.compile(rf"backend\W{{0,3}}\s*(?:==|!=|\bin\b|\bnot in\b)\s*[\"'(\[{{]|{name}\s*(?:==|!=|\bin\b)")
+    found = {f: compared.findall(s) for f, s in _source(skip=("raysft/capabilities.py",)).items()}
+    assert {f: hits for f, hits in found.items() if hits} == {}
+
+
+def test_a_backends_capabilities_decide_what_the_config_checks_accept(monkeypatch, tmp_path):
+    """Change what a backend declares, and the config checks change with it: no check reads the backend's name."""
+    import dataclasses
+
+    from raysft import capabilities
+    from raysft.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: out\nmodel:\n  name_or_path: x\ndata:\n  train_files: [a.jsonl]\n")
+    asks = [("train.backend=fsdp", "train.zero_stage=1"), ("train.backend=hf", "cluster.num_workers=[1, 2]"),
+            ("train.backend=fsdp", "train.sequence_parallel_size=2", "cluster.num_workers=2")]
+    for ask in asks:
+        with pytest.raises(ConfigError):
+            load_config(str(path), list(ask))
+    backends = dict(capabilities.BACKENDS)
+    backends["fsdp"] = dataclasses.replace(backends["fsdp"], zero_stages=(1, 2, 3), long_rows=True)
+    backends["hf"] = dataclasses.replace(backends["hf"], elastic=True)
+    monkeypatch.setattr(capabilities, "BACKENDS", backends)
+    for ask in asks:
+        load_config(str(path), list(ask))  # accepted now
+    backends["deepspeed"] = dataclasses.replace(backends["deepspeed"], dtypes=("fp32", "bf16"))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["train.dtype=fp16"])
+    assert info.value.problems == ["command line: train.dtype: the deepspeed backend does not train in fp16 (got "
+                                   "'fp16'). fix: set train.backend=hf for fp16"]

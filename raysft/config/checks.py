@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 
-from raysft import storage
+from raysft import capabilities, storage
 from raysft.config.schema import Config, worker_range
 from raysft.errors import format_error
 from raysft.train.schedule import BatchShape
@@ -21,7 +21,7 @@ RENDER_ARGUMENTS = ("messages", "conversation", "tools", "documents", "chat_temp
 # attention kernels that cannot train on CPU, and why
 CUDA_ATTENTION = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn 3",
                   "flex_attention": "PyTorch's flex_attention has no backward on CPU"}
-# DeepSpeed batch keys raysft derives (BatchShape); the schedule and both workers rely on them
+# DeepSpeed batch keys raysft derives (BatchShape); the schedule and every backend rely on them
 DEEPSPEED_OWNED = {"train_batch_size": "train.global_batch_size",
                    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
                    "gradient_accumulation_steps": "train.global_batch_size (accumulation = global / (micro x workers))"}
@@ -153,25 +153,31 @@ def check(cfg: Config, where, problems: list[str]) -> None:
         bad("train.lora.dropout", "must be at least 0 and below 1", lora.dropout, "use e.g. 0.05")
     if lora.r and not lora.target_modules:
         bad("train.lora.target_modules", "is empty", lora.target_modules, "use [all-linear] or e.g. [q_proj, v_proj]")
+    if lora.r and not capabilities.of(t.backend).lora:
+        able = capabilities.having("lora")
+        bad("train.lora.r", f"the {t.backend} backend does not train LoRA adapters", lora.r,
+            f"set train.backend={able[0]}, or train.lora.r=0" if able else "set train.lora.r=0")
     if lora.r and cfg.model.from_scratch:
         bad("train.lora.r", "LoRA needs pretrained base weights, but model.from_scratch is true", lora.r,
             "set model.from_scratch=false (LoRA adapts a saved model), or train.lora.r=0 for full fine-tuning")
     for key in sorted(set(t.deepspeed_config) & set(DEEPSPEED_OWNED)):
         bad(f"train.deepspeed_config.{key}", f"is set by raysft from {DEEPSPEED_OWNED[key]}", t.deepspeed_config[key],
             f"set {DEEPSPEED_OWNED[key]} instead")
-    if t.backend == "fsdp":
-        check_fsdp(cfg, bad)
+    check_backend(cfg, bad)
     check_long_rows(cfg, bad)
-    if t.hf_args and t.backend != "hf":
-        bad("train.hf_args", "only the hf backend reads it", t.backend, "set train.backend=hf or remove train.hf_args")
+    if t.hf_args and not capabilities.of(t.backend).hf_args:
+        readers = capabilities.having("hf_args")
+        bad("train.hf_args", f"only {capabilities.names(readers)} {'reads' if len(readers) == 1 else 'read'} it",
+            t.backend, f"set train.backend={readers[0]} or remove train.hf_args")
     c = cfg.cluster
     elastic = isinstance(c.num_workers, list)
     if elastic and (len(c.num_workers) != 2 or not 1 <= c.num_workers[0] <= c.num_workers[1]):
         bad("cluster.num_workers", "a range must be [min, max] with 1 <= min <= max", c.num_workers,
             "write e.g. [2, 4], or one number for a fixed count")
-    elif elastic and t.backend == "hf":
-        bad("cluster.num_workers", "a range (elastic mode) needs train.backend=deepspeed or fsdp", c.num_workers,
-            "the hf backend resumes only on the same worker count: give one number, or use the deepspeed or fsdp "
+    elif elastic and not capabilities.of(t.backend).elastic:
+        able = " or ".join(capabilities.having("elastic"))
+        bad("cluster.num_workers", f"a range (elastic mode) needs train.backend={able}", c.num_workers,
+            f"the {t.backend} backend resumes only on the same worker count: give one number, or use the {able} "
             "backend")
     elif not elastic and c.num_workers < 1:
         bad("cluster.num_workers", "must be at least 1", c.num_workers, "use 1 or more")
@@ -197,25 +203,39 @@ def check(cfg: Config, where, problems: list[str]) -> None:
         bad("checkpoint.every_steps", "must not be negative", cfg.checkpoint.every_steps, "use 0 for only at the end")
 
 
-def check_fsdp(cfg: Config, bad) -> None:
-    """What the fsdp backend (raysft/train/fsdp_worker.py) does not do, each with the way to get it."""
+def _or(fix: str, other: str, joint: str) -> str:
+    """A backend's own fix, or another backend; 'set ...' when only the other backend is left."""
+    return f"{fix}{joint}{other}" if fix and other else fix or (f"set {other}" if other else "change train.backend")
+
+
+def check_backend(cfg: Config, bad) -> None:
+    """What the chosen backend does not do (its capabilities, raysft/capabilities.py), each with the way to get it:
+    the backend's own fix, or another backend that has it."""
     t = cfg.train
-    if t.zero_stage not in (2, 3):
-        bad("train.zero_stage", "the fsdp backend always shards parameters, gradients and optimizer state; it has "
-            "stages 2 and 3 only", t.zero_stage, "set train.zero_stage=2 (each layer's parameters kept gathered from "
-            "forward to backward) or 3 (resharded after forward: least memory); or train.backend=deepspeed for "
-            f"ZeRO-{t.zero_stage}")
-    if t.dtype == "fp16":
-        bad("train.dtype", "the fsdp backend trains in bf16 (fp32 master weights) or fp32; fp16 needs loss scaling it "
-            "does not do", t.dtype, "set train.dtype=bf16, or train.backend=deepspeed for fp16")
+    caps = capabilities.of(t.backend)
+
+    if t.zero_stage in (0, 1, 2, 3) and t.zero_stage not in caps.zero_stages:  # else refused above
+        others = capabilities.with_zero_stage(t.zero_stage)
+        why, fix = caps.limits.get("zero_stage", (f"has ZeRO stages {caps.zero_stages} only", ""))
+        bad("train.zero_stage", f"the {t.backend} backend {why}", t.zero_stage,
+            _or(fix, f"train.backend={others[0]} for ZeRO-{t.zero_stage}" if others else "", "; or "))
+    if t.dtype not in caps.dtypes:
+        others = capabilities.with_dtype(t.dtype)
+        why, fix = caps.limits.get("dtype", (f"does not train in {t.dtype}", ""))
+        bad("train.dtype", f"the {t.backend} backend {why}", t.dtype,
+            _or(fix, f"train.backend={others[0]} for {t.dtype}" if others else "", ", or "))
     offload = [k for k in ("offload_optimizer", "offload_params") if getattr(t, k)]
-    if offload and not cfg.cluster.use_gpu:
-        bad(f"train.{offload[0]}", "the fsdp backend offloads from a GPU (FSDP2's CPUOffloadPolicy), and "
-            "cluster.use_gpu is false: on CPU everything is in CPU memory already", True,
-            f"set train.{offload[0]}=false on CPU (or train.backend=deepspeed, whose ZeRO offload runs on CPU too)")
-    if t.deepspeed_config:
-        bad("train.deepspeed_config", "only the deepspeed backend reads it", ", ".join(map(str, t.deepspeed_config)),
-            "remove train.deepspeed_config, or set train.backend=deepspeed")
+    if offload and not cfg.cluster.use_gpu and not caps.offload_on_cpu:
+        why, _ = caps.limits.get("offload", ("offloads from a GPU only, and cluster.use_gpu is false", ""))
+        others = capabilities.having("offload_on_cpu")
+        bad(f"train.{offload[0]}", f"the {t.backend} backend {why}", True,
+            f"set train.{offload[0]}=false on CPU" + (f" (or train.backend={others[0]}, whose ZeRO offload runs on "
+                                                     "CPU too)" if others else ""))
+    if t.deepspeed_config and not caps.deepspeed:
+        readers = capabilities.having("deepspeed")
+        bad("train.deepspeed_config", f"only {capabilities.names(readers)} {'reads' if len(readers) == 1 else 'read'}"
+            " it", ", ".join(map(str, t.deepspeed_config)),
+            f"remove train.deepspeed_config, or set train.backend={readers[0]}")
 
 
 def check_long_rows(cfg: Config, bad) -> None:
@@ -224,9 +244,11 @@ def check_long_rows(cfg: Config, bad) -> None:
     t, sp = cfg.train, cfg.train.sequence_parallel_size
     for key, on in (("sequence_parallel_size", sp != 1), ("tiled_mlp", t.tiled_mlp),
                     ("offload_activations", t.offload_activations)):
-        if on and t.backend != "deepspeed":
-            bad(f"train.{key}", f"only the deepspeed backend has it (DeepSpeed's ALST pieces), and train.backend is "
-                f"{t.backend}", getattr(t, key), f"set train.backend=deepspeed, or remove train.{key}")
+        if on and not capabilities.of(t.backend).long_rows:
+            able = capabilities.having("long_rows")
+            bad(f"train.{key}", f"only {capabilities.names(able)} {'has' if len(able) == 1 else 'have'} it "
+                f"(DeepSpeed's ALST pieces), and train.backend is {t.backend}", getattr(t, key),
+                f"set train.backend={able[0]}, or remove train.{key}")
     if t.offload_activations and not t.gradient_checkpointing:
         bad("train.offload_activations", "offloads the activations gradient checkpointing keeps, and "
             "train.gradient_checkpointing is false", t.offload_activations, "set train.gradient_checkpointing=true")

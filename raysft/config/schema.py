@@ -1,7 +1,7 @@
 """The config tree: typed dataclasses, one line of doc per field, and every default.
 
 Loaded and validated by `raysft.config.load` (file:line in every error), checked across fields by
-`raysft.config.checks`. `describe()` lists every key for the README.
+`raysft.config.checks`. `describe()` lists every key for docs/CONFIG.md (scripts/config_table.py).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every config key: the README's table comes from here."""
+    """(dotted key, default, doc) for every config key: docs/CONFIG.md's table comes from here."""
     rows = []
 
     def walk(cls, prefix):

@@ -1,7 +1,7 @@
 """What the driver hands each Train worker (`WorkerJob`), and what a worker knows once started (`Worker`),
-built by one function, `start`, that both workers call first.
+built by one function, `start`, that the loop (loop.py) calls first for every backend.
 
-The worker files read the config through `Worker.cfg`; the shared helpers they call (metrics, evaluate, report,
+The backends read the config through `Worker.cfg`; the shared helpers they call (metrics, evaluate, report,
 checkpoint) take plain values.
 """
 
@@ -11,12 +11,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from raysft import capabilities
 from raysft import checkpoint as ckpt
-from raysft.checkpoint import RunState
 from raysft.config import Config
 from raysft.data.prepared import PreparedRows
 from raysft.train.hooks import WorkerHooks
-from raysft.train.metrics import StepLog, StepMetrics
 from raysft.train.resize import Universal
 from raysft.train.schedule import BatchShape, Schedule
 
@@ -52,84 +51,7 @@ class Worker:
     n_params: int
     n_trainable: int
     run_dir: str  # the run's checkpoint folder in storage
-    step_log: Optional[StepLog] = None  # made by `open_step_log`, once the restored state is known
     flat: bool = False  # micro-batches go to the model as one row (modeling.flat_batches: flash-attention)
-
-    def open_step_log(self, start_step: int, state: Optional[RunState]) -> StepLog:
-        """Rank 0's record of steps: metrics.jsonl, TensorBoard and the tracking runs of `train.report_to` (those
-        of the restored checkpoint continued)."""
-        from raysft.config import to_dict
-        from raysft.train.tracking import Trackers
-
-        t = self.cfg.train
-        trackers = Trackers(self.cfg, self.rank, state.tracking if state else None, to_dict(self.cfg), self.log)
-        self.step_log = StepLog(self.rank, self.cfg.output_dir, t.log_every_steps, start_step, self.log,
-                                tensorboard="tensorboard" in t.report_to, trackers=trackers)
-        return self.step_log
-
-    def step_metrics(self, state: Optional[RunState]) -> StepMetrics:
-        """The run's per-step metrics (metrics.StepMetrics), continuing the counts of the restored `state`."""
-        from raysft.train.metrics import gpu_peak
-
-        return StepMetrics(self.schedule, self.rows, self.world, self.n_params, self.model.config,
-                           gpu_peak(self.cfg.cluster.use_gpu), state.step if state else 0,
-                           state.samples_seen if state else 0, state.tokens_seen if state else 0,
-                           state.samples_seen_by_source if state else None, self.rank)
-
-    def run_state(self, step: int, steps, backend: str) -> RunState:
-        """The state.json of a checkpoint at `step`; `steps`: the run's `metrics.StepMetrics` (what was seen)."""
-        samples_seen, tokens_seen = steps.samples_seen, steps.tokens_seen
-        t = self.cfg.train
-        return RunState(step=step, epoch=self.schedule.epoch_of(max(step - 1, 0)), samples_seen=samples_seen,
-                        tokens_seen=tokens_seen, seed=t.seed, fingerprint=self.job.fingerprint,
-                        world_size=self.world, total_steps=self.schedule.total_steps,
-                        global_batch_size=t.global_batch_size, final=step == self.schedule.total_steps,
-                        backend=backend, zero_stage=t.zero_stage, lora=bool(t.lora.r),
-                        tracking=self.step_log.trackers.ids() if self.step_log else {},
-                        samples_seen_by_source=steps.seen_by_source())
-
-    def commit_checkpoint(self, local: str, model, step: int, state: RunState, metrics: dict, gate) -> None:
-        """The rest of a checkpoint of raysft's own loop, once the backend wrote its state into `local`'s model/:
-        this rank's RNG, rank 0's copy of the model's config (`model`: the trained module, PEFT's base for LoRA) and
-        the run files; then the report to Ray and the commit (report.ReportGate.report_checkpoint)."""
-        ckpt.save_rng(local, self.rank)
-        if self.rank == 0:
-            from raysft.config import to_yaml
-            from raysft.data.prepared import tokenizer_dir
-
-            (model.get_base_model() if state.lora else model).config.save_pretrained(ckpt.model_dir(local))
-            ckpt.write_run_files(local, state, to_yaml(self.cfg), tokenizer_dir(self.job.prepared))
-        gate.report_checkpoint(local, step, metrics, self.rank, self.world, self.run_dir, self.cfg.checkpoint.keep,
-                               self.log, self.job.hooks)
-
-    def end_step(self, item, step_loss, processed: int, t0: float, lr: float, grad_norm, steps: StepMetrics,
-                 step_log: StepLog, gate, model, generator, save: Callable[[int, dict], None], device) -> None:
-        """After the optimizer step of `item` (a prefetch.StepBatch), on every rank, for the workers with raysft's
-        own loop: the step's loss, tokens and data wait summed over ranks into its metrics, the eval when due
-        (`model` computes the loss, `generator` answers the prompts), the step's line, then `save(step, metrics)`
-        when a checkpoint is due or else the report to Ray (report.ReportGate), and the hooks' `after_step`."""
-        import time
-
-        import torch
-        import torch.distributed as dist
-
-        from raysft.train.evaluate import due, eval_due, run_evals
-
-        step, total = item.step, self.schedule.total_steps
-        stats = torch.tensor([step_loss.item(), processed, item.wait, gate.vote()], dtype=torch.float64,
-                             device=device)
-        dist.all_reduce(stats)
-        metrics = steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0, lr,
-                        float(grad_norm))
-        if eval_due(self, step, total):
-            run_evals(model, generator, self, step, metrics, step_log, device)
-        checkpoint_due = due(step, total, self.cfg.checkpoint.every_steps)
-        step_log(metrics, checkpoint_due)
-        if checkpoint_due:
-            save(step, metrics)
-        elif step_log.reportable(metrics):
-            gate.report(metrics, stats[3].item())
-        self.job.hooks.after_step(step, self.rank)
 
 
 def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend_prefetches: bool = False) -> Worker:
@@ -163,7 +85,7 @@ def start(job: WorkerJob, trainer_checkpoints_activations: bool = False, backend
     rows = PreparedRows(job.prepared)
     torch.manual_seed(t.seed)
     attention, why = resolve_attention(cfg.model.attn_implementation, cfg.cluster.use_gpu and torch.cuda.is_available())
-    if not cfg.cluster.use_gpu and t.backend != "fsdp" and not cpu_comm_built():  # the fsdp backend uses no DeepSpeed
+    if not cfg.cluster.use_gpu and capabilities.of(t.backend).deepspeed and not cpu_comm_built():
         log("deepspeed: compiling DeepSpeed's CPU communication extension (first run only, 30-150 s; cached in "
             "~/.cache/torch_extensions)")
     settings = f"attention: {attention} ({why}); loss: {t.fused_loss}; compile: {'on' if t.compile else 'off'}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from raysft import capabilities
 from raysft.data.tokenize import IGNORE_INDEX
 
 MAX_LOG_PPL = 50.0  # perplexity is reported as exp(min(loss, this)): an untrained model's loss would overflow it
@@ -77,7 +78,7 @@ def run_evals(engine, generator, w, step: int, metrics: dict, step_log, device) 
                                 device, w.flat))
     if t.eval_prompts:
         answers = answer_prompts(generator, w.tokenizer, t.eval_prompts, w.cfg.data.system_message,
-                                 t.eval_max_new_tokens, t.zero_stage == 3 or t.backend == "fsdp", device,
+                                 t.eval_max_new_tokens, capabilities.of(t.backend).params_sharded(t.zero_stage), device,
                                  w.cfg.data.chat_template_kwargs)
         step_log.samples(step, list(zip(t.eval_prompts, answers)))
     engine.train()

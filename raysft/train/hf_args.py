@@ -1,5 +1,5 @@
 """`train.hf_args` and the SFTConfig of a run: which TRL settings raysft owns, the check of the user's own
-(run on the driver, before Ray starts), and the SFTConfig the hf worker hands TRL's SFTTrainer.
+(run on the driver, before Ray starts), and the SFTConfig the hf backend hands TRL's SFTTrainer.
 """
 
 from __future__ import annotations

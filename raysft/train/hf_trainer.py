@@ -1,5 +1,6 @@
-"""What raysft hands TRL: an SFTTrainer on raysft's schedule, a timed collate, and the callback that calls the
-hf worker's step and save functions at the Trainer's step boundaries.
+"""What raysft hands TRL: an SFTTrainer on raysft's schedule, optimizer, learning-rate schedule and loss, a timed
+collate, and the callback that calls the hf backend's step and save functions (backends/hf.py) at the Trainer's
+step boundaries.
 
 Imports trl and transformers at the top: import it only inside a Train worker, after `context.start` (which
 sets DS_ACCELERATOR before DeepSpeed is imported).
@@ -11,13 +12,13 @@ import os
 import time
 from typing import Callable
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from raysft.loss import loss_sum
-from raysft.modeling import collate, param_groups
+from raysft.loss import global_mean_part, loss_sum
+from raysft.modeling import collate
+from raysft.train.optim import adamw, scheduler
 
 ROW_COLUMNS = ("input_ids", "labels", "position_ids")
 
@@ -41,11 +42,11 @@ class TimedCollate:
 
 class ScheduledSFTTrainer(SFTTrainer):
     """SFTTrainer reading this rank's micro-batches from `loader` (not re-sharded by accelerate: the schedule
-    already gave this rank its rows), with torch AdamW on raysft's parameter groups, summing each step's loss and
-    processed tokens for raysft's metrics."""
+    already gave this rank its rows), with every backend's optimizer and schedule (`optim.adamw`, `optim.scheduler`
+    of `train`), summing each step's loss and processed tokens for raysft's metrics."""
 
-    def __init__(self, *args, loader, lr: float, weight_decay: float, world: int, **kwargs):
-        self.loader, self.lr, self.weight_decay, self.world = loader, lr, weight_decay, world
+    def __init__(self, *args, loader, train, world: int, **kwargs):
+        self.loader, self.train_settings, self.world = loader, train, world
         self.step_loss, self.processed = 0.0, 0
         super().__init__(*args, **kwargs)
 
@@ -54,8 +55,14 @@ class ScheduledSFTTrainer(SFTTrainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(param_groups(self.model, self.weight_decay), lr=self.lr)
+            self.optimizer = adamw(self.model, self.train_settings)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = scheduler(optimizer or self.optimizer, self.train_settings, num_training_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.processed += inputs["input_ids"].numel()
@@ -70,11 +77,11 @@ class ScheduledSFTTrainer(SFTTrainer):
         return sums
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """raysft's loss (`train.fused_loss`, raysft.loss) in place of TRL's fused head: the same numbers, the sum
-        over the micro-batch divided by the global batch's trained tokens, times the world size (as TRL does with
-        `average_tokens_across_devices`: DeepSpeed averages gradients over ranks)."""
-        loss = loss_sum(model, inputs) / num_items_in_batch
-        return loss * self.accelerator.num_processes
+        """raysft's loss (`train.fused_loss`, raysft.loss) in place of TRL's fused head, normalised as every
+        backend's (`loss.global_mean_part`; TRL's `num_items_in_batch` is the global batch's trained tokens under
+        `average_tokens_across_devices`)."""
+        _, scaled = global_mean_part(loss_sum(model, inputs), num_items_in_batch, self.accelerator.num_processes)
+        return scaled
 
     def logits(self, batch: dict):
         return self.model_wrapped(input_ids=batch["input_ids"], position_ids=batch["position_ids"],

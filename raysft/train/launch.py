@@ -13,8 +13,8 @@ import os
 import uuid
 from typing import Callable, Optional
 
+from raysft import capabilities, storage
 from raysft import checkpoint as ckpt
-from raysft import storage
 from raysft.cluster import auth_line, check_machine_fits, check_shared_storage, ensure_ray
 from raysft.config import Config, load_config, to_dict, worker_range
 from raysft.console import Feed
@@ -24,17 +24,15 @@ from raysft.errors import UserError, cause, format_error
 from raysft.export import export
 from raysft.modeling import vocab_grows
 from raysft.prepare import prepare
-from raysft.train import deepspeed_worker, fsdp_worker, hf_worker
 from raysft.train.context import WorkerJob
 from raysft.train.hf_args import check_hf_args
 from raysft.train.hooks import WorkerHooks
+from raysft.train.loop import train_loop
 from raysft.train.metrics import plot_loss
 from raysft.train.resize import Universal, to_universal
 from raysft.train.schedule import Schedule
 from raysft.train.sequence_parallel import model_problem
 
-# The worker function of each backend. Each imports its framework inside the function, on the worker.
-WORKERS = {"deepspeed": deepspeed_worker.train_loop, "fsdp": fsdp_worker.train_loop, "hf": hf_worker.train_loop}
 ELASTIC_MONITOR_S = "RAYSFT_ELASTIC_MONITOR_S"  # elastic mode: how often Ray Train considers growing the group
 ELASTIC_MONITOR_DEFAULT_S = 60.0
 
@@ -74,7 +72,7 @@ def preflight(cfg: Config) -> None:
     for key, files in [("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)] + sources:
         if files:
             expand(files, key)  # a path or glob that matches nothing fails here, before Ray starts
-    if cfg.train.backend == "hf":
+    if capabilities.of(cfg.train.backend).hf_args:
         check_hf_args(cfg.train.hf_args)
     if "mlflow" in cfg.train.report_to:
         from raysft.train.tracking import server_problem
@@ -188,13 +186,16 @@ def train(config_path: Optional[str], overrides: list[str], log: Callable[[str],
                                          t.backend, f"resume with train.backend={state.backend}, or export it "
                                          "(raysft export) and start a new run from the exported model"))
         workers = worker_range(cfg.cluster)
-        if state.world_size != cfg.cluster.num_workers and t.backend == "hf":
+        caps = capabilities.of(t.backend)
+        if state.world_size != cfg.cluster.num_workers and not caps.resume_other_world:
             raise UserError(format_error("cluster.num_workers", f"{good} was written by {state.world_size} workers "
-                                         "and the hf backend resumes only on as many", cfg.cluster.num_workers,
+                                         f"and the {t.backend} backend resumes only on as many",
+                                         cfg.cluster.num_workers,
                                          f"resume with cluster.num_workers={state.world_size} (the deepspeed "
                                          "backend converts to DeepSpeed's universal checkpoint for another count, "
                                          "the fsdp backend's DCP checkpoints reshard on load)"))
-        if workers[0] == workers[1] != state.world_size and state.zero_stage >= 1 and t.backend == "deepspeed":
+        if workers[0] == workers[1] != state.world_size and state.zero_stage >= 1 and \
+                caps.resume_other_world == "universal":
             # only when there is training left to do; in elastic mode rank 0 converts once the size is known
             universal = to_universal(good, state, cfg.output_dir, workers[0], log)
     connect()
@@ -226,7 +227,7 @@ def fit(cfg: Config, job: WorkerJob):
     resources = dict(c.resources_per_worker) or None
     elastic_monitor_s = float(os.environ.get(ELASTIC_MONITOR_S, ELASTIC_MONITOR_DEFAULT_S))
     trainer = TorchTrainer(
-        WORKERS[cfg.train.backend],
+        train_loop,  # the one loop (loop.py): the backend it runs is the config's
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=c.num_workers if isinstance(c.num_workers, int) else
                                      tuple(c.num_workers), use_gpu=c.use_gpu, resources_per_worker=resources,

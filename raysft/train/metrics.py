@@ -37,7 +37,7 @@ def setup_line(n_params: int, n_trainable: int, lora_r: int, rows: int, schedule
 
 
 class StepMetrics:
-    """Turns one optimizer step's sums (already reduced over ranks) into the metrics dict both workers log."""
+    """Turns one optimizer step's sums (already reduced over ranks) into the metrics dict every backend logs."""
 
     def __init__(self, schedule, rows, world: int, n_params: int, model_config, peak: Optional[float],
                  start_step: int = 0, samples_seen: int = 0, tokens_seen: int = 0,

@@ -1,7 +1,9 @@
-"""The optimizer side both backends share: the generated DeepSpeed config and the scheduler's name.
+"""The optimizer side every backend shares, each defined once: AdamW (`adamw`), the learning-rate scheduler
+(`scheduler`), and the generated DeepSpeed config of the backends that run DeepSpeed.
 
-The deepspeed worker hands the config to `deepspeed.initialize`; the hf worker hands it, minus the optimizer
-block (the Trainer builds the same torch AdamW), to TRL's SFTConfig. Batch sizes come from `BatchShape`.
+The deepspeed backend hands `adamw` and `scheduler` to `deepspeed.initialize` with the config; the hf backend's
+Trainer builds them through the same functions (hf_trainer.ScheduledSFTTrainer) and hands the config to TRL's
+SFTConfig; the fsdp backend steps them itself. Batch sizes come from `BatchShape`.
 """
 
 from __future__ import annotations
@@ -39,9 +41,7 @@ def deepspeed_config(train, use_gpu: bool, shape: BatchShape) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": train.dtype == "bf16"},
         "fp16": {"enabled": train.dtype == "fp16", "loss_scale": 0},
-        # torch's AdamW: no fused/CPU-Adam extension to compile; the same optimizer as the hf backend
-        "optimizer": {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay,
-                                                  "torch_adam": True}},
+        # the optimizer is `adamw`'s torch AdamW, handed to DeepSpeed (no fused/CPU-Adam extension to compile)
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": NO_PRINT,
     }
@@ -55,3 +55,21 @@ def lr_scheduler_name(name: str) -> str:
     ('constant_with_warmup', 'cosine')
     """
     return "constant_with_warmup" if name == "constant" else name
+
+
+def adamw(model, train):
+    """The optimizer of every backend: torch's AdamW at `train.lr` on `modeling.param_groups` (no weight decay on
+    biases and norms)."""
+    import torch
+
+    from raysft.modeling import param_groups
+
+    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr)
+
+
+def scheduler(optimizer, train, total_steps: int):
+    """The learning-rate schedule of every backend: `train.lr_scheduler` with `train.warmup_steps` over the run."""
+    from transformers import get_scheduler
+
+    return get_scheduler(lr_scheduler_name(train.lr_scheduler), optimizer, num_warmup_steps=train.warmup_steps,
+                         num_training_steps=total_steps)

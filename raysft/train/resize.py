@@ -1,7 +1,7 @@
 """A ZeRO checkpoint written by N workers made loadable by M: DeepSpeed's universal checkpoint, converted once.
 
 Called by the driver (launch.py) when a fixed worker count differs from the checkpoint's, and by rank 0 of
-the deepspeed worker when an elastic run restarts on another size. The converted folder goes under
+the deepspeed backend when an elastic run restarts on another size. The converted folder goes under
 output_dir, which every node sees, keyed by the checkpoint's name, so it is converted at most once.
 """
 

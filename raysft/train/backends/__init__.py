@@ -1,0 +1,2 @@
+"""The training backends behind `raysft/train/loop.py`'s protocol, one module each; what each can do is data in
+`raysft/capabilities.py`."""
