@@ -4,6 +4,7 @@
     python bench/train.py padding      # real tokens / processed tokens, packed vs padded, on the sample data
     python bench/train.py backends     # CPU: fsdp against deepspeed ZeRO-2 and ZeRO-3, step time and peak memory
     python bench/train.py gpu          # GPU: raysft vs TRL SFTTrainer, Qwen2 0.5B/1.5B shapes (bench/gpu.py)
+    python bench/train.py preemption   # CPU: the preemption ask at every step against never, step time
 
 overhead: the same model (Llama, hidden 256, 4 layers), the same prepared rows in the same order, the same
 batch (2 workers x micro-batch 2 x accumulation 2), ZeRO-2, fp32, one thread per worker. The peer is the loop
@@ -14,6 +15,11 @@ backends: raysft's deepspeed and fsdp backends at zero_stage 2 and 3 on the same
 `raysft train` of a larger model (Llama, hidden 512, 8 layers, ~27M parameters: the optimizer state dominates
 memory), 2 workers, fp32: the median step time after warm-up and each worker's peak RSS (the kernel's high-water
 mark, `ru_maxrss`, read as training ends), with their ratios against deepspeed at the same stage.
+
+preemption: the cost of asking Ray Train for a preemption notice (`ray.train.get_preemption_info`, a barrier over
+the workers through the run's synchronization actor). The overhead model trained twice per variant, alternating:
+asking at every step (`RAYSFT_PREEMPTION_ASK_S=0`) and asking once (the first step only); the median step time
+after warm-up, and their ratio. raysft's default asks at most every 2 s, so a step pays this at most once in 2 s.
 """
 
 from __future__ import annotations
@@ -235,9 +241,35 @@ def padding() -> None:
     ray.shutdown()
 
 
+def preemption(steps: int) -> None:
+    import ray
+
+    from raysft.config import load_config
+    from raysft.train.launch import train
+    from raysft.train.metrics import read_metrics
+
+    medians: dict = {"every step": [], "once": []}
+    with tempfile.TemporaryDirectory(prefix="raysft-bench-") as work:
+        model_dir = bench_model_dir(work, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                    num_attention_heads=8, num_key_value_heads=4)
+        for i, variant in enumerate(["every step", "once"] * 2):
+            os.environ["RAYSFT_PREEMPTION_ASK_S"] = "0" if variant == "every step" else "1e9"
+            ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")  # the workers inherit it
+            cfg = load_config(None, overrides(work, model_dir, steps, f"run{i}"))
+            train(None, [], cfg=cfg, log=lambda s: None)
+            ray.shutdown()
+            medians[variant].append(statistics.median(m["step_time"] for m in read_metrics(cfg.output_dir)
+                                                      if m["step"] > WARMUP))
+    every, once = statistics.mean(medians["every step"]), statistics.mean(medians["once"])
+    print(f"median step time, asking at every step: {every * 1000:.1f} ms "
+          f"({', '.join(f'{x * 1000:.1f}' for x in medians['every step'])}); asking once: {once * 1000:.1f} ms "
+          f"({', '.join(f'{x * 1000:.1f}' for x in medians['once'])})")
+    print(f"ratio every step / once: {every / once:.3f}; the ask's cost per step: {(every - once) * 1000:.1f} ms")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["overhead", "padding", "backends", "gpu"])
+    ap.add_argument("what", choices=["overhead", "padding", "backends", "gpu", "preemption"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--log-every", type=int, default=1, help="overhead: raysft's train.log_every_steps")
     ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"], help="gpu: Qwen2 shapes (0.5b, 1.5b)")
@@ -250,4 +282,4 @@ if __name__ == "__main__":
         gpu_main(args.steps, args.shapes, args.smoke)
     else:
         {"overhead": lambda: overhead(args.steps, args.log_every), "padding": padding,
-         "backends": lambda: backends(args.steps)}[args.what]()
+         "backends": lambda: backends(args.steps), "preemption": lambda: preemption(args.steps)}[args.what]()

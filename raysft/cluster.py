@@ -34,6 +34,7 @@ def local_cores() -> int:
     than its cores, to fit Train workers and data tasks), else 0: a cluster's CPUs are its own."""
     import ray
 
+    # private: Ray has no public way to ask whether this process started the node it is connected to
     node = getattr(ray._private.worker, "_global_node", None)
     return (os.cpu_count() or 1) if ray.is_initialized() and node is not None and node.head else 0
 
@@ -77,6 +78,7 @@ def ensure_ray(cfg: Config, log=print) -> None:
                  include_dashboard=os.environ.get("RAYSFT_DASHBOARD", "1") != "0", log_to_driver=verbose())
     if callable(own_sigterm) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, own_sigterm)  # ray.init put its own (sys.exit) in its place
+    # private: the session's log folder has no public accessor (the dashboard's API needs the dashboard)
     log(f"ray: its logs are in {ray._private.worker._global_node.get_logs_dir_path()}"
         if getattr(ray._private.worker, "_global_node", None) else "ray: logs are on the cluster's nodes")
 
@@ -84,6 +86,8 @@ def ensure_ray(cfg: Config, log=print) -> None:
 def auth_line() -> str:
     """How this connection to Ray is authenticated, for the run's log."""
     import ray
+
+    # private: Ray 2.60 exposes no public check of the connection's auth mode
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     address = ray.get_runtime_context().gcs_address

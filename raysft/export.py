@@ -49,16 +49,19 @@ def consolidated_state_dict(model_dir: str, zero_stage: int, trainable_only: boo
 
 
 def dcp_model_state(model_dir: str) -> dict:
-    """The model's full state dict from a DCP checkpoint written by the fsdp backend, read in this one process
-    (DCP's own reader, the way its `dcp_to_torch_save` reads one; the optimizer's entries are not read)."""
-    import warnings
+    """The model's full state dict from a DCP checkpoint written by the fsdp backend, read in this one process with
+    DCP's public `dcp.load(..., no_dist=True)` into tensors allocated from the checkpoint's own metadata (the
+    optimizer's entries are not read)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        return {k: v.float() for k, v in _load_state_dict_from_keys({"model"}, checkpoint_id=model_dir)["model"]
-                .items()}
+    reader = dcp.FileSystemReader(model_dir)
+    model = {key[len("model."):]: torch.empty(md.size, dtype=md.properties.dtype)
+             for key, md in reader.read_metadata().state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return {k: v.float() for k, v in model.items()}
 
 
 def _module_weights(path: str) -> dict:

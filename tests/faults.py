@@ -36,9 +36,13 @@ class Faults(WorkerHooks):
     rank: int = 0
     probe: str = ""
     dynamo_stats: str = ""
+    notice_after_step: int = 0  # rank `rank` writes its node's id to {marker_dir}/.notice-node (the node to preempt);
+    # rank 0 then waits for {marker_dir}/.drained (the driver drained it), so the next step sees the notice
+    pause_after_step: int = 0  # rank `rank` holds still after that step, once: until its node is gone
 
     def __post_init__(self):
-        if (self.fail_after_step or self.fail_after_steps or self.pause_in_checkpoint_step) and not os.path.isabs(
+        if (self.fail_after_step or self.fail_after_steps or self.pause_in_checkpoint_step or self.notice_after_step
+                or self.pause_after_step) and not os.path.isabs(
                 self.marker_dir):
             raise ValueError("Faults: give marker_dir, an absolute folder every worker sees (e.g. cfg.output_dir)")
 
@@ -48,6 +52,27 @@ class Faults(WorkerHooks):
             if not os.path.exists(marker):
                 open(marker, "w").close()
                 raise RuntimeError(f"raysft test: injected failure after step {step}")
+
+        if step == self.notice_after_step:
+            self._notice(rank)
+        if step == self.pause_after_step and rank == self.rank:
+            marker = os.path.join(self.marker_dir, f".paused-after-step{step}")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                time.sleep(PAUSE_S)
+
+    def _notice(self, rank: int) -> None:
+        node = os.path.join(self.marker_dir, ".notice-node")
+        if rank == self.rank and not os.path.exists(node):
+            with open(node + ".tmp", "w") as f:
+                f.write(ray.get_runtime_context().get_node_id())
+            os.replace(node + ".tmp", node)
+        seen = os.path.join(self.marker_dir, ".notice-seen")
+        if rank == 0 and not os.path.exists(seen):
+            deadline = time.time() + 120
+            while not os.path.exists(os.path.join(self.marker_dir, ".drained")) and time.time() < deadline:
+                time.sleep(0.1)
+            open(seen, "w").close()
 
     def checkpoint_uploaded(self, step: int, rank: int) -> None:
         if self.pause_in_checkpoint_step == step and rank == self.rank:

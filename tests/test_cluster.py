@@ -126,6 +126,25 @@ def test_a_typo_in_a_manifest_fails_validation():
         validate(doc)
 
 
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml"])
+def test_worker_pods_give_ray_start_the_sigterm_and_the_drain_its_time(name):
+    """Preemption on KubeRay: the pods' command is used as written (the annotation) and execs KubeRay's generated
+    `ray start`, so a reclaimed pod's SIGTERM reaches it and it drains the node for preemption; Kubernetes waits
+    longer (terminationGracePeriodSeconds) than the drain (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S), which is longer
+    than a spot offering's ~30 s notice leaves for the checkpoint."""
+    doc = manifest(name)
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    assert doc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        container = group["template"]["spec"]["containers"][0]
+        assert container["command"] == ["/bin/bash", "-lc", "--"]
+        assert container["args"] == ["ulimit -n 65536; exec $KUBERAY_GEN_RAY_START_CMD"]
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert 30 <= int(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]) < pod["terminationGracePeriodSeconds"]
+
+
 def test_rayjob_runs_raysft_on_a_shipped_config_with_shared_storage_and_resume():
     spec = manifest("rayjob.yaml")["spec"]
     argv = shlex.split(spec["entrypoint"])
@@ -465,3 +484,89 @@ def test_a_failed_job_is_its_exit_status_and_resubmitting_a_run_trains_nothing(t
     finally:
         os.killpg(head.pid, 15)
         head.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, tiny_model_dir):
+    """tests/scripts/preempt.py on one cluster of `ray start --block` nodes: a deepspeed run whose worker node is
+    drained for preemption (`ray drain-node`, an 8 s deadline) and an fsdp run whose worker node's `ray start` gets
+    SIGTERM (it drains itself, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=8), each beside its uninterrupted twin."""
+    out = str(tmp_path_factory.mktemp("preempt") / "run")
+    sample = os.path.join(ROOT, "examples", "data", "sample_prefs.jsonl")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"})
+    r = subprocess.run(["python", os.path.join(ROOT, "tests", "scripts", "preempt.py"), out, tiny_model_dir, sample,
+                        "deepspeed:drain,fsdp:sigterm"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    log = r.stdout + r.stderr
+    reports = [json.loads(ln[len("PREEMPT "):]) for ln in r.stdout.splitlines() if ln.startswith("PREEMPT ")]
+    assert [x["way"] for x in reports] == ["drain", "sigterm"], log[-5000:]
+    return reports
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.parametrize("way", ["drain", "sigterm"])
+def test_a_preempted_node_checkpoints_at_the_notice_and_the_run_ends_identical(preempted, way):
+    """The notice comes after step 2 (periodic checkpoints every 5 steps): the workers checkpoint at step 3, train on
+    until the node is gone, and the restart (counted as a preemption: cluster.max_failures is 0) resumes at step 4:
+    nothing before the notice is trained twice, and the run ends bit-identical to its uninterrupted twin."""
+    report = next(x for x in preempted if x["way"] == way)
+    assert report["errors"] == []
+    assert report["same_losses"] and report["same_weights"], report
+    assert report["steps"] == list(range(1, 9))
+    assert report["resumed_from"] == [0, 0, 0, 3, 3, 3, 3, 3], report  # resumed at the notice's step + 1
+    lines = report["lines"]
+    failed = [ln for ln in lines if " failed (" in ln]
+    # a drained node's end is Ray's preemption, never a failure (cluster.max_failures is 0 there). When `ray start`
+    # ends its own drain (SIGTERM) it stops the node at the drain's deadline, and Ray 2.60 classes that end as a
+    # preemption or, when the kill comes first, as an expected termination (a failure: max_failures is 1 there)
+    assert failed == [] if way == "drain" else all("received SIGTERM" in ln for ln in failed), lines
+    assert any(re.fullmatch(r"preemption: node [0-9a-f]{12} \(worker 1\) is being preempted \(deadline in \d+ s\); "
+                            r"checkpoint at step 3 now", ln) for ln in lines), lines
+    assert any(re.fullmatch(r"preemption: checkpoint at step 3 saved in [0-9.]+ s, \d+ s before the deadline", ln)
+               for ln in lines), lines
+    assert any(re.fullmatch(r"train: node [0-9a-f]{12} \(worker 1\) is being preempted, its deadline in \d+ s: the "
+                            r"workers checkpoint at their next step and train on until it is gone", ln)
+               for ln in lines), lines
+    assert failed or any(re.fullmatch(r"train: node [0-9a-f]{12} \(worker 1\) preempted( \(Ray Train stopped the "
+                                      r"workers at the deadline\))?; restarting the workers from the last checkpoint "
+                                      r"\(preemption restart 1 of unlimited, cluster.max_preemption_failures\)", ln)
+                         for ln in lines), lines
+    assert any(ln.startswith("resume: from ") and "at step 3 " in ln for ln in lines), lines
+
+
+def test_preemption_lines_follow_the_controllers_states(tmp_path):
+    """The driver's preemption lines from Ray Train's own controller states and errors: the notice once per notice
+    (the controller re-enters its preempting state at every poll), the restart counted against
+    cluster.max_preemption_failures, the stop when it is spent, and nothing for a failure or a finished run."""
+    from ray.train import PreemptionError, PreemptionInfo, WorkerGroupError
+    from ray.train.v2._internal.execution.controller.state import (
+        ErroredState,
+        FinishedState,
+        PreemptingState,
+        RestartingState,
+        RunningState,
+        ShuttingDownState,
+    )
+
+    from raysft.train.failures import PreemptionLines
+
+    info = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"ab" * 20: [1]})
+    lines = PreemptionLines(str(tmp_path), 1)
+    running = RunningState()
+    for state in (PreemptingState(info, 0.0), PreemptingState(info, 1.0),  # the notice, said once
+                  RestartingState(PreemptionError(info, drain_timed_out=True)),
+                  RestartingState(WorkerGroupError("boom", {0: RuntimeError("boom")})),  # FailureLines' to say
+                  ShuttingDownState(ErroredState(PreemptionError(info, drain_timed_out=False))),
+                  ShuttingDownState(FinishedState())):
+        lines.after_controller_state_update(running, state)
+    with open(tmp_path / "console.log", encoding="utf-8") as f:
+        said = f.read().splitlines()
+    node = "node " + "ab" * 6 + " (worker 1)"
+    assert said == [
+        f"train: {node} is being preempted, no deadline given: the workers checkpoint at their next step and train on "
+        "until it is gone",
+        f"train: {node} preempted (Ray Train stopped the workers at the deadline); restarting the workers from the "
+        "last checkpoint (preemption restart 1 of 1, cluster.max_preemption_failures)",
+        f"train: {node} preempted; no preemption restarts left (cluster.max_preemption_failures=1): the run stops"]

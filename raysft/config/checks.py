@@ -195,8 +195,9 @@ def check(cfg: Config, where, problems: list[str]) -> None:
             bad("train.global_batch_size", f"must be a multiple of micro_batch_size x workers for every worker count "
                 f"in cluster.num_workers={c.num_workers}, and is not for {odd}", t.global_batch_size,
                 f"use {-(-t.global_batch_size // lcm) * lcm}, or a range whose counts all divide it")
-    if c.max_failures < -1:
-        bad("cluster.max_failures", "must be -1 (unlimited) or more", c.max_failures, "use e.g. 2")
+    for key in ("max_failures", "max_preemption_failures"):
+        if getattr(c, key) < -1:
+            bad(f"cluster.{key}", "must be -1 (unlimited) or more", getattr(c, key), "use e.g. 2")
     if cfg.checkpoint.keep < 1:
         bad("checkpoint.keep", "must be at least 1", cfg.checkpoint.keep, "use e.g. 2")
     if cfg.checkpoint.every_steps < 0:

@@ -185,6 +185,9 @@ class ClusterConfig:
     use_gpu: bool = field(default=False, metadata=doc("one GPU per worker"))
     resources_per_worker: dict = field(default_factory=dict, metadata=doc("e.g. {CPU: 4, GPU: 1}"))
     max_failures: int = field(default=0, metadata=doc("worker-group restarts before giving up"))
+    max_preemption_failures: int = field(default=-1, metadata=doc(
+        "restarts after a node was preempted (drained for preemption: spot reclaim, KubeRay's SIGTERM) before "
+        "giving up, counted apart from max_failures; -1 unlimited, as Ray Train's"))
     num_cpus: int = field(default=0, metadata=doc("logical CPUs of an in-process Ray; 0 = enough for workers and data "
                                                   "tasks"))
 

@@ -120,6 +120,7 @@ def check_resources(cfg: Config) -> None:
 
     limit, verb = None, "has"
     try:  # an autoscaling cluster can grow: compare with its maximum, as Ray Train itself does
+        # private: the autoscaler's maximum has no public accessor; Ray Train's own resource check reads it so
         from ray._private.state import state as ray_state
 
         limit, verb = ray_state.get_max_resources_from_cluster_config(), "can grow to at most"
@@ -221,7 +222,7 @@ def fit(cfg: Config, job: WorkerJob):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raysft.train.failures import FailureLines
+    from raysft.train.failures import FailureLines, PreemptionLines
 
     c = cfg.cluster
     resources = dict(c.resources_per_worker) or None
@@ -233,8 +234,11 @@ def fit(cfg: Config, job: WorkerJob):
                                      tuple(c.num_workers), use_gpu=c.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=elastic_monitor_s),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.checkpoint.storage_path,
-                             failure_config=FailureConfig(max_failures=c.max_failures),
-                             callbacks=[FailureLines(os.path.abspath(cfg.output_dir), c.max_failures)],
+                             failure_config=FailureConfig(max_failures=c.max_failures,
+                                                          max_preemption_failures=c.max_preemption_failures),
+                             callbacks=[FailureLines(os.path.abspath(cfg.output_dir), c.max_failures),
+                                        PreemptionLines(os.path.abspath(cfg.output_dir),
+                                                        c.max_preemption_failures)],
                              # raysft prunes after each commit (checkpoint.prune): Ray's num_to_keep would delete the
                              # previous checkpoint before the new one is verified
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),

@@ -28,6 +28,7 @@ from raysft.checkpoint import RunState
 from raysft.train import context
 from raysft.train.context import Worker, WorkerJob
 from raysft.train.metrics import StepLog, StepMetrics
+from raysft.train.preemption import Preemption
 from raysft.train.report import ReportGate
 
 
@@ -68,7 +69,8 @@ class Backend(Protocol):
 
 @dataclass
 class Loop:
-    """A run's loop state on one worker: what was trained (`steps`), the step log, the report gate."""
+    """A run's loop state on one worker: what was trained (`steps`), the step log, the report gate, the
+    preemption notices (preemption.py)."""
 
     w: Worker
     device: object
@@ -76,6 +78,9 @@ class Loop:
     steps: StepMetrics = field(init=False)
     step_log: StepLog = field(init=False)
     gate: ReportGate = field(init=False)
+    preemption: Preemption = field(init=False)
+    due_at: float = 0.0  # when the checkpoint in progress fell due
+    for_notice: bool = False  # whether it is a preemption notice's
 
     def __post_init__(self):
         from raysft.config import to_dict
@@ -91,6 +96,7 @@ class Loop:
         self.step_log = StepLog(w.rank, w.cfg.output_dir, t.log_every_steps, self.start_step, w.log,
                                 tensorboard="tensorboard" in t.report_to, trackers=trackers)
         self.gate = ReportGate(w.rank)
+        self.preemption = Preemption(w.rank, w.log)
 
     @property
     def start_step(self) -> int:
@@ -110,23 +116,29 @@ class Loop:
                  engine, generator) -> Optional[dict]:
         """After the optimizer step of `step`, on every rank: the step's loss, tokens and data wait summed over ranks
         into its metrics, the eval when due (`engine` computes the loss, `generator` answers the prompts), the
-        step's line. Returns the metrics when a checkpoint is due (the caller saves, then calls `commit`); else
-        reports to Ray when due (report.ReportGate), calls the hooks' `after_step` and returns None."""
+        step's line. A checkpoint is due at `checkpoint.every_steps`, at the end, and at a preemption notice
+        (preemption.py: asked at rank 0's cadence, voted on in the same all-reduce). Returns the metrics when a
+        checkpoint is due (the caller saves, then calls `commit`); else reports to Ray when due
+        (report.ReportGate), calls the hooks' `after_step` and returns None."""
         import torch
         import torch.distributed as dist
 
         from raysft.train.evaluate import due, eval_due, run_evals
 
         w, total = self.w, self.w.schedule.total_steps
-        stats = torch.tensor([loss, processed, wait, self.gate.vote()], dtype=torch.float64, device=self.device)
+        stats = torch.tensor([loss, processed, wait, self.gate.vote(), *self.preemption.votes()],
+                             dtype=torch.float64, device=self.device)
         dist.all_reduce(stats)
-        metrics = self.steps(step, stats[0].item(), stats[1].item(), stats[2].item(), time.time() - t0, lr,
-                             float(grad_norm))
+        step_s = time.time() - t0
+        metrics = self.steps(step, stats[0].item(), stats[1].item(), stats[2].item(), step_s, lr, float(grad_norm))
+        periodic = due(step, total, w.cfg.checkpoint.every_steps)
+        self.for_notice = self.preemption.check(step, stats[4].item(), stats[5].item(), step_s, periodic)
         if eval_due(w, step, total):
             run_evals(engine, generator, w, step, metrics, self.step_log, self.device)
-        checkpoint_due = due(step, total, w.cfg.checkpoint.every_steps)
+        checkpoint_due = periodic or self.for_notice
         self.step_log(metrics, checkpoint_due)
         if checkpoint_due:
+            self.due_at = time.time()
             return metrics
         if self.step_log.reportable(metrics):
             self.gate.report(metrics, stats[3].item())
@@ -151,6 +163,7 @@ class Loop:
             ckpt.write_run_files(local, state, to_yaml(w.cfg), tokenizer_dir(w.job.prepared))
         self.gate.report_checkpoint(local, step, metrics, w.rank, w.world, w.run_dir, w.cfg.checkpoint.keep, w.log,
                                     w.job.hooks)
+        self.preemption.saved(step, time.time() - self.due_at, self.for_notice)
         w.job.hooks.after_step(step, w.rank)
 
 
@@ -209,4 +222,6 @@ def train_loop(loop_config: dict) -> None:
     # ------------------------------------------------------------------ end
     backend.train(False)
     job.hooks.finished(backend.logits, w.rows, w.rank, device)
+    if loop.preemption.summary() and loop.preemption.info is not None:
+        w.log(loop.preemption.summary())
     loop.step_log.close()

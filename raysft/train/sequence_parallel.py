@@ -170,6 +170,10 @@ def setup(model, size: int, micro_batch_size: int, device, pad_id: int) -> Seque
             return kernel(module, query, key, value, attention_mask, *args, **kwargs)
         return ulysses(module, query, key, value, None, *args, **kwargs)
 
+    # The model's own entry is wrapped rather than a new key registered through AttentionInterface: transformers
+    # also picks the attention mask's builder and the flash kernels' varlen path by the implementation's name, so a
+    # new name would need a mask function and those checks of its own, and would change eval and generation, which
+    # must run the model's kernel unchanged (above). The entry is one per worker process, and a worker holds one model.
     ALL_ATTENTION_FUNCTIONS[implementation] = attention
     return SequenceParallel(size, dist.get_rank(group), group, device, pad_id)
 
